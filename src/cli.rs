@@ -1,0 +1,512 @@
+//! The command line (SPEC §3). Exit codes: 0 success, 1 rejected input or
+//! failed command, 2 bad configuration or usage.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigErrors, Format};
+use crate::embedded::EmbeddedBroker;
+use crate::generator::Generator;
+use crate::http::{self, Readiness};
+use crate::metrics::Metrics;
+use crate::normalize::Normalizer;
+use crate::pipeline;
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_REJECTED: i32 = 1;
+pub const EXIT_CONFIG: i32 = 2;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "copilot-ingest", version, about = "Kafka → msdyn_copilotinteraction ingestor (SQLite, PostgreSQL)")]
+pub struct Cli {
+    /// Configuration file (default: ./copilot-ingest.toml if present).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (embedded broker and SQLite when nothing is configured).
+    Run,
+    /// Run on the embedded defaults with a built-in producer, print a summary, exit.
+    Demo {
+        /// Events to produce.
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Share of invalid events (0.0–1.0).
+        #[arg(long, default_value_t = 0.05)]
+        invalid_ratio: f64,
+        /// Events per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+    },
+    /// Validate events (one JSON per line) from FILE or stdin; print each result.
+    Validate {
+        /// A file, or - for standard input.
+        #[arg(default_value = "-")]
+        file: String,
+    },
+    /// Create or upgrade the sink's tables (idempotent).
+    Migrate,
+    /// Load generator: publish events to the configured (or given) broker.
+    Produce {
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Events per second (0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 0.0)]
+        invalid_ratio: f64,
+        #[arg(long, value_enum, default_value = "json")]
+        format: ProduceFormat,
+        /// Overrides kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Overrides kafka.topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Seed of the event generator.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Run the embedded Kafka-protocol broker alone and print its address.
+    Broker {
+        /// Partitions of the event and DLQ topics.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ProduceFormat {
+    Json,
+    Avro,
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_CONFIG } else { EXIT_OK };
+        }
+    };
+    init_tracing(cli.log_format);
+    if let Command::Validate { file } = &cli.command {
+        let config = match Config::load(cli.config.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return config_error(&e),
+        };
+        return validate(&config, file);
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return EXIT_REJECTED;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run => run(config).await,
+            Command::Demo { count, invalid_ratio, rate } => demo(config, count, invalid_ratio, rate).await,
+            Command::Migrate => migrate(config).await,
+            Command::Produce { count, rate, invalid_ratio, format, brokers, topic, seed } => {
+                produce_cmd(config, count, rate, invalid_ratio, format, brokers, topic, seed).await
+            }
+            Command::Broker { partitions } => broker(config, partitions).await,
+            Command::Validate { .. } => Ok(EXIT_OK),
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            EXIT_REJECTED
+        }
+    }
+}
+
+fn config_error(e: &ConfigErrors) -> i32 {
+    eprint!("{e}");
+    EXIT_CONFIG
+}
+
+/// A watch that turns true on SIGTERM or Ctrl-C.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown requested");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+async fn start_http(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+    shutdown: &watch::Receiver<bool>,
+    required: bool,
+) -> anyhow::Result<()> {
+    match tokio::net::TcpListener::bind(&config.metrics.listen).await {
+        Ok(listener) => {
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "metrics and health endpoints listening");
+            tokio::spawn(http::serve(listener, Arc::clone(metrics), Arc::clone(readiness), shutdown.clone()));
+            Ok(())
+        }
+        Err(e) if !required => {
+            tracing::warn!(listen = %config.metrics.listen, error = %e, "metrics endpoint not started");
+            Ok(())
+        }
+        Err(e) => anyhow::bail!("metrics.listen {}: {e}", config.metrics.listen),
+    }
+}
+
+/// Starts the embedded broker when configured; returns it (to keep it alive) and the bootstrap list.
+fn brokers_for(config: &Config) -> anyhow::Result<(Option<EmbeddedBroker>, String)> {
+    if config.kafka.is_embedded() {
+        let broker = EmbeddedBroker::start(&config.kafka)?;
+        let addr = broker.bootstrap_servers();
+        println!(
+            "embedded Kafka broker listening on {addr} (topic {}, dlq {})",
+            config.kafka.topic, config.kafka.dlq_topic
+        );
+        let _ = std::io::stdout().flush();
+        Ok((Some(broker), addr))
+    } else {
+        Ok((None, config.kafka.brokers.clone()))
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<i32> {
+    let shutdown = shutdown_signal();
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    start_http(&config, &metrics, &readiness, &shutdown, true).await?;
+    let (_broker, brokers) = brokers_for(&config)?;
+    pipeline::run(config, &brokers, metrics, readiness, shutdown).await?;
+    Ok(EXIT_OK)
+}
+
+async fn migrate(config: Config) -> anyhow::Result<i32> {
+    let (_tx, mut rx) = watch::channel(false);
+    let sink = pipeline::open_sink(&config, &mut rx).await?;
+    println!("{} sink migrated", sink.kind());
+    Ok(EXIT_OK)
+}
+
+async fn broker(mut config: Config, partitions: i32) -> anyhow::Result<i32> {
+    config.kafka.embedded_partitions = partitions;
+    let broker = EmbeddedBroker::start(&config.kafka)?;
+    println!("{}", broker.bootstrap_servers());
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "embedded Kafka broker on {} — topics {} and {} with {partitions} partitions; Ctrl-C to stop",
+        broker.bootstrap_servers(),
+        config.kafka.topic,
+        config.kafka.dlq_topic
+    );
+    let mut shutdown = shutdown_signal();
+    let _ = shutdown.changed().await;
+    Ok(EXIT_OK)
+}
+
+fn validate(config: &Config, file: &str) -> i32 {
+    let normalizer = Normalizer { unknown_fields: config.validation.unknown_fields, ..Normalizer::default() };
+    let reader: Box<dyn BufRead> = if file == "-" {
+        Box::new(std::io::BufReader::new(std::io::stdin()))
+    } else {
+        match std::fs::File::open(file) {
+            Ok(f) => Box::new(std::io::BufReader::new(f)),
+            Err(e) => {
+                eprintln!("{file}: {e}");
+                return EXIT_CONFIG;
+            }
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut rejected = 0u64;
+    let mut total = 0u64;
+    for (n, line) in reader.split(b'\n').enumerate() {
+        let Ok(mut line) = line else { break };
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        total += 1;
+        let result = match normalizer.normalize_json(&line, None, chrono::Utc::now()) {
+            Ok(record) => serde_json::json!({"line": n + 1, "status": "ok", "record": record.to_json()}),
+            Err(r) => {
+                rejected += 1;
+                serde_json::json!({"line": n + 1, "status": "rejected", "reason": r.reason.code(), "field": r.field, "message": r.message})
+            }
+        };
+        if writeln!(out, "{result}").is_err() {
+            break;
+        }
+    }
+    eprintln!("{total} events: {} valid, {rejected} rejected", total - rejected);
+    if rejected > 0 { EXIT_REJECTED } else { EXIT_OK }
+}
+
+/// What a load generator run produces.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    count: u64,
+    /// Events per second; 0 = unlimited.
+    rate: u64,
+    invalid_ratio: f64,
+    seed: u64,
+    progress: bool,
+}
+
+/// Produces the generated events; returns how many of them are valid.
+async fn produce_events(brokers: &str, topic: &str, options: &[(String, String)], load: Load) -> anyhow::Result<u64> {
+    let Load { count, rate, invalid_ratio, seed, progress } = load;
+    let brokers = brokers.to_owned();
+    let topic = topic.to_owned();
+    let options = options.to_vec();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("bootstrap.servers", &brokers)
+            .set("linger.ms", "20")
+            .set("batch.num.messages", "10000")
+            .set("compression.type", "none");
+        for (k, v) in &options {
+            cfg.set(k, v);
+        }
+        let producer: BaseProducer = cfg.create()?;
+        let mut generator = Generator::new(seed, invalid_ratio);
+        let started = Instant::now();
+        let mut valid = 0u64;
+        for i in 0..count {
+            if rate > 0 {
+                let due = started + Duration::from_secs_f64(i as f64 / rate as f64);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+            let g = generator.next(false);
+            if g.expected.is_none() {
+                valid += 1;
+            }
+            let mut record = BaseRecord::to(&topic).key(&g.key).payload(&g.value);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((
+                        rdkafka::error::KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                        r,
+                    )) => {
+                        record = r;
+                        producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => return Err(e.into()),
+                }
+            }
+            producer.poll(Duration::ZERO);
+            if progress && i > 0 && i % 100_000 == 0 {
+                eprintln!("produced {i}");
+            }
+        }
+        producer.flush(Duration::from_secs(60))?;
+        Ok(valid)
+    })
+    .await?
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn produce_cmd(
+    config: Config,
+    count: u64,
+    rate: u64,
+    invalid_ratio: f64,
+    format: ProduceFormat,
+    brokers: Option<String>,
+    topic: Option<String>,
+    seed: u64,
+) -> anyhow::Result<i32> {
+    if format == ProduceFormat::Avro {
+        eprintln!("--format avro is not supported by this build yet");
+        return Ok(EXIT_CONFIG);
+    }
+    if !(0.0..=1.0).contains(&invalid_ratio) {
+        eprintln!("--invalid-ratio must be between 0 and 1");
+        return Ok(EXIT_CONFIG);
+    }
+    let brokers = brokers.unwrap_or_else(|| config.kafka.brokers.clone());
+    if brokers.trim() == "embedded" {
+        eprintln!(
+            "produce needs a running broker: pass --brokers host:port (see `copilot-ingest broker`) or set kafka.brokers"
+        );
+        return Ok(EXIT_CONFIG);
+    }
+    let topic = topic.unwrap_or_else(|| config.kafka.topic.clone());
+    let started = Instant::now();
+    let valid = produce_events(
+        &brokers,
+        &topic,
+        &pipeline::kafka_options(&config),
+        Load { count, rate, invalid_ratio, seed, progress: true },
+    )
+    .await?;
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "produced {count} events ({valid} valid, {} invalid) to {topic} in {secs:.2}s ({:.0} events/s)",
+        count - valid,
+        count as f64 / secs.max(1e-9)
+    );
+    Ok(EXIT_OK)
+}
+
+async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> anyhow::Result<i32> {
+    if !(0.0..=1.0).contains(&invalid_ratio) {
+        eprintln!("--invalid-ratio must be between 0 and 1");
+        return Ok(EXIT_CONFIG);
+    }
+    if config.kafka.format == Format::Avro {
+        config.kafka.format = Format::Auto;
+    }
+    let (tx, shutdown) = watch::channel(false);
+    let mut signal = shutdown_signal();
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    start_http(&config, &metrics, &readiness, &shutdown, false).await?;
+    let (_broker, brokers) = brokers_for(&config)?;
+    let options = pipeline::kafka_options(&config);
+    let batch_size = config.batch.max_records;
+    let sink_label = config.sink_url().map(|u| format!("{u:?}")).unwrap_or_default();
+    let topic = config.kafka.topic.clone();
+
+    let pipeline_task = {
+        let metrics = Arc::clone(&metrics);
+        let readiness = Arc::clone(&readiness);
+        let brokers = brokers.clone();
+        tokio::spawn(async move { pipeline::run(config, &brokers, metrics, readiness, shutdown).await })
+    };
+    let started = Instant::now();
+    let producer = {
+        let brokers = brokers.clone();
+        tokio::spawn(async move {
+            produce_events(&brokers, &topic, &options, Load { count, rate, invalid_ratio, seed: 42, progress: false })
+                .await
+        })
+    };
+
+    let handled = |m: &Metrics| {
+        Metrics::total(&m.records_written_total)
+            + Metrics::total(&m.records_skipped_total)
+            + Metrics::total(&m.dlq_events_total)
+    };
+    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    let mut interrupted = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = signal.changed() => { interrupted = true; }
+        }
+        let received = Metrics::total(&metrics.events_received_total);
+        let done = handled(&metrics);
+        let secs = started.elapsed().as_secs_f64();
+        eprint!(
+            "\r{secs:6.1}s  received {received:>9}  written {:>9}  dead-lettered {:>7}  {:>8.0} events/s   ",
+            Metrics::total(&metrics.records_written_total),
+            Metrics::total(&metrics.dlq_events_total),
+            done as f64 / secs.max(1e-9)
+        );
+        if interrupted || done >= count || pipeline_task.is_finished() {
+            break;
+        }
+    }
+    eprintln!();
+    let elapsed = started.elapsed().as_secs_f64();
+    let _ = tx.send(true);
+    let produced_valid = match producer.await {
+        Ok(Ok(v)) => Some(v),
+        Ok(Err(e)) => {
+            eprintln!("producer failed: {e:#}");
+            None
+        }
+        Err(_) => None,
+    };
+    match pipeline_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Err(e),
+        Err(e) => anyhow::bail!("pipeline task failed: {e}"),
+    }
+    let written = Metrics::total(&metrics.records_written_total);
+    let skipped = Metrics::total(&metrics.records_skipped_total);
+    let dlq = Metrics::total(&metrics.dlq_events_total);
+    let batches = metrics.batch_records.get_sample_count();
+    println!("demo summary");
+    println!("  sink                {sink_label}");
+    println!(
+        "  produced            {count} ({} valid)",
+        produced_valid.map(|v| v.to_string()).unwrap_or_else(|| "?".into())
+    );
+    println!("  received            {}", Metrics::total(&metrics.events_received_total));
+    println!("  written             {written}");
+    println!("  skipped (replays)   {skipped}");
+    println!("  dead-lettered       {dlq}");
+    println!(
+        "  batches             {batches} (max_records {batch_size}, mean {:.0})",
+        if batches > 0 { metrics.batch_records.get_sample_sum() / batches as f64 } else { 0.0 }
+    );
+    println!("  elapsed             {elapsed:.2}s");
+    println!("  throughput          {:.0} events/s", (written + skipped + dlq) as f64 / elapsed.max(1e-9));
+    let _ = readiness.is_ready() && readiness.assigned.load(Ordering::Relaxed);
+    Ok(if interrupted { EXIT_REJECTED } else { EXIT_OK })
+}

@@ -1,0 +1,502 @@
+//! Configuration (SPEC §4): a TOML file overridden by `COPILOT_INGEST__<SECTION>__<KEY>`
+//! environment variables, checked once into [`Config`]. Every problem is
+//! reported at once, each with its key, before anything connects.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::normalize::UnknownFields;
+
+pub const ENV_PREFIX: &str = "COPILOT_INGEST__";
+pub const DEFAULT_CONFIG_FILE: &str = "copilot-ingest.toml";
+
+/// A value that must never be printed: `Debug` and `Display` show a mask.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    Json,
+    Avro,
+    #[default]
+    Auto,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `embedded` (in-process mock cluster) or a comma-separated broker list.
+    pub brokers: String,
+    pub group_id: String,
+    pub topic: String,
+    pub dlq_topic: String,
+    pub control_topic: String,
+    pub control_reply_topic: String,
+    pub format: Format,
+    /// Partitions of each topic the embedded broker creates.
+    pub embedded_partitions: i32,
+    /// Passed through to librdkafka (security.protocol, sasl.*, ssl.*). Values
+    /// may hold credentials and are never logged.
+    pub options: BTreeMap<String, Secret>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "embedded".into(),
+            group_id: "copilot-ingest".into(),
+            topic: "copilot.interactions".into(),
+            dlq_topic: "copilot.interactions.dlq".into(),
+            control_topic: "copilot.interactions.control".into(),
+            control_reply_topic: "copilot.interactions.control.replies".into(),
+            format: Format::Auto,
+            embedded_partitions: 4,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    pub fn is_embedded(&self) -> bool {
+        self.brokers.trim() == "embedded"
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    pub max_records: usize,
+    pub max_bytes: usize,
+    pub linger_ms: u64,
+    /// Batches being written at once (each on its own connection for PostgreSQL).
+    pub max_in_flight: usize,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig { max_records: 1000, max_bytes: 4_194_304, linger_ms: 200, max_in_flight: 2 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkConfig {
+    /// `sqlite://PATH`, `postgres://…`. May carry a password: never logged whole.
+    pub url: Secret,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig { url: Secret::new("sqlite://./data/copilot-ingest.db") }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ValidationConfig {
+    pub unknown_fields: UnknownFields,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AvroConfig {
+    pub registry_url: String,
+    pub schemas: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "0.0.0.0:9464".into() }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlConfig {
+    pub hmac_key: Secret,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// How long SIGTERM may take to flush and commit before giving up.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig { drain_timeout_ms: 15_000 }
+    }
+}
+
+/// The whole, checked configuration.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub batch: BatchConfig,
+    pub sink: SinkConfig,
+    pub validation: ValidationConfig,
+    pub avro: AvroConfig,
+    pub metrics: MetricsConfig,
+    pub control: ControlConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// Every problem found, each naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "invalid configuration ({} problem{}):", self.0.len(), if self.0.len() == 1 { "" } else { "s" })?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// The sink a URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkUrl {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Config {
+    /// Loads `path` (or `copilot-ingest.toml` if present), applies the
+    /// environment and checks everything.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigErrors> {
+        let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
+        let text = match path {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => Some(t),
+                Err(e) => return Err(ConfigErrors(vec![format!("--config {}: {e}", p.display())])),
+            },
+            None => std::fs::read_to_string(DEFAULT_CONFIG_FILE).ok(),
+        };
+        Self::from_sources(text.as_deref(), &env)
+    }
+
+    /// Builds the configuration from TOML text and `(name, value)` environment pairs.
+    pub fn from_sources(toml_text: Option<&str>, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
+        let mut errors = Vec::new();
+        let mut root = match toml_text {
+            Some(text) => match text.parse::<toml::Table>() {
+                Ok(t) => t,
+                Err(e) => return Err(ConfigErrors(vec![format!("configuration file: {}", e.message())])),
+            },
+            None => toml::Table::new(),
+        };
+        let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
+        apply_env(&mut root, &defaults, env, &mut errors);
+
+        let mut config = Config::default();
+        for (section, value) in root {
+            let Some(toml::Value::Table(default_section)) = defaults.get(&section) else {
+                errors.push(format!("{section}: unknown section"));
+                continue;
+            };
+            let toml::Value::Table(table) = value else {
+                errors.push(format!("{section}: must be a table"));
+                continue;
+            };
+            match section.as_str() {
+                "kafka" => config.kafka = load_section(&section, table, default_section, &mut errors),
+                "batch" => config.batch = load_section(&section, table, default_section, &mut errors),
+                "sink" => config.sink = load_section(&section, table, default_section, &mut errors),
+                "validation" => config.validation = load_section(&section, table, default_section, &mut errors),
+                "avro" => config.avro = load_section(&section, table, default_section, &mut errors),
+                "metrics" => config.metrics = load_section(&section, table, default_section, &mut errors),
+                "control" => config.control = load_section(&section, table, default_section, &mut errors),
+                "shutdown" => config.shutdown = load_section(&section, table, default_section, &mut errors),
+                _ => errors.push(format!("{section}: unknown section")),
+            }
+        }
+        config.check(&mut errors);
+        if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
+    }
+
+    fn check(&self, errors: &mut Vec<String>) {
+        let k = &self.kafka;
+        if k.brokers.trim().is_empty() {
+            errors.push("kafka.brokers: must be \"embedded\" or a list of host:port".into());
+        }
+        for (key, value) in [
+            ("kafka.group_id", &k.group_id),
+            ("kafka.topic", &k.topic),
+            ("kafka.dlq_topic", &k.dlq_topic),
+            ("kafka.control_topic", &k.control_topic),
+            ("kafka.control_reply_topic", &k.control_reply_topic),
+        ] {
+            if value.trim().is_empty() {
+                errors.push(format!("{key}: must not be empty"));
+            }
+        }
+        if k.topic == k.dlq_topic {
+            errors.push("kafka.dlq_topic: must differ from kafka.topic".into());
+        }
+        if !(1..=1024).contains(&k.embedded_partitions) {
+            errors.push("kafka.embedded_partitions: must be between 1 and 1024".into());
+        }
+        for key in k.options.keys() {
+            if matches!(key.as_str(), "group.id" | "bootstrap.servers" | "enable.auto.offset.store") {
+                errors.push(format!("kafka.options.{key}: is set by copilot-ingest itself; use the [kafka] keys"));
+            }
+        }
+        if k.format == Format::Avro {
+            errors.push("kafka.format: \"avro\" is not supported by this build yet; use \"json\" or \"auto\"".into());
+        }
+        let b = &self.batch;
+        if !(1..=100_000).contains(&b.max_records) {
+            errors.push("batch.max_records: must be between 1 and 100000".into());
+        }
+        if !(1024..=1_073_741_824).contains(&b.max_bytes) {
+            errors.push("batch.max_bytes: must be between 1024 and 1073741824".into());
+        }
+        if b.linger_ms > 60_000 {
+            errors.push("batch.linger_ms: must be at most 60000".into());
+        }
+        if !(1..=64).contains(&b.max_in_flight) {
+            errors.push("batch.max_in_flight: must be between 1 and 64".into());
+        }
+        if let Err(e) = self.sink_url() {
+            errors.push(format!("sink.url: {e}"));
+        }
+        if self.metrics.listen.parse::<SocketAddr>().is_err() {
+            errors.push(format!("metrics.listen: '{}' is not an address like 0.0.0.0:9464", self.metrics.listen));
+        }
+        let registry = &self.avro.registry_url;
+        if !(registry.is_empty() || registry.starts_with("http://") || registry.starts_with("https://")) {
+            errors.push("avro.registry_url: must be an http:// or https:// URL".into());
+        }
+        for id in self.avro.schemas.keys() {
+            if id.parse::<u32>().is_err() {
+                errors.push(format!("avro.schemas.{id}: schema ids are non-negative integers"));
+            }
+        }
+        if self.shutdown.drain_timeout_ms == 0 {
+            errors.push("shutdown.drain_timeout_ms: must be positive".into());
+        }
+    }
+
+    /// The sink named by `sink.url`.
+    pub fn sink_url(&self) -> Result<SinkUrl, String> {
+        let url = self.sink.url.expose().trim();
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err("sqlite:// needs a file path, e.g. sqlite://./data/copilot-ingest.db".into());
+            }
+            Ok(SinkUrl::Sqlite(PathBuf::from(path)))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(SinkUrl::Postgres(url.to_owned()))
+        } else if url.starts_with("dataverse://") {
+            Err("the dataverse:// sink is not available in this build; use sqlite:// or postgres://".into())
+        } else {
+            Err(format!("'{}' is not a sqlite://, postgres:// or dataverse:// URL", redact_url(url)))
+        }
+    }
+}
+
+/// A URL with any password replaced, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else { return url.to_owned() };
+    let rest = &url[scheme_end + 3..];
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..scheme_end + 3], user, &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// Deserializes one section, reporting every unknown key and every badly
+/// typed value (each key is tried alone, so one bad key does not hide others).
+fn load_section<T: DeserializeOwned + Default>(
+    section: &str,
+    table: toml::Table,
+    defaults: &toml::Table,
+    errors: &mut Vec<String>,
+) -> T {
+    let mut good = toml::Table::new();
+    for (key, value) in table {
+        if !defaults.contains_key(&key) {
+            errors.push(format!("{section}.{key}: unknown key"));
+            continue;
+        }
+        let mut single = toml::Table::new();
+        single.insert(key.clone(), value.clone());
+        match T::deserialize(toml::Value::Table(single)) {
+            Ok(_) => {
+                good.insert(key, value);
+            }
+            Err(e) => errors.push(format!("{section}.{key}: {}", e.message().trim())),
+        }
+    }
+    T::deserialize(toml::Value::Table(good)).unwrap_or_default()
+}
+
+/// Overlays `COPILOT_INGEST__SECTION__KEY[__SUBKEY]` variables. A value whose
+/// default is a string stays a string; others are read as TOML literals.
+fn apply_env(root: &mut toml::Table, defaults: &toml::Table, env: &[(String, String)], errors: &mut Vec<String>) {
+    for (name, raw) in env {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else { continue };
+        let parts: Vec<String> = path.split("__").map(|p| p.to_ascii_lowercase()).collect();
+        if parts.len() < 2 || parts.iter().any(String::is_empty) {
+            errors.push(format!("{name}: expected {ENV_PREFIX}<SECTION>__<KEY>"));
+            continue;
+        }
+        let section = &parts[0];
+        let key = &parts[1];
+        let default = defaults.get(section).and_then(|s| s.get(key));
+        let entry = root.entry(section.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(section_table) = entry else {
+            errors.push(format!("{name}: [{section}] is not a table"));
+            continue;
+        };
+        if parts.len() == 3 {
+            // Map-valued keys: kafka.options (librdkafka names use dots) and avro.schemas.
+            let sub =
+                if section == "kafka" && key == "options" { parts[2].replace('_', ".") } else { parts[2].clone() };
+            let map = section_table.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if let toml::Value::Table(m) = map {
+                m.insert(sub, toml::Value::String(raw.clone()));
+            }
+            continue;
+        }
+        if parts.len() > 3 {
+            errors.push(format!("{name}: too many __ separators"));
+            continue;
+        }
+        let value = match default {
+            Some(toml::Value::String(_)) | None => toml::Value::String(raw.clone()),
+            Some(_) => match format!("v = {raw}").parse::<toml::Table>() {
+                Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.clone())),
+                Err(_) => toml::Value::String(raw.clone()),
+            },
+        };
+        section_table.insert(key.clone(), value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::from_sources(None, &[]).unwrap();
+        assert_eq!(c.kafka.brokers, "embedded");
+        assert_eq!(c.kafka.topic, "copilot.interactions");
+        assert_eq!(c.batch.max_records, 1000);
+        assert_eq!(c.batch.max_bytes, 4_194_304);
+        assert_eq!(c.batch.linger_ms, 200);
+        assert_eq!(c.sink_url().unwrap(), SinkUrl::Sqlite(PathBuf::from("./data/copilot-ingest.db")));
+        assert_eq!(c.metrics.listen, "0.0.0.0:9464");
+        assert_eq!(c.validation.unknown_fields, UnknownFields::Reject);
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_with_its_key() {
+        let text = r#"
+            [kafka]
+            brokers = "localhost:9092"
+            bogus = 1
+            format = "xml"
+            [batch]
+            max_records = "many"
+            linger_ms = -5
+            [sink]
+            url = "mysql://x"
+            [nonsense]
+            a = 1
+        "#;
+        let errs = Config::from_sources(Some(text), &[]).unwrap_err().0;
+        let joined = errs.join("\n");
+        for needle in ["kafka.bogus", "kafka.format", "batch.max_records", "batch.linger_ms", "sink.url", "nonsense"] {
+            assert!(joined.contains(needle), "missing {needle} in:\n{joined}");
+        }
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let text = "[kafka]\nbrokers = \"a:1\"\n[batch]\nmax_records = 10\n";
+        let c = Config::from_sources(
+            Some(text),
+            &env(&[
+                ("COPILOT_INGEST__KAFKA__BROKERS", "b:2,c:3"),
+                ("COPILOT_INGEST__KAFKA__GROUP_ID", "123"),
+                ("COPILOT_INGEST__BATCH__MAX_RECORDS", "500"),
+                ("COPILOT_INGEST__KAFKA__OPTIONS__SECURITY_PROTOCOL", "SASL_SSL"),
+                ("COPILOT_INGEST__CONTROL__HMAC_KEY", "s3cret"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "b:2,c:3");
+        assert_eq!(c.kafka.group_id, "123");
+        assert_eq!(c.batch.max_records, 500);
+        assert_eq!(c.kafka.options.get("security.protocol").map(Secret::expose), Some("SASL_SSL"));
+        assert_eq!(c.control.hmac_key.expose(), "s3cret");
+    }
+
+    #[test]
+    fn unknown_environment_keys_are_errors() {
+        let errs = Config::from_sources(None, &env(&[("COPILOT_INGEST__BATCH__MAX_RECORD", "5")])).unwrap_err();
+        assert!(errs.0.iter().any(|e| e.contains("batch.max_record")), "{errs}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let c = Config::from_sources(
+            Some("[control]\nhmac_key = \"topsecret\"\n[sink]\nurl = \"postgres://u:pw123@h/db\"\n[kafka.options]\n\"sasl.password\" = \"hunter2\"\n"),
+            &[],
+        )
+        .unwrap();
+        let printed = format!("{c:?}");
+        for secret in ["topsecret", "pw123", "hunter2"] {
+            assert!(!printed.contains(secret), "{secret} leaked: {printed}");
+        }
+        assert_eq!(redact_url("postgres://u:pw123@h:5432/db"), "postgres://u:***@h:5432/db");
+    }
+}

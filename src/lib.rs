@@ -1,0 +1,34 @@
+//! copilot-ingest: Kafka → validated `msdyn_copilotinteraction` records →
+//! CreateMultiple batches into SQLite or PostgreSQL, with dead-lettering and
+//! at-least-once offsets.
+//!
+//! Module map, in data-path order:
+//! - [`config`]: the TOML + environment configuration, checked once.
+//! - [`table`]: the table definition read from `schemas/` (one source of truth).
+//! - [`source`]: the Kafka consumer thread, pause-based backpressure, rebalances.
+//! - [`normalize`] → [`record`]: bytes → validated record; [`reason`]: rejection codes.
+//! - [`batch`]: count / bytes / linger batching.
+//! - [`sink`]: CreateMultiple writes (SQLite, PostgreSQL), retry and bisection.
+//! - [`dlq`]: dead letters with `x-ingest-*` headers.
+//! - [`offsets`]: the contiguous offset watermark.
+//! - [`pipeline`]: the select loop tying them together, and the drain.
+//! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
+//! - [`embedded`]: the in-process Kafka-protocol broker; [`generator`]: demo events.
+//! - [`cli`]: the subcommands.
+
+pub mod batch;
+pub mod cli;
+pub mod config;
+pub mod dlq;
+pub mod embedded;
+pub mod generator;
+pub mod http;
+pub mod metrics;
+pub mod normalize;
+pub mod offsets;
+pub mod pipeline;
+pub mod reason;
+pub mod record;
+pub mod sink;
+pub mod source;
+pub mod table;

@@ -1,0 +1,341 @@
+//! The ingest pipeline: source → normalize → batch → sink, with dead-lettering
+//! and the offset watermark. One task owns all the state and reacts, in a
+//! `biased` select, to (1) shutdown, (2) completed writes and dead letters,
+//! (3) the linger timer, (4) new messages — the last only while fewer than
+//! `max_in_flight` batches are being written, which is what pauses the source.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::batch::{Batch, Batcher, Entry};
+use crate::config::{Config, SinkUrl};
+use crate::dlq;
+use crate::http::Readiness;
+use crate::metrics::Metrics;
+use crate::normalize::Normalizer;
+use crate::offsets::OffsetTracker;
+use crate::reason::{Reason, Rejection};
+use crate::record::Origin;
+use crate::sink::{self, Backoff, Outcome, Sink};
+use crate::source::{Inbound, Source, SourceEvent, consumer_config};
+
+/// Dead letters in flight before the source is paused.
+const MAX_DLQ_IN_FLIGHT: usize = 10_000;
+/// The single subscribed topic's index in the offset tracker.
+const TOPIC: u32 = 0;
+
+enum Completion {
+    Batch { batch: Arc<Batch>, outcomes: Vec<Outcome> },
+    DeadLetter { partition: i32, offset: i64, reason: Reason },
+}
+
+/// Opens the configured sink, retrying while it is unreachable.
+pub async fn open_sink(config: &Config, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Arc<Sink>> {
+    let url: SinkUrl = config.sink_url().map_err(anyhow::Error::msg)?;
+    let mut backoff = Backoff::default();
+    loop {
+        match Sink::open(&url, &config.kafka.topic, config.batch.max_in_flight).await {
+            Ok(s) => return Ok(Arc::new(s)),
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "sink unavailable at start; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => anyhow::bail!("stopped before the sink became available"),
+                }
+            }
+        }
+    }
+}
+
+/// Librdkafka options from `[kafka.options]`.
+pub fn kafka_options(config: &Config) -> Vec<(String, String)> {
+    config.kafka.options.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect()
+}
+
+struct State {
+    config: Config,
+    metrics: Arc<Metrics>,
+    sink: Arc<Sink>,
+    producer: Arc<FutureProducer>,
+    normalizer: Normalizer,
+    tracker: OffsetTracker,
+    batcher: Batcher,
+    tasks: JoinSet<Completion>,
+    batches_in_flight: usize,
+    dead_letters_in_flight: usize,
+    assigned: HashSet<i32>,
+    touched: HashSet<i32>,
+    received: prometheus::IntCounter,
+    written: prometheus::IntCounter,
+}
+
+impl State {
+    fn handle_messages(&mut self, messages: Vec<Inbound>) {
+        let now = Utc::now();
+        self.received.inc_by(messages.len() as u64);
+        let mut full = Vec::new();
+        for message in messages {
+            self.tracker.received(TOPIC, message.partition, message.offset);
+            let origin =
+                Origin { topic: self.config.kafka.topic.clone(), partition: message.partition, offset: message.offset };
+            let result = match &message.payload {
+                Some(payload) => self.normalizer.normalize_json(payload, Some(&origin), now),
+                None => Err(Rejection::new(Reason::MalformedJson, None, "message has no value")),
+            };
+            match result {
+                Ok(record) => self.batcher.push(Entry { record, message }, &mut full),
+                Err(rejection) => {
+                    self.metrics.events_rejected_total.with_label_values(&[rejection.reason.code()]).inc();
+                    self.spawn_dead_letter(message, rejection);
+                }
+            }
+        }
+        for batch in full {
+            self.spawn_batch(batch);
+        }
+    }
+
+    fn flush(&mut self) {
+        if let Some(batch) = self.batcher.take() {
+            self.spawn_batch(batch);
+        }
+    }
+
+    fn spawn_batch(&mut self, batch: Batch) {
+        let sink = Arc::clone(&self.sink);
+        let metrics = Arc::clone(&self.metrics);
+        self.batches_in_flight += 1;
+        tracing::debug!(records = batch.len(), "batch closed");
+        self.tasks.spawn(async move {
+            let batch = Arc::new(batch);
+            let outcomes = sink::write_batch(&sink, Arc::clone(&batch), &metrics).await;
+            Completion::Batch { batch, outcomes }
+        });
+    }
+
+    fn spawn_dead_letter(&mut self, message: Inbound, rejection: Rejection) {
+        let producer = Arc::clone(&self.producer);
+        let dlq_topic = self.config.kafka.dlq_topic.clone();
+        let topic = self.config.kafka.topic.clone();
+        self.dead_letters_in_flight += 1;
+        self.tasks.spawn(async move {
+            dlq::dead_letter(&producer, &dlq_topic, &topic, &message, &rejection).await;
+            Completion::DeadLetter { partition: message.partition, offset: message.offset, reason: rejection.reason }
+        });
+    }
+
+    fn handle_completion(&mut self, completion: Completion) {
+        match completion {
+            Completion::Batch { batch, outcomes } => {
+                self.batches_in_flight -= 1;
+                let now_ms = Utc::now().timestamp_millis();
+                let mut written = 0u64;
+                for (entry, outcome) in batch.iter().zip(outcomes) {
+                    let m = &entry.message;
+                    match outcome {
+                        Outcome::Written => {
+                            written += 1;
+                            if let Some(ts) = m.timestamp_ms {
+                                self.metrics.end_to_end_seconds.observe(((now_ms - ts).max(0) as f64) / 1000.0);
+                            }
+                        }
+                        Outcome::Replay => self.metrics.records_skipped_total.with_label_values(&["replay"]).inc(),
+                        Outcome::PurgedReplay => {
+                            self.metrics.records_skipped_total.with_label_values(&["purged_replay"]).inc()
+                        }
+                        Outcome::Rejected(rejection) => {
+                            tracing::warn!(partition = m.partition, offset = m.offset, reason = %rejection.reason, "record refused by the sink; dead-lettering");
+                            self.spawn_dead_letter(m.clone(), rejection);
+                            continue;
+                        }
+                    }
+                    if self.tracker.done(TOPIC, m.partition, m.offset) {
+                        self.touched.insert(m.partition);
+                    }
+                }
+                self.written.inc_by(written);
+            }
+            Completion::DeadLetter { partition, offset, reason } => {
+                self.dead_letters_in_flight -= 1;
+                self.metrics.dlq_events_total.with_label_values(&[reason.code()]).inc();
+                if self.tracker.done(TOPIC, partition, offset) {
+                    self.touched.insert(partition);
+                }
+            }
+        }
+    }
+
+    /// Stores the watermark of every partition that advanced; librdkafka
+    /// commits stored offsets (periodically, and synchronously on revocation
+    /// and shutdown).
+    fn store_offsets(&mut self, source: &Source) {
+        if self.touched.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for partition in self.touched.drain() {
+            if !self.assigned.contains(&partition) {
+                continue;
+            }
+            if let Some(next) = self.tracker.committable_for(TOPIC, partition) {
+                let _ = tpl.add_partition_offset(&self.config.kafka.topic, partition, Offset::Offset(next));
+            }
+        }
+        if tpl.count() > 0
+            && let Err(e) = source.consumer.store_offsets(&tpl)
+        {
+            tracing::debug!(error = %e, "storing offsets failed (partition no longer assigned?)");
+        }
+    }
+
+    fn can_take(&self) -> bool {
+        self.batches_in_flight < self.config.batch.max_in_flight && self.dead_letters_in_flight < MAX_DLQ_IN_FLIGHT
+    }
+}
+
+/// Runs the pipeline until `shutdown` turns true, then drains: stop fetching,
+/// flush, wait for in-flight writes (up to the drain timeout), commit.
+pub async fn run(
+    config: Config,
+    brokers: &str,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let sink = open_sink(&config, &mut shutdown).await?;
+    readiness.sink_reachable.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(sink = sink.kind(), "sink ready");
+    let ping = {
+        let sink = Arc::clone(&sink);
+        let readiness = Arc::clone(&readiness);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let ok = tokio::time::timeout(Duration::from_secs(5), sink.ping()).await.unwrap_or(false);
+                readiness.sink_reachable.store(ok, std::sync::atomic::Ordering::Relaxed);
+            }
+        })
+    };
+
+    let options = kafka_options(&config);
+    let producer = Arc::new(dlq::create_producer(&dlq::producer_config(brokers, &options))?);
+    let (events_tx, mut events) = mpsc::channel::<SourceEvent>(4);
+    let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
+    let mut source = Source::start(
+        consumer_config(brokers, &config.kafka.group_id, &options),
+        &config.kafka.topic,
+        events_tx,
+        Arc::clone(&readiness),
+        Arc::clone(&metrics),
+        // Below the session timeout, so a slow drain never costs membership.
+        Duration::from_secs(20),
+    )?;
+    tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "consuming");
+
+    let received = metrics.events_received_total.with_label_values(&[&config.kafka.topic]);
+    let written = metrics.records_written_total.with_label_values(&[sink.kind()]);
+    let mut state = State {
+        normalizer: Normalizer { unknown_fields: config.validation.unknown_fields, ..Normalizer::default() },
+        batcher: Batcher::new(
+            config.batch.max_records,
+            config.batch.max_bytes,
+            Duration::from_millis(config.batch.linger_ms),
+        ),
+        config,
+        metrics,
+        sink,
+        producer,
+        tracker: OffsetTracker::new(),
+        tasks: JoinSet::new(),
+        batches_in_flight: 0,
+        dead_letters_in_flight: 0,
+        assigned: HashSet::new(),
+        touched: HashSet::new(),
+        received,
+        written,
+    };
+    let mut revoking: Option<(Vec<i32>, std::sync::mpsc::SyncSender<()>)> = None;
+
+    loop {
+        let linger = state.batcher.deadline();
+        let taking = revoking.is_none() && state.can_take();
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            Some(joined) = state.tasks.join_next(), if !state.tasks.is_empty() => {
+                match joined {
+                    Ok(c) => state.handle_completion(c),
+                    Err(e) => tracing::error!(error = %e, "write task failed; its records stay uncommitted"),
+                }
+                state.store_offsets(&source);
+            }
+            _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => state.flush(),
+            event = events.recv(), if taking => match event {
+                Some(SourceEvent::Messages(m)) => state.handle_messages(m),
+                Some(SourceEvent::Assigned(ps)) => state.assigned.extend(ps),
+                Some(SourceEvent::Revoked { partitions, done }) => {
+                    // Finish everything received so far before the partitions go.
+                    state.flush();
+                    revoking = Some((partitions, done));
+                }
+                None => break,
+            },
+        }
+        if state.tasks.is_empty()
+            && let Some((partitions, done)) = revoking.take()
+        {
+            state.store_offsets(&source);
+            for p in &partitions {
+                state.tracker.forget(TOPIC, *p);
+                state.assigned.remove(p);
+            }
+            let _ = done.send(());
+        }
+    }
+
+    tracing::info!("shutting down: stop fetching, flush, commit");
+    tokio::task::block_in_place(|| source.stop_fetching());
+    while let Ok(event) = events.try_recv() {
+        match event {
+            SourceEvent::Messages(m) => state.handle_messages(m),
+            SourceEvent::Assigned(ps) => state.assigned.extend(ps),
+            SourceEvent::Revoked { done, .. } => drop(done),
+        }
+    }
+    state.flush();
+    let deadline = tokio::time::Instant::now() + drain_timeout;
+    while !state.tasks.is_empty() {
+        match tokio::time::timeout_at(deadline, state.tasks.join_next()).await {
+            Ok(Some(Ok(c))) => state.handle_completion(c),
+            Ok(Some(Err(_))) => {}
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(
+                    in_flight = state.tasks.len(),
+                    "drain timeout: unfinished records stay uncommitted and will be redelivered"
+                );
+                break;
+            }
+        }
+    }
+    state.tasks.abort_all();
+    state.store_offsets(&source);
+    let committed = tokio::task::block_in_place(|| source.consumer.commit_consumer_state(CommitMode::Sync));
+    match committed {
+        Ok(()) => tracing::info!("offsets committed"),
+        Err(rdkafka::error::KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+        Err(e) => tracing::warn!(error = %e, "final commit failed; uncommitted records will be redelivered"),
+    }
+    tokio::task::block_in_place(|| source.close());
+    ping.abort();
+    Ok(())
+}

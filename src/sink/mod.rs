@@ -1,0 +1,178 @@
+//! Sinks with CreateMultiple semantics (SPEC §5): a batch is one atomic write;
+//! replays are skipped; conflicting ids and records the store refuses are
+//! dead-lettered; transient failures are retried with backoff, forever.
+
+pub mod postgres;
+pub mod sqlite;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::batch::Batch;
+use crate::config::SinkUrl;
+use crate::metrics::Metrics;
+use crate::reason::{Reason, Rejection};
+
+/// What happened to one record of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Written,
+    /// Same id, same content already stored.
+    Replay,
+    /// The id was purged; it is never re-created.
+    PurgedReplay,
+    /// Must go to the DLQ.
+    Rejected(Rejection),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Worth retrying as is: connection lost, database unavailable, lock timeout.
+    #[error("transient sink error: {0}")]
+    Transient(String),
+    /// Caused by the data: retrying the same batch cannot succeed.
+    #[error("permanent sink error: {0}")]
+    Permanent(String),
+}
+
+/// The configured sink.
+pub enum Sink {
+    Sqlite(sqlite::SqliteSink),
+    Postgres(postgres::PostgresSink),
+}
+
+impl Sink {
+    /// Connects and migrates (idempotent).
+    pub async fn open(url: &SinkUrl, topic: &str, connections: usize) -> Result<Sink, SinkError> {
+        match url {
+            SinkUrl::Sqlite(path) => Ok(Sink::Sqlite(sqlite::SqliteSink::open(path, topic)?)),
+            SinkUrl::Postgres(url) => Ok(Sink::Postgres(postgres::PostgresSink::open(url, topic, connections).await?)),
+        }
+    }
+
+    /// The `sink` metric label.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Sink::Sqlite(_) => "sqlite",
+            Sink::Postgres(_) => "postgres",
+        }
+    }
+
+    /// Writes the records at `indices` of `batch` as one atomic write.
+    /// Returns one outcome per index, in order.
+    pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, SinkError> {
+        match self {
+            Sink::Sqlite(s) => s.write(batch, indices).await,
+            Sink::Postgres(s) => s.write(batch, indices).await,
+        }
+    }
+
+    /// Cheap reachability check for `/readyz`.
+    pub async fn ping(&self) -> bool {
+        match self {
+            Sink::Sqlite(s) => s.ping().await,
+            Sink::Postgres(s) => s.ping().await,
+        }
+    }
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to 30 s.
+pub struct Backoff {
+    attempt: u32,
+    seed: u64,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0x9e37_79b9_7f4a_7c15);
+        Backoff { attempt: 0, seed: seed | 1 }
+    }
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        let base_ms = 100u64.saturating_mul(1 << self.attempt.min(9)).min(30_000);
+        self.attempt += 1;
+        // xorshift: jitter needs no cryptographic randomness.
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let jitter = self.seed % (base_ms / 2 + 1);
+        Duration::from_millis(base_ms / 2 + jitter)
+    }
+
+    pub fn attempts(&self) -> u32 {
+        self.attempt
+    }
+}
+
+/// Writes a whole batch: retries transient failures until they pass, and
+/// splits a batch that fails permanently so that only the records the store
+/// refuses on their own are rejected. Returns one outcome per entry.
+pub async fn write_batch(sink: &Sink, batch: Arc<Batch>, metrics: &Metrics) -> Vec<Outcome> {
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; batch.len()];
+    let mut work: Vec<Vec<usize>> = vec![(0..batch.len()).collect()];
+    let label = sink.kind();
+    while let Some(indices) = work.pop() {
+        let mut backoff = Backoff::default();
+        loop {
+            let started = Instant::now();
+            let result = sink.write(&batch, &indices).await;
+            metrics.sink_write_seconds.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
+            match result {
+                Ok(results) => {
+                    metrics.batches_total.with_label_values(&["ok"]).inc();
+                    metrics.batch_records.observe(indices.len() as f64);
+                    for (&i, outcome) in indices.iter().zip(results) {
+                        outcomes[i] = Some(outcome);
+                    }
+                    break;
+                }
+                Err(SinkError::Transient(message)) => {
+                    metrics.batches_total.with_label_values(&["retried"]).inc();
+                    let delay = backoff.next_delay();
+                    if backoff.attempts() == 1 {
+                        tracing::warn!(sink = label, records = indices.len(), error = %message, "sink write failed; retrying with backoff");
+                    } else if backoff.attempts() % 10 == 0 {
+                        tracing::error!(sink = label, attempts = backoff.attempts(), error = %message, "sink still failing; consumption is paused");
+                    }
+                    tokio::time::sleep(delay).await;
+                }
+                Err(SinkError::Permanent(message)) => {
+                    metrics.batches_total.with_label_values(&["split"]).inc();
+                    if indices.len() == 1 {
+                        outcomes[indices[0]] =
+                            Some(Outcome::Rejected(Rejection::new(Reason::SinkRejected, None, message)));
+                    } else {
+                        tracing::info!(sink = label, records = indices.len(), error = %message, "batch refused; splitting to isolate the records at fault");
+                        let (left, right) = indices.split_at(indices.len() / 2);
+                        work.push(right.to_vec());
+                        work.push(left.to_vec());
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or(Outcome::Rejected(Rejection::new(Reason::SinkRejected, None, "no outcome"))))
+        .collect()
+}
+
+/// Classifies each record of a sub-batch against what the store already has.
+/// `existing` answers, for an id not inserted, the stored content hash (or
+/// `None` if absent, which cannot happen inside one transaction).
+pub(crate) fn classify_existing(record_hash: uuid::Uuid, stored_hash: Option<uuid::Uuid>, id: uuid::Uuid) -> Outcome {
+    match stored_hash {
+        Some(h) if h == record_hash => Outcome::Replay,
+        _ => Outcome::Rejected(Rejection::new(
+            Reason::DuplicateIdConflict,
+            Some("msdyn_copilotinteractionid"),
+            format!("record {id} already exists with different content"),
+        )),
+    }
+}

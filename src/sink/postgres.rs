@@ -1,0 +1,384 @@
+//! The PostgreSQL sink. Each batch is one transaction: a tombstone lookup, one
+//! `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING id` with
+//! every value bound as a typed array parameter, and a content check of the
+//! ids that already existed. Several instances may share one database: the
+//! primary key and `ON CONFLICT` arbitrate, `versionnumber` comes from a sequence.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{Mutex, Semaphore};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+use uuid::Uuid;
+
+use super::{Outcome, SinkError, classify_existing};
+use crate::batch::Batch;
+use crate::config::redact_url;
+use crate::record::{Value, create_columns};
+use crate::table::{Column, ColumnType, table};
+
+pub struct PostgresSink {
+    url: String,
+    topic: String,
+    idle: Mutex<Vec<Pooled>>,
+    permits: Semaphore,
+    insert_sql: String,
+}
+
+/// Errors caused by the data (SQLSTATE classes 22 data exception, 23
+/// integrity violation) are permanent; everything else — connection loss,
+/// shutdown, missing database, lock timeouts — is retried.
+fn classify(e: tokio_postgres::Error) -> SinkError {
+    let permanent = e.code().map(|c| c.code().starts_with("22") || c.code().starts_with("23")).unwrap_or(false);
+    let message = match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    };
+    if permanent { SinkError::Permanent(message) } else { SinkError::Transient(message) }
+}
+
+fn pg_type(c: &Column) -> String {
+    match c.column_type {
+        ColumnType::Uniqueidentifier | ColumnType::Lookup => "uuid".into(),
+        ColumnType::String => format!("varchar({})", c.max_length.unwrap_or(100)),
+        ColumnType::Memo => "text".into(),
+        ColumnType::Picklist | ColumnType::State | ColumnType::Status | ColumnType::Integer => "integer".into(),
+        ColumnType::Bigint => "bigint".into(),
+        ColumnType::Datetime => "timestamptz".into(),
+    }
+}
+
+/// Columns beyond the table definition: retention state and source coordinates.
+const EXTRA_COLUMNS: [(&str, &str); 5] = [
+    ("msft_datastate", "integer NOT NULL DEFAULT 0"),
+    ("ingest_topic", "text"),
+    ("ingest_partition", "integer"),
+    ("ingest_offset", "bigint"),
+    ("ingest_content_hash", "uuid"),
+];
+
+/// Creates or upgrades the tables; idempotent and safe to run from several
+/// instances at once (serialized by an advisory lock).
+pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
+    let t = table();
+    let name = &t.logical_name;
+    let id = &t.primary_id_attribute;
+    let seq = format!("{name}_versionnumber_seq");
+    let mut defs: Vec<String> = Vec::new();
+    for c in t.stored_columns() {
+        let mut def = format!("{} {}", c.logical_name, pg_type(c));
+        if c.logical_name == *id {
+            def.push_str(" PRIMARY KEY");
+        } else if c.logical_name == "versionnumber" {
+            def.push_str(&format!(" NOT NULL DEFAULT nextval('{seq}')"));
+        }
+        defs.push(def);
+    }
+    for (col, ty) in EXTRA_COLUMNS {
+        defs.push(format!("{col} {ty}"));
+    }
+    client.batch_execute("SELECT pg_advisory_lock(7215300001)").await?;
+    let result = async {
+        client
+            .batch_execute(&format!(
+                "CREATE SEQUENCE IF NOT EXISTS {seq};
+                 CREATE TABLE IF NOT EXISTS {name} ({});
+                 CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} uuid PRIMARY KEY, purgedon timestamptz NOT NULL, versionnumber bigint);
+                 CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);",
+                defs.join(", ")
+            ))
+            .await?;
+        for def in defs.iter().skip(1) {
+            client.batch_execute(&format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {def}")).await?;
+        }
+        Ok(())
+    }
+    .await;
+    client.batch_execute("SELECT pg_advisory_unlock(7215300001)").await?;
+    result
+}
+
+pub async fn connect(url: &str) -> Result<Client, SinkError> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| SinkError::Transient(format!("connecting to {}: {e}", redact_url(url))))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
+fn insert_sql() -> String {
+    let t = table();
+    let mut cols = Vec::new();
+    let mut exprs = Vec::new();
+    for (n, &i) in create_columns().iter().enumerate() {
+        let c = &t.columns[i];
+        cols.push(c.logical_name.clone());
+        let array_type = match c.column_type {
+            ColumnType::Uniqueidentifier | ColumnType::Lookup => "uuid[]",
+            ColumnType::String | ColumnType::Memo => "text[]",
+            ColumnType::Bigint => "int8[]",
+            ColumnType::Datetime => "timestamptz[]",
+            _ => "int4[]",
+        };
+        exprs.push(format!("${}::{array_type}", n + 1));
+    }
+    let base = exprs.len();
+    for (k, (col, ty)) in [
+        ("statecode", "int4[]"),
+        ("createdon", "timestamptz[]"),
+        ("ingest_topic", "text[]"),
+        ("ingest_partition", "int4[]"),
+        ("ingest_offset", "int8[]"),
+        ("ingest_content_hash", "uuid[]"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        cols.push(col.into());
+        exprs.push(format!("${}::{ty}", base + k + 1));
+    }
+    format!(
+        "INSERT INTO {name} ({cols}) SELECT * FROM unnest({exprs}) ON CONFLICT ({id}) DO NOTHING RETURNING {id}",
+        name = t.logical_name,
+        cols = cols.join(", "),
+        exprs = exprs.join(", "),
+        id = t.primary_id_attribute
+    )
+}
+
+/// A connection with its prepared insert.
+struct Pooled {
+    client: Client,
+    insert: Statement,
+}
+
+/// One typed column of parameters.
+enum ParamColumn {
+    Uuid(Vec<Option<Uuid>>),
+    Text(Vec<Option<String>>),
+    Int(Vec<Option<i32>>),
+    Time(Vec<Option<DateTime<Utc>>>),
+}
+
+impl PostgresSink {
+    pub async fn open(url: &str, topic: &str, connections: usize) -> Result<PostgresSink, SinkError> {
+        let client = connect(url).await?;
+        migrate(&client).await.map_err(|e| SinkError::Transient(format!("migrating: {e}")))?;
+        let insert_sql = insert_sql();
+        let insert = client.prepare(&insert_sql).await.map_err(classify)?;
+        Ok(PostgresSink {
+            url: url.to_owned(),
+            topic: topic.to_owned(),
+            idle: Mutex::new(vec![Pooled { client, insert }]),
+            permits: Semaphore::new(connections.max(1)),
+            insert_sql,
+        })
+    }
+
+    async fn client(&self) -> Result<Pooled, SinkError> {
+        let reusable = {
+            let mut idle = self.idle.lock().await;
+            let mut found = None;
+            while let Some(c) = idle.pop() {
+                if !c.client.is_closed() {
+                    found = Some(c);
+                    break;
+                }
+            }
+            found
+        };
+        match reusable {
+            Some(c) => Ok(c),
+            None => {
+                let client = connect(&self.url).await?;
+                let insert = client.prepare(&self.insert_sql).await.map_err(classify)?;
+                Ok(Pooled { client, insert })
+            }
+        }
+    }
+
+    async fn release(&self, client: Pooled) {
+        if !client.client.is_closed() {
+            self.idle.lock().await.push(client);
+        }
+    }
+
+    pub async fn ping(&self) -> bool {
+        match self.client().await {
+            Ok(c) => {
+                let ok = c.client.simple_query("SELECT 1").await.is_ok();
+                self.release(c).await;
+                ok
+            }
+            Err(_) => false,
+        }
+    }
+
+    pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, SinkError> {
+        let _permit = self.permits.acquire().await.map_err(|e| SinkError::Transient(e.to_string()))?;
+        let mut pooled = self.client().await?;
+        let insert = pooled.insert.clone();
+        let result = self.write_tx(&mut pooled.client, &insert, batch, indices).await;
+        let client = pooled;
+        self.release(client).await;
+        result
+    }
+
+    async fn write_tx(
+        &self,
+        client: &mut Client,
+        insert: &Statement,
+        batch: &Batch,
+        indices: &[usize],
+    ) -> Result<Vec<Outcome>, SinkError> {
+        let t = table();
+        let tx = client.transaction().await.map_err(classify)?;
+
+        // Duplicates inside the batch: the first occurrence is written, later
+        // ones are compared with it.
+        let mut outcomes: Vec<Option<Outcome>> = vec![None; indices.len()];
+        let mut first: HashMap<Uuid, (usize, Uuid)> = HashMap::with_capacity(indices.len());
+        let mut candidates: Vec<usize> = Vec::with_capacity(indices.len());
+        for (k, &i) in indices.iter().enumerate() {
+            let r = &batch[i].record;
+            match first.get(&r.id()) {
+                Some(&(_, hash)) => outcomes[k] = Some(classify_existing(r.content_hash(), Some(hash), r.id())),
+                None => {
+                    first.insert(r.id(), (k, r.content_hash()));
+                    candidates.push(k);
+                }
+            }
+        }
+
+        let ids: Vec<Uuid> = candidates.iter().map(|&k| batch[indices[k]].record.id()).collect();
+        let tombstoned: HashSet<Uuid> = tx
+            .query(
+                &format!("SELECT {1} FROM {0}_tombstone WHERE {1} = ANY($1)", t.logical_name, t.primary_id_attribute),
+                &[&ids],
+            )
+            .await
+            .map_err(classify)?
+            .iter()
+            .map(|row| row.get::<_, Uuid>(0))
+            .collect();
+        let mut to_insert = Vec::with_capacity(candidates.len());
+        for &k in &candidates {
+            if tombstoned.contains(&batch[indices[k]].record.id()) {
+                outcomes[k] = Some(Outcome::PurgedReplay);
+            } else {
+                to_insert.push(k);
+            }
+        }
+
+        let inserted: HashSet<Uuid> = if to_insert.is_empty() {
+            HashSet::new()
+        } else {
+            let params = self.parameters(batch, indices, &to_insert);
+            let refs: Vec<&(dyn ToSql + Sync)> = params
+                .iter()
+                .map(|p| {
+                    let r: &(dyn ToSql + Sync) = p.as_ref();
+                    r
+                })
+                .collect();
+            tx.query(insert, &refs).await.map_err(classify)?.iter().map(|row| row.get::<_, Uuid>(0)).collect()
+        };
+
+        let existing_ids: Vec<Uuid> =
+            to_insert.iter().map(|&k| batch[indices[k]].record.id()).filter(|id| !inserted.contains(id)).collect();
+        let stored: HashMap<Uuid, Option<Uuid>> = if existing_ids.is_empty() {
+            HashMap::new()
+        } else {
+            tx.query(
+                &format!(
+                    "SELECT {1}, ingest_content_hash FROM {0} WHERE {1} = ANY($1)",
+                    t.logical_name, t.primary_id_attribute
+                ),
+                &[&existing_ids],
+            )
+            .await
+            .map_err(classify)?
+            .iter()
+            .map(|row| (row.get::<_, Uuid>(0), row.get::<_, Option<Uuid>>(1)))
+            .collect()
+        };
+        for &k in &to_insert {
+            let r = &batch[indices[k]].record;
+            outcomes[k] = Some(if inserted.contains(&r.id()) {
+                Outcome::Written
+            } else {
+                classify_existing(r.content_hash(), stored.get(&r.id()).copied().flatten(), r.id())
+            });
+        }
+        tx.commit().await.map_err(classify)?;
+        Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Replay)).collect())
+    }
+
+    /// The bound parameters of the insert: one typed array per column.
+    fn parameters(&self, batch: &Batch, indices: &[usize], rows: &[usize]) -> Vec<Box<dyn ToSql + Sync + Send>> {
+        let t = table();
+        let layout = create_columns();
+        let n = rows.len();
+        let mut columns: Vec<ParamColumn> = layout
+            .iter()
+            .map(|&i| match t.columns[i].column_type {
+                ColumnType::Uniqueidentifier | ColumnType::Lookup => ParamColumn::Uuid(Vec::with_capacity(n)),
+                ColumnType::String | ColumnType::Memo => ParamColumn::Text(Vec::with_capacity(n)),
+                ColumnType::Datetime => ParamColumn::Time(Vec::with_capacity(n)),
+                _ => ParamColumn::Int(Vec::with_capacity(n)),
+            })
+            .collect();
+        let mut state = Vec::with_capacity(n);
+        let mut created = Vec::with_capacity(n);
+        let mut topic = Vec::with_capacity(n);
+        let mut partition = Vec::with_capacity(n);
+        let mut offset = Vec::with_capacity(n);
+        let mut hash = Vec::with_capacity(n);
+        for &k in rows {
+            let entry = &batch[indices[k]];
+            let r = &entry.record;
+            for (col, value) in columns.iter_mut().zip(r.values()) {
+                match (col, value) {
+                    (ParamColumn::Uuid(v), Value::Guid(g)) => v.push(Some(*g)),
+                    (ParamColumn::Uuid(v), _) => v.push(None),
+                    (ParamColumn::Text(v), Value::Text(s)) => v.push(Some(s.clone())),
+                    (ParamColumn::Text(v), _) => v.push(None),
+                    (ParamColumn::Int(v), Value::Int(i)) => v.push(Some(*i)),
+                    (ParamColumn::Int(v), _) => v.push(None),
+                    (ParamColumn::Time(v), Value::DateTime(d)) => v.push(Some(*d)),
+                    (ParamColumn::Time(v), _) => v.push(None),
+                }
+            }
+            state.push(r.state_code());
+            created.push(r.created_on());
+            topic.push(self.topic.clone());
+            partition.push(entry.message.partition);
+            offset.push(entry.message.offset);
+            hash.push(r.content_hash());
+        }
+        let mut params: Vec<Box<dyn ToSql + Sync + Send>> = columns
+            .into_iter()
+            .map(|c| -> Box<dyn ToSql + Sync + Send> {
+                match c {
+                    ParamColumn::Uuid(v) => Box::new(v),
+                    ParamColumn::Text(v) => Box::new(v),
+                    ParamColumn::Int(v) => Box::new(v),
+                    ParamColumn::Time(v) => Box::new(v),
+                }
+            })
+            .collect();
+        params.push(Box::new(state));
+        params.push(Box::new(created));
+        params.push(Box::new(topic));
+        params.push(Box::new(partition));
+        params.push(Box::new(offset));
+        params.push(Box::new(hash));
+        params
+    }
+}

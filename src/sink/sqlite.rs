@@ -1,0 +1,266 @@
+//! The embedded SQLite sink: one file in WAL mode, written by a dedicated
+//! thread (SQLite calls block, so they never run on the async runtime). Each
+//! batch is one `BEGIN IMMEDIATE … COMMIT` transaction with prepared statements.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use rusqlite::types::Value as SqlValue;
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params_from_iter};
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::{Outcome, SinkError, classify_existing};
+use crate::batch::Batch;
+use crate::record::{Value, create_columns, format_datetime};
+use crate::table::{ColumnType, table};
+
+enum Job {
+    Write { batch: Arc<Batch>, indices: Vec<usize>, reply: oneshot::Sender<Result<Vec<Outcome>, SinkError>> },
+    Ping { reply: oneshot::Sender<bool> },
+}
+
+pub struct SqliteSink {
+    jobs: mpsc::SyncSender<Job>,
+}
+
+fn classify(e: rusqlite::Error) -> SinkError {
+    match &e {
+        rusqlite::Error::SqliteFailure(err, _)
+            if matches!(err.code, ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig) =>
+        {
+            SinkError::Permanent(e.to_string())
+        }
+        _ => SinkError::Transient(e.to_string()),
+    }
+}
+
+fn sqlite_type(t: ColumnType) -> &'static str {
+    match t {
+        ColumnType::Picklist | ColumnType::State | ColumnType::Status | ColumnType::Integer | ColumnType::Bigint => {
+            "INTEGER"
+        }
+        _ => "TEXT",
+    }
+}
+
+/// Columns beyond the table definition: retention state and source coordinates.
+const EXTRA_COLUMNS: [(&str, &str); 5] = [
+    ("msft_datastate", "INTEGER NOT NULL DEFAULT 0"),
+    ("ingest_topic", "TEXT"),
+    ("ingest_partition", "INTEGER"),
+    ("ingest_offset", "INTEGER"),
+    ("ingest_content_hash", "TEXT"),
+];
+
+/// Creates or upgrades the tables; idempotent.
+pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let t = table();
+    let name = &t.logical_name;
+    let mut defs: Vec<String> = Vec::new();
+    for c in t.stored_columns() {
+        let mut def = format!("{} {}", c.logical_name, sqlite_type(c.column_type));
+        if c.logical_name == t.primary_id_attribute {
+            def.push_str(" PRIMARY KEY NOT NULL");
+        }
+        defs.push(def);
+    }
+    for (col, ty) in EXTRA_COLUMNS {
+        defs.push(format!("{col} {ty}"));
+    }
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS {name} ({});
+         CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} TEXT PRIMARY KEY NOT NULL, purgedon TEXT NOT NULL, versionnumber INTEGER);
+         CREATE TABLE IF NOT EXISTS copilot_ingest_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+         CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);",
+        defs.join(", "),
+        id = t.primary_id_attribute
+    ))?;
+    // Upgrade: add any column the definition gained since the table was made.
+    let existing: Vec<String> = {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({name})"))?;
+        stmt.query_map([], |r| r.get::<_, String>(1))?.collect::<Result<_, _>>()?
+    };
+    for def in defs.iter().skip(1) {
+        let col = def.split_whitespace().next().unwrap_or_default();
+        if !existing.iter().any(|e| e == col) {
+            let def = def.replace(" NOT NULL DEFAULT 0", " DEFAULT 0");
+            conn.execute_batch(&format!("ALTER TABLE {name} ADD COLUMN {def}"))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // WAL lets readers (dashboards, the control plane) run beside the writer;
+    // synchronous=FULL makes every committed batch survive power loss.
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(conn)
+}
+
+impl SqliteSink {
+    pub fn open(path: &Path, topic: &str) -> Result<SqliteSink, SinkError> {
+        let conn = open_connection(path).map_err(|e| SinkError::Transient(format!("{}: {e}", path.display())))?;
+        migrate(&conn).map_err(|e| SinkError::Transient(format!("migrating {}: {e}", path.display())))?;
+        let (jobs, rx) = mpsc::sync_channel::<Job>(16);
+        let topic = topic.to_owned();
+        let path: PathBuf = path.to_owned();
+        std::thread::Builder::new()
+            .name("sqlite-sink".into())
+            .spawn(move || writer_thread(conn, rx, topic, path))
+            .map_err(|e| SinkError::Transient(format!("starting the SQLite writer: {e}")))?;
+        Ok(SqliteSink { jobs })
+    }
+
+    pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, SinkError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::Write { batch: Arc::clone(batch), indices: indices.to_vec(), reply };
+        let jobs = self.jobs.clone();
+        // The queue is small and the writer fast; a blocking send would stall a
+        // runtime thread, so it goes through spawn_blocking.
+        tokio::task::spawn_blocking(move || jobs.send(job))
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?
+            .map_err(|_| SinkError::Transient("SQLite writer stopped".into()))?;
+        rx.await.map_err(|_| SinkError::Transient("SQLite writer stopped".into()))?
+    }
+
+    pub async fn ping(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.jobs.try_send(Job::Ping { reply }).is_err() {
+            // A full queue means the writer is busy, which is alive.
+            return true;
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
+fn writer_thread(mut conn: Connection, rx: mpsc::Receiver<Job>, topic: String, path: PathBuf) {
+    while let Ok(job) = rx.recv() {
+        match job {
+            Job::Write { batch, indices, reply } => {
+                let result = write_tx(&mut conn, &batch, &indices, &topic);
+                if let Err(SinkError::Transient(_)) = &result {
+                    // A broken handle (file removed, I/O error) is reopened for the retry.
+                    if let Ok(fresh) = open_connection(&path)
+                        && migrate(&fresh).is_ok()
+                    {
+                        conn = fresh;
+                    }
+                }
+                let _ = reply.send(result);
+            }
+            Job::Ping { reply } => {
+                let ok = conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok();
+                let _ = reply.send(ok);
+            }
+        }
+    }
+}
+
+fn to_sql(value: &Value) -> SqlValue {
+    match value {
+        Value::Null => SqlValue::Null,
+        Value::Text(s) => SqlValue::Text(s.clone()),
+        Value::Int(i) => SqlValue::Integer(i64::from(*i)),
+        Value::Guid(g) => SqlValue::Text(g.hyphenated().to_string()),
+        Value::DateTime(d) => SqlValue::Text(format_datetime(d)),
+    }
+}
+
+fn insert_sql() -> String {
+    let t = table();
+    let mut cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
+    cols.extend([
+        "statecode",
+        "createdon",
+        "versionnumber",
+        "ingest_topic",
+        "ingest_partition",
+        "ingest_offset",
+        "ingest_content_hash",
+    ]);
+    let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
+    format!(
+        "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT({}) DO NOTHING",
+        t.logical_name,
+        cols.join(", "),
+        placeholders.join(", "),
+        t.primary_id_attribute
+    )
+}
+
+fn write_tx(conn: &mut Connection, batch: &Batch, indices: &[usize], topic: &str) -> Result<Vec<Outcome>, SinkError> {
+    let t = table();
+    let insert = insert_sql();
+    let tombstone_sql = format!("SELECT 1 FROM {0}_tombstone WHERE {1} = ?1", t.logical_name, t.primary_id_attribute);
+    let existing_sql =
+        format!("SELECT ingest_content_hash FROM {0} WHERE {1} = ?1", t.logical_name, t.primary_id_attribute);
+
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(classify)?;
+    let mut outcomes = Vec::with_capacity(indices.len());
+    {
+        let mut version: i64 = tx
+            .query_row("SELECT value FROM copilot_ingest_meta WHERE key = 'versionnumber'", [], |r| r.get(0))
+            .optional()
+            .map_err(classify)?
+            .unwrap_or(0);
+        let mut insert_stmt = tx.prepare_cached(&insert).map_err(classify)?;
+        let mut tombstone_stmt = tx.prepare_cached(&tombstone_sql).map_err(classify)?;
+        let mut existing_stmt = tx.prepare_cached(&existing_sql).map_err(classify)?;
+        let mut seen: std::collections::HashMap<Uuid, Uuid> = std::collections::HashMap::with_capacity(indices.len());
+        let mut params: Vec<SqlValue> = Vec::with_capacity(create_columns().len() + 7);
+        for &i in indices {
+            let entry = &batch[i];
+            let record = &entry.record;
+            let id = record.id();
+            let id_text = id.hyphenated().to_string();
+            if let Some(&first_hash) = seen.get(&id) {
+                outcomes.push(classify_existing(record.content_hash(), Some(first_hash), id));
+                continue;
+            }
+            seen.insert(id, record.content_hash());
+            let purged = tombstone_stmt.exists([&id_text]).map_err(classify)?;
+            if purged {
+                outcomes.push(Outcome::PurgedReplay);
+                continue;
+            }
+            version += 1;
+            params.clear();
+            params.extend(record.values().iter().map(to_sql));
+            params.push(SqlValue::Integer(i64::from(record.state_code())));
+            params.push(SqlValue::Text(format_datetime(&record.created_on())));
+            params.push(SqlValue::Integer(version));
+            params.push(SqlValue::Text(topic.to_owned()));
+            params.push(SqlValue::Integer(i64::from(entry.message.partition)));
+            params.push(SqlValue::Integer(entry.message.offset));
+            params.push(SqlValue::Text(record.content_hash().hyphenated().to_string()));
+            let inserted = insert_stmt.execute(params_from_iter(params.drain(..))).map_err(classify)?;
+            if inserted == 1 {
+                outcomes.push(Outcome::Written);
+            } else {
+                let stored: Option<String> =
+                    existing_stmt.query_row([&id_text], |r| r.get(0)).optional().map_err(classify)?;
+                let stored = stored.and_then(|s| Uuid::parse_str(&s).ok());
+                outcomes.push(classify_existing(record.content_hash(), stored, id));
+            }
+        }
+        tx.execute(
+            "INSERT INTO copilot_ingest_meta (key, value) VALUES ('versionnumber', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [version],
+        )
+        .map_err(classify)?;
+    }
+    tx.commit().map_err(classify)?;
+    Ok(outcomes)
+}

@@ -1,0 +1,343 @@
+//! The Kafka source: a consumer-group member polled on a dedicated thread.
+//!
+//! The thread forwards messages in chunks over a bounded channel. When the
+//! pipeline stops draining that channel (its sink writes are at capacity) the
+//! thread pauses every assigned partition instead of buffering, and keeps
+//! polling so the group membership and rebalances stay serviced. Offsets are
+//! never stored here: the pipeline stores the contiguous watermark
+//! (`enable.auto.offset.store=false`), and librdkafka commits what was stored.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Headers, Message};
+use rdkafka::statistics::Statistics;
+use tokio::sync::mpsc;
+
+use crate::http::Readiness;
+use crate::metrics::Metrics;
+
+/// A Kafka message, owned, as the pipeline needs it.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub partition: i32,
+    pub offset: i64,
+    /// Message timestamp (create or log-append time), epoch milliseconds.
+    pub timestamp_ms: Option<i64>,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl Inbound {
+    #[cfg(test)]
+    pub fn for_test(partition: i32, offset: i64, payload: Vec<u8>) -> Inbound {
+        Inbound { partition, offset, timestamp_ms: None, key: None, payload: Some(payload), headers: Vec::new() }
+    }
+
+    fn from_message<M: Message>(m: &M) -> Inbound {
+        let headers = m
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+            .unwrap_or_default();
+        Inbound {
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+}
+
+/// What the consumer thread tells the pipeline, in order.
+#[derive(Debug)]
+pub enum SourceEvent {
+    Messages(Vec<Inbound>),
+    Assigned(Vec<i32>),
+    /// The partitions are being taken away. The pipeline finishes (or gives
+    /// up on) their in-flight records, stores their offsets and then answers
+    /// on `done`; the consumer thread commits synchronously before letting the
+    /// rebalance proceed.
+    Revoked {
+        partitions: Vec<i32>,
+        done: std::sync::mpsc::SyncSender<()>,
+    },
+}
+
+/// Messages per chunk sent over the channel: one channel send per chunk
+/// rather than per message.
+const CHUNK: usize = 512;
+
+pub struct SourceContext {
+    events: mpsc::Sender<SourceEvent>,
+    readiness: Arc<Readiness>,
+    metrics: Arc<Metrics>,
+    topic: String,
+    revoke_timeout: Duration,
+    /// Set once the pipeline has drained: rebalances caused by closing the
+    /// consumer need no hand-off.
+    closing: AtomicBool,
+    /// Messages polled but not yet accepted by the channel.
+    pending: Mutex<Vec<Inbound>>,
+}
+
+impl SourceContext {
+    fn send_blocking(&self, mut event: SourceEvent, deadline: Instant) -> bool {
+        loop {
+            match self.events.try_send(event) {
+                Ok(()) => return true,
+                Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                Err(mpsc::error::TrySendError::Full(e)) => {
+                    if Instant::now() >= deadline {
+                        return false;
+                    }
+                    event = e;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+    }
+}
+
+impl ClientContext for SourceContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::warn!(facility = fac, "librdkafka: {log_message}")
+            }
+            RDKafkaLogLevel::Warning | RDKafkaLogLevel::Notice => {
+                tracing::info!(facility = fac, "librdkafka: {log_message}")
+            }
+            _ => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        use rdkafka::types::RDKafkaErrorCode;
+        if let Some(RDKafkaErrorCode::AllBrokersDown) = error.rdkafka_error_code() {
+            self.readiness.broker_reachable.store(false, Ordering::Relaxed);
+        }
+        tracing::warn!(error = %error, "kafka consumer: {reason}");
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        self.readiness.broker_reachable.store(
+            statistics.brokers.values().any(|b| b.state == "UP") || statistics.brokers.is_empty(),
+            Ordering::Relaxed,
+        );
+        if let Some(topic) = statistics.topics.get(&self.topic) {
+            for (partition, p) in &topic.partitions {
+                if *partition < 0 || p.fetch_state == "none" {
+                    continue;
+                }
+                // Lag against what is committed; clamped at 0 (the committed
+                // offset may be unknown or below the log start).
+                let lag = if p.committed_offset >= 0 && p.hi_offset >= 0 {
+                    (p.hi_offset - p.committed_offset).max(0)
+                } else if p.hi_offset >= 0 && p.lo_offset >= 0 {
+                    (p.hi_offset - p.lo_offset).max(0)
+                } else {
+                    0
+                };
+                self.metrics.consumer_lag.with_label_values(&[&self.topic, &partition.to_string()]).set(lag);
+            }
+        }
+    }
+}
+
+impl ConsumerContext for SourceContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                self.readiness.assigned.store(true, Ordering::Relaxed);
+                self.readiness.broker_reachable.store(true, Ordering::Relaxed);
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?partitions, "partitions assigned");
+                self.send_blocking(SourceEvent::Assigned(partitions), Instant::now() + self.revoke_timeout);
+            }
+            Rebalance::Revoke(tpl) => {
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(?partitions, "partitions revoked");
+                // Messages polled but not handed over are dropped: they were
+                // never processed, so their offsets were never stored.
+                if let Ok(mut pending) = self.pending.lock() {
+                    pending.retain(|m| !partitions.contains(&m.partition));
+                }
+                if !self.closing.load(Ordering::Relaxed) {
+                    let deadline = Instant::now() + self.revoke_timeout;
+                    let (done, wait) = std::sync::mpsc::sync_channel(1);
+                    if self.send_blocking(SourceEvent::Revoked { partitions: partitions.clone(), done }, deadline) {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if wait.recv_timeout(left).is_err() {
+                            tracing::warn!(
+                                ?partitions,
+                                "in-flight records were not finished before the revocation deadline; they stay uncommitted and will be redelivered"
+                            );
+                        }
+                    }
+                }
+                // Synchronous commit of what was stored, before the partitions go.
+                match consumer.commit_consumer_state(CommitMode::Sync) {
+                    Ok(()) => {}
+                    Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
+                    Err(e) => tracing::warn!(error = %e, "commit on revocation failed"),
+                }
+                self.readiness.assigned.store(false, Ordering::Relaxed);
+            }
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+pub type IngestConsumer = BaseConsumer<SourceContext>;
+
+/// librdkafka settings shared by every consumer of the product (the
+/// benchmark's raw consumer uses the same).
+pub fn consumer_config(brokers: &str, group_id: &str, options: &[(String, String)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.offset.store", "false")
+        .set("enable.auto.commit", "true")
+        .set("auto.commit.interval.ms", "1000")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set("session.timeout.ms", "30000")
+        .set("max.poll.interval.ms", "300000")
+        // Bounded prefetch: a large lag must not turn into a large heap.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("queued.min.messages", "20000")
+        .set("fetch.max.bytes", "16777216")
+        .set("statistics.interval.ms", "5000");
+    for (k, v) in options {
+        c.set(k, v);
+    }
+    c
+}
+
+pub struct Source {
+    pub consumer: Arc<IngestConsumer>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Source {
+    /// Creates the consumer, subscribes and starts the polling thread.
+    pub fn start(
+        config: ClientConfig,
+        topic: &str,
+        events: mpsc::Sender<SourceEvent>,
+        readiness: Arc<Readiness>,
+        metrics: Arc<Metrics>,
+        revoke_timeout: Duration,
+    ) -> Result<Source, KafkaError> {
+        let context = SourceContext {
+            events: events.clone(),
+            readiness,
+            metrics,
+            topic: topic.to_owned(),
+            revoke_timeout,
+            closing: AtomicBool::new(false),
+            pending: Mutex::new(Vec::new()),
+        };
+        let consumer: Arc<IngestConsumer> = Arc::new(config.create_with_context(context)?);
+        consumer.subscribe(&[topic])?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let consumer = Arc::clone(&consumer);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name("kafka-source".into())
+                .spawn(move || poll_loop(&consumer, &events, &stop))
+                .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
+        };
+        Ok(Source { consumer, stop, thread: Some(thread) })
+    }
+
+    /// Stops fetching: the polling thread ends; nothing more is sent.
+    pub fn stop_fetching(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Leaves the group (after the final commit). Blocking.
+    pub fn close(mut self) {
+        self.stop_fetching();
+        self.consumer.context().closing.store(true, Ordering::Relaxed);
+        self.consumer.unsubscribe();
+        // Serve the revocation the unsubscribe triggers.
+        for _ in 0..20 {
+            if self.consumer.poll(Duration::from_millis(50)).is_none()
+                && self.consumer.assignment().map(|a| a.count() == 0).unwrap_or(true)
+            {
+                break;
+            }
+        }
+    }
+}
+
+fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop: &AtomicBool) {
+    let ctx = consumer.context();
+    let mut paused = false;
+    while !stop.load(Ordering::Relaxed) {
+        // Hand over what is pending; pause fetching while the pipeline is full.
+        let chunk = ctx.pending.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+        if !chunk.is_empty() {
+            match events.try_send(SourceEvent::Messages(chunk)) {
+                Ok(()) => {
+                    if paused {
+                        if let Ok(assignment) = consumer.assignment() {
+                            let _ = consumer.resume(&assignment);
+                        }
+                        paused = false;
+                    }
+                }
+                Err(mpsc::error::TrySendError::Full(SourceEvent::Messages(chunk))) => {
+                    if let Ok(mut p) = ctx.pending.lock() {
+                        let newer = std::mem::replace(&mut *p, chunk);
+                        p.extend(newer);
+                    }
+                    if !paused {
+                        if let Ok(assignment) = consumer.assignment() {
+                            let _ = consumer.pause(&assignment);
+                        }
+                        paused = true;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        let has_pending = ctx.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
+        let timeout = if has_pending { Duration::from_millis(20) } else { Duration::from_millis(100) };
+        let mut polled = Vec::new();
+        let mut next = consumer.poll(timeout);
+        while let Some(result) = next {
+            match result {
+                Ok(m) => polled.push(Inbound::from_message(&m)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "kafka consume error");
+                    break;
+                }
+            }
+            if polled.len() >= CHUNK {
+                break;
+            }
+            next = consumer.poll(Duration::ZERO);
+        }
+        if !polled.is_empty() {
+            ctx.readiness.broker_reachable.store(true, Ordering::Relaxed);
+            if let Ok(mut p) = ctx.pending.lock() {
+                p.extend(polled);
+            }
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The table definition of `msdyn_copilotinteraction`, read from
+//! `schemas/msdyn_copilotinteraction.table.json` — the one source of truth for
+//! column names, types, length limits, integer ranges and option sets. The
+//! validator and the SQL DDL are derived from it; nothing here re-types a limit.
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+const TABLE_JSON: &str = include_str!("../schemas/msdyn_copilotinteraction.table.json");
+
+/// The parsed table definition, built once at first use.
+pub fn table() -> &'static Table {
+    static TABLE: LazyLock<Table> = LazyLock::new(|| {
+        // The file is compiled into the binary and covered by unit tests, so a
+        // parse failure is a build defect, not an input error.
+        Table::parse(TABLE_JSON).unwrap_or_else(|e| panic!("schemas/msdyn_copilotinteraction.table.json: {e}"))
+    });
+    &TABLE
+}
+
+/// Column data types, named as Dataverse names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColumnType {
+    Uniqueidentifier,
+    Lookup,
+    String,
+    Memo,
+    Picklist,
+    State,
+    Status,
+    Integer,
+    Bigint,
+    Datetime,
+}
+
+impl ColumnType {
+    pub fn is_option_set(self) -> bool {
+        matches!(self, ColumnType::Picklist | ColumnType::State | ColumnType::Status)
+    }
+    pub fn is_guid(self) -> bool {
+        matches!(self, ColumnType::Uniqueidentifier | ColumnType::Lookup)
+    }
+    pub fn is_text(self) -> bool {
+        matches!(self, ColumnType::String | ColumnType::Memo)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptionValue {
+    pub value: i32,
+    pub label: String,
+    /// For `status` options: the state this status belongs to.
+    #[serde(default)]
+    pub state: Option<i32>,
+    /// For `state` options: the status a record gets in this state by default.
+    #[serde(default)]
+    pub default_status: Option<i32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Column {
+    pub logical_name: String,
+    pub schema_name: String,
+    #[serde(rename = "type")]
+    pub column_type: ColumnType,
+    #[serde(default)]
+    pub max_length: Option<usize>,
+    #[serde(default)]
+    pub min_value: Option<i64>,
+    #[serde(default)]
+    pub max_value: Option<i64>,
+    #[serde(default)]
+    pub options: Vec<OptionValue>,
+    #[serde(default)]
+    pub targets: Vec<String>,
+    pub valid_for_create: bool,
+    /// Whether the sink table has this column.
+    pub stored: bool,
+    #[serde(default)]
+    pub required: Option<String>,
+    #[serde(default)]
+    pub default_value: Option<i32>,
+    #[serde(default)]
+    pub datetime_behavior: Option<String>,
+    /// A datetime that may not lie in the future (`overriddencreatedon`).
+    #[serde(default)]
+    pub not_in_future: bool,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Option labels folded for lookup (see [`fold_label`]), filled after parsing.
+    #[serde(skip)]
+    folded_labels: Vec<(String, i32)>,
+}
+
+impl Column {
+    /// Required on create: the event must carry a value.
+    pub fn is_required(&self) -> bool {
+        matches!(self.required.as_deref(), Some("ApplicationRequired"))
+    }
+
+    /// The option value for a label written in any case and spacing.
+    pub fn option_by_label(&self, label: &str) -> Option<i32> {
+        let folded = fold_label(label);
+        self.folded_labels.iter().find(|(l, _)| *l == folded).map(|(_, v)| *v)
+    }
+
+    pub fn option(&self, value: i32) -> Option<&OptionValue> {
+        self.options.iter().find(|o| o.value == value)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    #[serde(rename = "$comment", default)]
+    _comment: Option<String>,
+    pub logical_name: String,
+    pub entity_set_name: String,
+    pub primary_id_attribute: String,
+    pub primary_name_attribute: String,
+    pub min_datetime: DateTime<Utc>,
+    pub max_datetime: DateTime<Utc>,
+    pub columns: Vec<Column>,
+    #[serde(skip)]
+    by_name: HashMap<String, usize>,
+}
+
+impl Table {
+    fn parse(text: &str) -> Result<Table, String> {
+        let mut table: Table = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        for (i, col) in table.columns.iter_mut().enumerate() {
+            col.folded_labels = col.options.iter().map(|o| (fold_label(&o.label), o.value)).collect();
+            if table.by_name.insert(col.logical_name.clone(), i).is_some() {
+                return Err(format!("column {} defined twice", col.logical_name));
+            }
+            if col.column_type.is_text() && col.max_length.is_none() {
+                return Err(format!("text column {} has no max_length", col.logical_name));
+            }
+            if col.column_type.is_option_set() && col.options.is_empty() {
+                return Err(format!("option set {} has no options", col.logical_name));
+            }
+        }
+        if !table.by_name.contains_key(&table.primary_id_attribute) {
+            return Err("primary id attribute is not a column".into());
+        }
+        Ok(table)
+    }
+
+    /// Index of a column by logical name (exact, lowercase).
+    pub fn index_of(&self, logical_name: &str) -> Option<usize> {
+        self.by_name.get(logical_name).copied()
+    }
+
+    pub fn column(&self, logical_name: &str) -> Option<&Column> {
+        self.index_of(logical_name).map(|i| &self.columns[i])
+    }
+
+    /// Columns the sink table stores, in definition order.
+    pub fn stored_columns(&self) -> impl Iterator<Item = &Column> {
+        self.columns.iter().filter(|c| c.stored)
+    }
+}
+
+/// Folds an option label for comparison: case, spaces, underscores and hyphens
+/// do not matter ("ThumbsUp", "thumbs up", "THUMBS_UP" are one label).
+pub fn fold_label(label: &str) -> String {
+    label.chars().filter(|c| !c.is_whitespace() && *c != '_' && *c != '-').flat_map(char::to_lowercase).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_definition_parses_and_has_the_documented_limits() {
+        let t = table();
+        assert_eq!(t.logical_name, "msdyn_copilotinteraction");
+        assert_eq!(t.column("msdyn_name").and_then(|c| c.max_length), Some(100));
+        assert_eq!(t.column("msdyn_interactioncontext").and_then(|c| c.max_length), Some(1_048_576));
+        assert_eq!(t.column("timezoneruleversionnumber").and_then(|c| c.min_value), Some(-1));
+        assert!(!t.column("statecode").map(|c| c.valid_for_create).unwrap_or(true));
+        let required: Vec<_> = t.columns.iter().filter(|c| c.is_required()).map(|c| c.logical_name.as_str()).collect();
+        assert_eq!(required, ["msdyn_name", "msdyn_scenariorequestid", "msdyn_interactiontype", "msdyn_scenariotype"]);
+    }
+
+    #[test]
+    fn labels_match_in_any_case_and_spacing() {
+        let it = table().column("msdyn_interactiontype").unwrap();
+        for l in ["ThumbsUp", "thumbs up", "THUMBS_UP", "thumbs-up", " Thumbs Up "] {
+            assert_eq!(it.option_by_label(l), Some(100230301), "{l}");
+        }
+        let st = table().column("msdyn_scenariotype").unwrap();
+        assert_eq!(st.option_by_label("Case summary"), Some(100230205));
+        assert_eq!(st.option_by_label("CASE_SUMMARY"), Some(100230205));
+        assert_eq!(st.option_by_label("casesummary"), Some(100230205));
+        assert_eq!(st.option_by_label("summary"), None);
+    }
+}
