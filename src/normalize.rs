@@ -545,3 +545,336 @@ pub fn parse_datetime(s: &str) -> Option<DateTime<Utc>> {
 fn truncate_to_millis(d: DateTime<Utc>) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(d.timestamp_millis()).single().unwrap_or(d)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    fn base() -> serde_json::Value {
+        json!({
+            "msdyn_name": "Copy - Case summary",
+            "msdyn_scenariorequestid": "req-1",
+            "msdyn_interactiontype": "Copy",
+            "msdyn_scenariotype": "Case summary",
+            "msdyn_clienttimestamp": "2024-05-01T10:00:00Z"
+        })
+    }
+
+    fn now() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).single().unwrap()
+    }
+
+    fn norm(v: &serde_json::Value) -> Result<Record, Rejection> {
+        Normalizer::default().normalize_json(v.to_string().as_bytes(), None, now())
+    }
+
+    fn with(field: &str, value: serde_json::Value) -> serde_json::Value {
+        let mut e = base();
+        e[field] = value;
+        e
+    }
+
+    fn reason_of(v: &serde_json::Value) -> Reason {
+        norm(v).expect_err("expected a rejection").reason
+    }
+
+    #[test]
+    fn a_typical_event_normalizes() {
+        let r = norm(&base()).unwrap();
+        assert_eq!(r.get("msdyn_interactiontype"), Some(&Value::Int(100230304)));
+        assert_eq!(r.get("msdyn_scenariotype"), Some(&Value::Int(100230205)));
+        assert_eq!(r.get("statuscode"), Some(&Value::Int(1)));
+        assert_eq!(r.state_code(), 0);
+        assert_eq!(r.created_on(), now());
+    }
+
+    #[test]
+    fn every_reason_code_is_produced() {
+        let cases: Vec<(Reason, Vec<u8>)> = vec![
+            (Reason::MalformedJson, b"{\"msdyn_name\":".to_vec()),
+            (Reason::MalformedJson, b"".to_vec()),
+            (Reason::MalformedJson, b"\xff\xfe{}".to_vec()),
+            (Reason::MalformedJson, b"{\"a\":1} trailing".to_vec()),
+            (Reason::NotAnObject, b"[1,2]".to_vec()),
+            (Reason::NotAnObject, b"\"text\"".to_vec()),
+            (Reason::NotAnObject, b"42".to_vec()),
+            (Reason::NotAnObject, b"null".to_vec()),
+            (Reason::MissingRequiredField, json!({"msdyn_name": "x"}).to_string().into_bytes()),
+            (Reason::MissingRequiredField, with("msdyn_name", json!(null)).to_string().into_bytes()),
+            (Reason::MissingRequiredField, with("msdyn_name", json!("")).to_string().into_bytes()),
+            (Reason::InvalidType, with("msdyn_name", json!(5)).to_string().into_bytes()),
+            (Reason::InvalidType, with("msdyn_interactiontype", json!(true)).to_string().into_bytes()),
+            (Reason::InvalidType, with("importsequencenumber", json!("abc")).to_string().into_bytes()),
+            (Reason::InvalidType, with("msdyn_interactioncontext", json!([1])).to_string().into_bytes()),
+            (Reason::InvalidType, with("msdyn_interactiondataid", json!(123)).to_string().into_bytes()),
+            (Reason::ValueTooLong, with("msdyn_name", json!("a".repeat(101))).to_string().into_bytes()),
+            (Reason::InvalidOption, with("msdyn_interactiontype", json!(100230310)).to_string().into_bytes()),
+            (Reason::InvalidOption, with("msdyn_scenariotype", json!("Nope")).to_string().into_bytes()),
+            (Reason::InvalidOption, with("statuscode", json!(2)).to_string().into_bytes()),
+            (Reason::InvalidGuid, with("msdyn_copilotinteractionid", json!("1234")).to_string().into_bytes()),
+            (
+                Reason::InvalidGuid,
+                with("msdyn_copilotinteractionid", json!("00000000-0000-0000-0000-000000000000"))
+                    .to_string()
+                    .into_bytes(),
+            ),
+            (Reason::InvalidDatetime, with("msdyn_clienttimestamp", json!("yesterday")).to_string().into_bytes()),
+            (
+                Reason::InvalidDatetime,
+                with("msdyn_clienttimestamp", json!("1752-12-31T23:59:59Z")).to_string().into_bytes(),
+            ),
+            (
+                Reason::InvalidDatetime,
+                with("overriddencreatedon", json!("2030-01-01T00:00:00Z")).to_string().into_bytes(),
+            ),
+            (Reason::OutOfRange, with("timezoneruleversionnumber", json!(-2)).to_string().into_bytes()),
+            (Reason::OutOfRange, with("importsequencenumber", json!(2147483648i64)).to_string().into_bytes()),
+            (Reason::OutOfRange, with("importsequencenumber", json!(18446744073709551615u64)).to_string().into_bytes()),
+            (Reason::UnknownField, with("msdyn_sentiment", json!("x")).to_string().into_bytes()),
+            (Reason::ReadOnlyField, with("statecode", json!(0)).to_string().into_bytes()),
+            (Reason::ReadOnlyField, with("createdon", json!("2024-01-01")).to_string().into_bytes()),
+            (Reason::ReadOnlyField, with("versionnumber", json!(1)).to_string().into_bytes()),
+            (Reason::PayloadTooLarge, vec![b' '; MAX_PAYLOAD_BYTES + 1]),
+        ];
+        for (expected, payload) in cases {
+            let got = Normalizer::default().normalize_json(&payload, None, now());
+            assert_eq!(
+                got.as_ref().err().map(|r| r.reason),
+                Some(expected),
+                "payload {:?}",
+                String::from_utf8_lossy(&payload[..payload.len().min(120)])
+            );
+        }
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let r = norm(&with("msdyn_name", json!(5))).unwrap_err();
+        assert_eq!(r.field.as_deref(), Some("msdyn_name"));
+        let r = norm(&json!({"msdyn_name": "x", "msdyn_interactiontype": 100230301, "msdyn_scenariotype": 100230201}))
+            .unwrap_err();
+        assert_eq!(r.field.as_deref(), Some("msdyn_scenariorequestid"));
+    }
+
+    #[test]
+    fn unknown_fields_can_be_ignored() {
+        let n = Normalizer { unknown_fields: UnknownFields::Ignore, ..Normalizer::default() };
+        let e = with("msdyn_sentiment", json!("x"));
+        assert!(n.normalize_json(e.to_string().as_bytes(), None, now()).is_ok());
+        // Read-only columns are still refused.
+        let e = with("statecode", json!(0));
+        assert_eq!(n.normalize_json(e.to_string().as_bytes(), None, now()).unwrap_err().reason, Reason::ReadOnlyField);
+    }
+
+    #[test]
+    fn every_option_label_and_value_is_accepted() {
+        for column in ["msdyn_interactiontype", "msdyn_scenariotype"] {
+            let c = table().column(column).unwrap();
+            for o in &c.options {
+                let spellings = [
+                    json!(o.value),
+                    json!(o.value.to_string()),
+                    json!(o.label),
+                    json!(o.label.to_uppercase().replace(' ', "_")),
+                    json!(o.label.to_lowercase()),
+                    json!(format!(" {} ", o.label)),
+                ];
+                for s in spellings {
+                    let r = norm(&with(column, s.clone())).unwrap_or_else(|e| panic!("{column} {s}: {e}"));
+                    assert_eq!(r.get(column), Some(&Value::Int(o.value)), "{column} {s}");
+                }
+            }
+        }
+        // "thumbs up" with a space, as written by people.
+        assert_eq!(
+            norm(&with("msdyn_interactiontype", json!("thumbs up"))).unwrap().get("msdyn_interactiontype"),
+            Some(&Value::Int(100230301))
+        );
+    }
+
+    #[test]
+    fn datetime_forms_normalize_to_utc() {
+        let expected = Utc.with_ymd_and_hms(2024, 5, 1, 10, 0, 0).single().unwrap();
+        for form in [
+            json!("2024-05-01T10:00:00Z"),
+            json!("2024-05-01T12:00:00+02:00"),
+            json!("2024-05-01T05:00:00-05:00"),
+            json!("2024-05-01T10:00:00"),
+            json!("2024-05-01 10:00:00"),
+            json!("2024-05-01T10:00:00.000Z"),
+            json!(expected.timestamp_millis()),
+            json!(expected.timestamp_millis().to_string()),
+        ] {
+            let r = norm(&with("msdyn_clienttimestamp", form.clone())).unwrap_or_else(|e| panic!("{form}: {e}"));
+            assert_eq!(r.get("msdyn_clienttimestamp"), Some(&Value::DateTime(expected)), "{form}");
+        }
+        let r = norm(&with("msdyn_clienttimestamp", json!("2024-05-01"))).unwrap();
+        assert_eq!(
+            r.get("msdyn_clienttimestamp"),
+            Some(&Value::DateTime(Utc.with_ymd_and_hms(2024, 5, 1, 0, 0, 0).single().unwrap()))
+        );
+        // Sub-millisecond precision is truncated, as stored.
+        let r = norm(&with("msdyn_clienttimestamp", json!("2024-05-01T10:00:00.123456789Z"))).unwrap();
+        assert_eq!(
+            r.get("msdyn_clienttimestamp"),
+            Some(&Value::DateTime(expected + chrono::Duration::milliseconds(123)))
+        );
+        // The minimum date itself is valid.
+        assert!(norm(&with("msdyn_clienttimestamp", json!("1753-01-01T00:00:00Z"))).is_ok());
+    }
+
+    #[test]
+    fn overriddencreatedon_becomes_createdon() {
+        let r = norm(&with("overriddencreatedon", json!("2020-02-02T02:02:02Z"))).unwrap();
+        assert_eq!(r.created_on(), Utc.with_ymd_and_hms(2020, 2, 2, 2, 2, 2).single().unwrap());
+    }
+
+    #[test]
+    fn guid_forms_normalize_to_lowercase_hyphenated() {
+        let expected = Uuid::parse_str("0b5c6a3e-1d2f-4a5b-8c7d-9e0f1a2b3c4d").unwrap();
+        for form in [
+            "0b5c6a3e-1d2f-4a5b-8c7d-9e0f1a2b3c4d",
+            "0B5C6A3E-1D2F-4A5B-8C7D-9E0F1A2B3C4D",
+            "{0B5C6A3E-1D2F-4A5B-8C7D-9E0F1A2B3C4D}",
+            "{0b5c6a3e-1d2f-4a5b-8c7d-9e0f1a2b3c4d}",
+            "0b5c6a3e1d2f4a5b8c7d9e0f1a2b3c4d",
+        ] {
+            let r = norm(&with("msdyn_interactiondataid", json!(form))).unwrap();
+            assert_eq!(r.get("msdyn_interactiondataid"), Some(&Value::Guid(expected)), "{form}");
+            let r = norm(&with("msdyn_copilotinteractionid", json!(form))).unwrap();
+            assert_eq!(r.id(), expected);
+            assert_eq!(r.to_json()["msdyn_copilotinteractionid"], json!("0b5c6a3e-1d2f-4a5b-8c7d-9e0f1a2b3c4d"));
+        }
+    }
+
+    #[test]
+    fn string_limits_count_utf16_code_units() {
+        // 50 emoji = 100 UTF-16 units (200 UTF-8 bytes): exactly at the limit.
+        assert!(norm(&with("msdyn_name", json!("😀".repeat(50)))).is_ok());
+        assert_eq!(reason_of(&with("msdyn_name", json!("😀".repeat(50) + "a"))), Reason::ValueTooLong);
+        // 100 CJK characters = 100 units (300 bytes): valid.
+        assert!(norm(&with("msdyn_name", json!("漢".repeat(100)))).is_ok());
+        assert_eq!(reason_of(&with("msdyn_name", json!("漢".repeat(101)))), Reason::ValueTooLong);
+        assert_eq!(utf16_len("a😀漢"), 4);
+    }
+
+    #[test]
+    fn interaction_context_object_is_stored_compact() {
+        let r = norm(&with("msdyn_interactioncontext", json!({"b": [1, 2], "a": "x y"}))).unwrap();
+        let text = r.get("msdyn_interactioncontext").and_then(Value::as_text).unwrap();
+        assert!(!text.contains(' ') || text.contains("x y"));
+        assert_eq!(serde_json::from_str::<serde_json::Value>(text).unwrap(), json!({"b": [1, 2], "a": "x y"}));
+        let pretty = "{\n  \"k\": 1\n}";
+        let r = norm(&with("msdyn_interactioncontext", json!(pretty))).unwrap();
+        assert_eq!(r.get("msdyn_interactioncontext"), Some(&Value::Text(pretty.into())), "strings are kept verbatim");
+    }
+
+    #[test]
+    fn identity_is_deterministic_and_content_based() {
+        let origin = Origin { topic: "t".into(), partition: 1, offset: 7 };
+        let n = Normalizer::default();
+        let a = n.normalize_json(base().to_string().as_bytes(), Some(&origin), now()).unwrap();
+        // Same event at another position and time, fields in another order and spelling: same id.
+        let resend = r#"{"msdyn_clienttimestamp":"2024-05-01T12:00:00+02:00","msdyn_scenariotype":100230205,
+            "msdyn_interactiontype":"COPY","msdyn_scenariorequestid":"req-1","msdyn_name":"Copy - Case summary"}"#;
+        let other = Origin { topic: "t".into(), partition: 3, offset: 99 };
+        let b = n.normalize_json(resend.as_bytes(), Some(&other), now() + chrono::Duration::hours(1)).unwrap();
+        assert_eq!(a.id(), b.id());
+        assert_eq!(a.content_hash(), b.content_hash());
+        // Another timestamp: another interaction.
+        let c = norm(&with("msdyn_clienttimestamp", json!("2024-05-01T10:00:01Z"))).unwrap();
+        assert_ne!(a.id(), c.id());
+        // Without a client timestamp the Kafka position decides.
+        let mut no_ts = base();
+        no_ts.as_object_mut().unwrap().remove("msdyn_clienttimestamp");
+        let bytes = no_ts.to_string();
+        let x1 = n.normalize_json(bytes.as_bytes(), Some(&origin), now()).unwrap();
+        let x2 = n.normalize_json(bytes.as_bytes(), Some(&origin), now()).unwrap();
+        let y = n.normalize_json(bytes.as_bytes(), Some(&other), now()).unwrap();
+        assert_eq!(x1.id(), x2.id());
+        assert_ne!(x1.id(), y.id());
+        assert_eq!(x1.content_hash(), y.content_hash());
+        // An explicit id wins.
+        let given = with("msdyn_copilotinteractionid", json!("{0B5C6A3E-1D2F-4A5B-8C7D-9E0F1A2B3C4D}"));
+        assert_eq!(norm(&given).unwrap().id().to_string(), "0b5c6a3e-1d2f-4a5b-8c7d-9e0f1a2b3c4d");
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused() {
+        let payload = br#"{"msdyn_name":"a","msdyn_name":"b","msdyn_scenariorequestid":"r","msdyn_interactiontype":1,"msdyn_scenariotype":1}"#;
+        assert_eq!(
+            Normalizer::default().normalize_json(payload, None, now()).unwrap_err().reason,
+            Reason::MalformedJson
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_malformed_not_a_crash() {
+        let n = Normalizer::default();
+        let deep_objects =
+            format!("{{\"msdyn_interactioncontext\":{}1{}}}", "{\"a\":".repeat(100_000), "}".repeat(100_000));
+        assert_eq!(n.normalize_json(deep_objects.as_bytes(), None, now()).unwrap_err().reason, Reason::MalformedJson);
+        // Deep arrays are skipped without recursion: valid JSON, wrong type.
+        let deep_arrays = format!("{{\"msdyn_interactioncontext\":{}{}}}", "[".repeat(100_000), "]".repeat(100_000));
+        assert_eq!(n.normalize_json(deep_arrays.as_bytes(), None, now()).unwrap_err().reason, Reason::InvalidType);
+    }
+
+    proptest! {
+        /// Arbitrary bytes never panic and always give a record or a reason.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Normalizer::default().normalize_json(&bytes, None, now());
+        }
+
+        /// Any string value for the name: valid iff within 100 UTF-16 units (and non-empty).
+        #[test]
+        fn name_length_rule_matches_utf16(name in "\\PC{0,120}") {
+            let result = norm(&with("msdyn_name", json!(name.clone())));
+            let units = name.encode_utf16().count();
+            if name.is_empty() {
+                prop_assert_eq!(result.unwrap_err().reason, Reason::MissingRequiredField);
+            } else if units > 100 {
+                prop_assert_eq!(result.unwrap_err().reason, Reason::ValueTooLong);
+            } else {
+                prop_assert!(result.is_ok());
+            }
+        }
+
+        /// Integers: in range iff accepted, for every integer column.
+        #[test]
+        fn integer_ranges_come_from_the_table(v in any::<i64>()) {
+            for column in ["importsequencenumber", "timezoneruleversionnumber", "utcconversiontimezonecode"] {
+                let c = table().column(column).unwrap();
+                let in_range = c.min_value.unwrap() <= v && v <= c.max_value.unwrap();
+                let result = norm(&with(column, json!(v)));
+                prop_assert_eq!(result.is_ok(), in_range, "{} = {}", column, v);
+                if !in_range { prop_assert_eq!(result.unwrap_err().reason, Reason::OutOfRange); }
+            }
+        }
+
+        /// Epoch milliseconds and their RFC 3339 rendering are the same instant.
+        #[test]
+        fn epoch_and_rfc3339_agree(ms in -6_847_804_800_000i64..253_402_300_799_000i64) {
+            let a = norm(&with("msdyn_clienttimestamp", json!(ms))).unwrap();
+            let text = Utc.timestamp_millis_opt(ms).single().unwrap().to_rfc3339();
+            let b = norm(&with("msdyn_clienttimestamp", json!(text))).unwrap();
+            prop_assert_eq!(a.get("msdyn_clienttimestamp"), b.get("msdyn_clienttimestamp"));
+            prop_assert_eq!(a.id(), b.id());
+        }
+
+        /// The derived id depends only on content (and position when there is no timestamp).
+        #[test]
+        fn identity_is_stable(name in "[a-zA-Z0-9 ]{1,50}", req in "[a-z0-9-]{1,40}", offset in 0i64..1_000_000) {
+            let e = json!({"msdyn_name": name, "msdyn_scenariorequestid": req, "msdyn_interactiontype": 100230301,
+                           "msdyn_scenariotype": 100230201, "msdyn_clienttimestamp": 1_700_000_000_000i64});
+            let o1 = Origin { topic: "a".into(), partition: 0, offset };
+            let o2 = Origin { topic: "a".into(), partition: 1, offset: offset + 1 };
+            let n = Normalizer::default();
+            let a = n.normalize_json(e.to_string().as_bytes(), Some(&o1), now()).unwrap();
+            let b = n.normalize_json(e.to_string().as_bytes(), Some(&o2), now()).unwrap();
+            prop_assert_eq!(a.id(), b.id());
+        }
+    }
+}

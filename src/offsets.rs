@@ -27,17 +27,32 @@ impl OffsetTracker {
         Self::default()
     }
 
-    /// Records that `offset` was received. Offsets of one partition arrive in
-    /// increasing order within an assignment; an offset at or below one already
-    /// tracked (a redelivery after a seek) restarts the partition's window.
-    pub fn received(&mut self, topic: u32, partition: i32, offset: i64) {
+    /// Records that `offset` was received. Offsets of one partition normally
+    /// arrive in increasing order; a message delivered again (after a pause,
+    /// a seek or a fetch retry) never discards the pending state of the ones
+    /// before it: it is either already tracked, or already released.
+    /// Returns false for such a repeat.
+    pub fn received(&mut self, topic: u32, partition: i32, offset: i64) -> bool {
         let state = self.partitions.entry((topic, partition)).or_default();
-        if let Some(&(last, _)) = state.pending.back()
-            && offset <= last
-        {
-            state.pending.clear();
+        match state.pending.back() {
+            None if state.released.is_some_and(|r| offset < r) => false,
+            None => {
+                state.pending.push_back((offset, false));
+                true
+            }
+            Some(&(last, _)) if offset > last => {
+                state.pending.push_back((offset, false));
+                true
+            }
+            Some(_) => match state.pending.binary_search_by_key(&offset, |&(o, _)| o) {
+                Ok(_) => false,
+                Err(0) if state.released.is_some_and(|r| offset < r) => false,
+                Err(i) => {
+                    state.pending.insert(i, (offset, false));
+                    true
+                }
+            },
         }
-        state.pending.push_back((offset, false));
     }
 
     /// Marks `offset` done. Unknown offsets (from a revoked or reset
@@ -110,6 +125,28 @@ mod tests {
         assert_eq!(t.committable_for(0, 1), Some(4));
         t.done(0, 1, 7);
         assert_eq!(t.committable_for(0, 1), Some(9));
+    }
+
+    #[test]
+    fn a_redelivered_offset_never_discards_pending_ones() {
+        let mut t = OffsetTracker::new();
+        for o in 0..10 {
+            t.received(0, 0, o);
+        }
+        t.done(0, 0, 0);
+        // Offsets 5.. delivered again while 1..=4 are still being written.
+        for o in 5..10 {
+            assert!(!t.received(0, 0, o));
+        }
+        for o in 5..10 {
+            t.done(0, 0, o);
+        }
+        assert_eq!(t.committable_for(0, 0), Some(1), "1..=4 are not done");
+        assert!(!t.received(0, 0, 0), "already released");
+        for o in 1..5 {
+            t.done(0, 0, o);
+        }
+        assert_eq!(t.committable_for(0, 0), Some(10));
     }
 
     #[test]

@@ -56,6 +56,17 @@ pub async fn open_sink(config: &Config, shutdown: &mut watch::Receiver<bool>) ->
     }
 }
 
+/// How long a revocation may wait for in-flight records: two thirds of the
+/// session timeout, so a slow drain never costs the group membership.
+fn revoke_timeout(options: &[(String, String)]) -> Duration {
+    let session_ms = options
+        .iter()
+        .find(|(k, _)| k == "session.timeout.ms")
+        .and_then(|(_, v)| v.parse::<u64>().ok())
+        .unwrap_or(crate::source::SESSION_TIMEOUT_MS);
+    Duration::from_millis(session_ms * 2 / 3)
+}
+
 /// Librdkafka options from `[kafka.options]`.
 pub fn kafka_options(config: &Config) -> Vec<(String, String)> {
     config.kafka.options.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect()
@@ -84,7 +95,9 @@ impl State {
         self.received.inc_by(messages.len() as u64);
         let mut full = Vec::new();
         for message in messages {
-            self.tracker.received(TOPIC, message.partition, message.offset);
+            if !self.tracker.received(TOPIC, message.partition, message.offset) {
+                tracing::debug!(partition = message.partition, offset = message.offset, "message delivered again");
+            }
             let origin =
                 Origin { topic: self.config.kafka.topic.clone(), partition: message.partition, offset: message.offset };
             let result = match &message.payload {
@@ -236,8 +249,7 @@ pub async fn run(
         events_tx,
         Arc::clone(&readiness),
         Arc::clone(&metrics),
-        // Below the session timeout, so a slow drain never costs membership.
-        Duration::from_secs(20),
+        revoke_timeout(&options),
     )?;
     tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "consuming");
 

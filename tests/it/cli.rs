@@ -1,0 +1,171 @@
+//! The binary: exit codes, `validate`, configuration errors, SIGTERM drain.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_copilot-ingest"));
+    // Tests must not pick up a developer's configuration or environment.
+    c.current_dir(std::env::temp_dir());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("COPILOT_INGEST__") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
+#[test]
+fn validate_prints_records_and_reasons_and_exits_1_on_rejection() {
+    let mut child = bin()
+        .args(["validate", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = concat!(
+        r#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":"ThumbsUp","msdyn_scenariotype":"Copilot","msdyn_clienttimestamp":0}"#,
+        "\n",
+        r#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":"Nope","msdyn_scenariotype":"Copilot"}"#,
+        "\n\n",
+        "not json\n"
+    );
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[0]["status"], "ok");
+    assert_eq!(lines[0]["record"]["msdyn_interactiontype"], 100230301);
+    assert_eq!(lines[0]["record"]["msdyn_clienttimestamp"], "1970-01-01T00:00:00.000Z");
+    assert_eq!(lines[1]["reason"], "invalid_option");
+    assert_eq!(lines[1]["field"], "msdyn_interactiontype");
+    assert_eq!(lines[2]["reason"], "malformed_json");
+    assert_eq!(lines[2]["line"], 4);
+}
+
+#[test]
+fn validate_exits_0_when_everything_is_valid() {
+    let mut child =
+        bin().args(["validate"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":1,"msdyn_scenariotype":100230201}"#)
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    // 1 is not an option value: rejected.
+    assert_eq!(out.status.code(), Some(1));
+    let mut child =
+        bin().args(["validate"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":100230301,"msdyn_scenariotype":100230201}"#)
+        .unwrap();
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
+}
+
+#[test]
+fn bad_configuration_lists_every_problem_and_exits_2() {
+    let dir = std::env::temp_dir().join(unique("cfg"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.toml");
+    std::fs::write(&file, "[kafka]\nbogus = 1\n[batch]\nmax_records = 0\n[control]\nhmac_key = \"do-not-print-me\"\n")
+        .unwrap();
+    let out = bin()
+        .args(["--config", file.to_str().unwrap(), "run"])
+        .env("COPILOT_INGEST__SINK__URL", "mysql://nope")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for key in ["kafka.bogus", "batch.max_records", "sink.url"] {
+        assert!(stderr.contains(key), "{key} missing from: {stderr}");
+    }
+    assert!(!stderr.contains("do-not-print-me"));
+    let out = bin().args(["no-such-command"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+/// SIGTERM mid-stream: exit 0; every committed offset covers only records that
+/// are written (or dead-lettered); a restart finishes the rest exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_commits_and_exits_0() {
+    // Kept under the mock broker's per-partition retention (~5 MB).
+    const EVENTS: i64 = 12_000;
+    let kafka = TestKafka::new(4);
+    let (dir, url) = temp_sqlite();
+    let workload = Workload::generate(21, EVENTS as usize, 0.0);
+    let positions = kafka.produce(&workload.messages).await;
+    let spawn = || {
+        bin()
+            .arg("run")
+            .env("COPILOT_INGEST__KAFKA__BROKERS", &kafka.bootstrap)
+            .env("COPILOT_INGEST__KAFKA__TOPIC", &kafka.config.kafka.topic)
+            .env("COPILOT_INGEST__KAFKA__DLQ_TOPIC", &kafka.config.kafka.dlq_topic)
+            .env("COPILOT_INGEST__KAFKA__GROUP_ID", &kafka.config.kafka.group_id)
+            .env("COPILOT_INGEST__SINK__URL", &url)
+            .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
+            .env("COPILOT_INGEST__KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
+            .env("COPILOT_INGEST__BATCH__MAX_RECORDS", "200")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let db = std::path::PathBuf::from(url.trim_start_matches("sqlite://"));
+    let rows = || -> i64 {
+        rusqlite::Connection::open(&db)
+            .and_then(|c| c.query_row("SELECT count(*) FROM msdyn_copilotinteraction", [], |r| r.get(0)))
+            .unwrap_or(0)
+    };
+    let mut child = spawn();
+    wait_for("some rows written", Duration::from_secs(60), || rows() > 0).await;
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let started = Instant::now();
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "did not exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, Some(0));
+
+    // Everything below each committed offset is in the table.
+    let committed = kafka.committed();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT count(*) FROM msdyn_copilotinteraction WHERE ingest_partition = ?1 AND ingest_offset < ?2")
+        .unwrap();
+    let mut covered = 0;
+    for (p, c) in &committed {
+        let below = positions.iter().filter(|(pp, o)| pp == p && o < c).count() as i64;
+        let written: i64 = stmt.query_row(rusqlite::params![p, c], |r| r.get(0)).unwrap();
+        assert_eq!(written, below, "partition {p}: a committed offset passed an unwritten record");
+        covered += below;
+    }
+    assert!(covered > 0 && covered <= rows(), "committed {covered}, rows {}", rows());
+
+    // A restart finishes the stream: exactly one row per event.
+    let mut child = spawn();
+    wait_for("all rows", Duration::from_secs(90), || rows() == EVENTS).await;
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    assert_eq!(rows(), EVENTS);
+    let distinct: i64 = conn
+        .query_row("SELECT count(DISTINCT msdyn_copilotinteractionid) FROM msdyn_copilotinteraction", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(distinct, EVENTS);
+    assert_eq!(kafka.committed(), kafka.log_end());
+    let _ = std::fs::remove_dir_all(dir);
+}

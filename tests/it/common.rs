@@ -1,0 +1,288 @@
+//! Helpers: an in-process broker, producers and readers for it, a fresh
+//! PostgreSQL database per test, and the pipeline run in-process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use copilot_ingest::config::Config;
+use copilot_ingest::embedded::EmbeddedBroker;
+use copilot_ingest::generator::Generator;
+use copilot_ingest::http::Readiness;
+use copilot_ingest::metrics::Metrics;
+use copilot_ingest::reason::Reason;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Waits until `condition` holds, or panics with `what` after `timeout`.
+pub async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !condition() {
+        if start.elapsed() > timeout {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A broker with the product's topics, and a config pointing at it.
+pub struct TestKafka {
+    pub _broker: EmbeddedBroker,
+    pub bootstrap: String,
+    pub config: Config,
+    pub partitions: i32,
+}
+
+impl TestKafka {
+    pub fn new(partitions: i32) -> TestKafka {
+        let mut config = Config::default();
+        config.kafka.topic = unique("events");
+        config.kafka.dlq_topic = unique("dlq");
+        config.kafka.group_id = unique("group");
+        config.kafka.embedded_partitions = partitions;
+        config.metrics.listen = "127.0.0.1:0".into();
+        config.batch.linger_ms = 50;
+        config.shutdown.drain_timeout_ms = 10_000;
+        // The mock broker holds a new member's join until departed members'
+        // sessions expire; a short session keeps restarts quick.
+        config.kafka.options.insert("session.timeout.ms".into(), copilot_ingest::config::Secret::new("6000"));
+        let broker = EmbeddedBroker::start(&config.kafka).expect("mock cluster");
+        let bootstrap = broker.bootstrap_servers();
+        config.kafka.brokers = bootstrap.clone();
+        TestKafka { _broker: broker, bootstrap, config, partitions }
+    }
+
+    /// Publishes messages (key, value), round-robin over partitions; waits for every ack.
+    pub async fn produce(&self, messages: &[(String, Vec<u8>)]) -> Vec<(i32, i64)> {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("message.max.bytes", "16777216")
+            .create()
+            .expect("producer");
+        let mut positions = Vec::with_capacity(messages.len());
+        let mut futures = Vec::new();
+        for (i, (key, value)) in messages.iter().enumerate() {
+            let partition = i as i32 % self.partitions;
+            let record = FutureRecord::to(&self.config.kafka.topic).key(key).payload(value).partition(partition);
+            futures.push(producer.send_result(record).map_err(|(e, _)| e).expect("enqueue"));
+            if futures.len() >= 5000 {
+                for f in futures.drain(..) {
+                    let d = f.await.expect("delivery").expect("ack");
+                    positions.push((d.partition, d.offset));
+                }
+            }
+        }
+        for f in futures {
+            let d = f.await.expect("delivery").expect("ack");
+            positions.push((d.partition, d.offset));
+        }
+        positions
+    }
+
+    /// Committed offsets of the pipeline's group, per partition.
+    pub fn committed(&self) -> HashMap<i32, i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", &self.config.kafka.group_id)
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition(&self.config.kafka.topic, p);
+        }
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10)).expect("committed offsets");
+        committed
+            .elements()
+            .iter()
+            .map(|e| (e.partition(), if let Offset::Offset(o) = e.offset() { o } else { 0 }))
+            .collect()
+    }
+
+    /// Log end offsets of the event topic, per partition.
+    pub fn log_end(&self) -> HashMap<i32, i64> {
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().expect("consumer");
+        (0..self.partitions)
+            .map(|p| {
+                let (_, high) = consumer
+                    .fetch_watermarks(&self.config.kafka.topic, p, Duration::from_secs(10))
+                    .expect("watermarks");
+                (p, high)
+            })
+            .collect()
+    }
+
+    /// Reads `expected` messages from the DLQ (waits up to 30 s), then checks no more arrive briefly.
+    pub fn read_dlq(&self, expected: usize) -> Vec<OwnedMessage> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.bootstrap)
+            .set("group.id", unique("dlq-reader"))
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition_offset(&self.config.kafka.dlq_topic, p, Offset::Beginning).expect("tpl");
+        }
+        consumer.assign(&tpl).expect("assign");
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut quiet_until: Option<Instant> = None;
+        loop {
+            if out.len() >= expected && quiet_until.is_none() {
+                quiet_until = Some(Instant::now() + Duration::from_millis(500));
+            }
+            if quiet_until.is_some_and(|q| Instant::now() > q) || Instant::now() > deadline {
+                break;
+            }
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+                out.push(m.detach());
+            }
+        }
+        out
+    }
+}
+
+pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+/// A generated workload: messages and the reason each invalid one must get.
+pub struct Workload {
+    pub messages: Vec<(String, Vec<u8>)>,
+    pub expected: Vec<Option<Reason>>,
+}
+
+impl Workload {
+    pub fn generate(seed: u64, count: usize, invalid_ratio: f64) -> Workload {
+        let mut g = Generator::new(seed, invalid_ratio);
+        let mut messages = Vec::with_capacity(count);
+        let mut expected = Vec::with_capacity(count);
+        for _ in 0..count {
+            let m = g.next(false);
+            messages.push((m.key, m.value));
+            expected.push(m.expected);
+        }
+        Workload { messages, expected }
+    }
+    pub fn valid(&self) -> usize {
+        self.expected.iter().filter(|e| e.is_none()).count()
+    }
+    pub fn invalid(&self) -> usize {
+        self.expected.len() - self.valid()
+    }
+}
+
+/// The pipeline running in-process.
+pub struct RunningPipeline {
+    pub metrics: Arc<Metrics>,
+    pub readiness: Arc<Readiness>,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningPipeline {
+    pub fn start(config: Config) -> RunningPipeline {
+        let metrics = Arc::new(Metrics::new());
+        let readiness = Arc::new(Readiness::default());
+        let (stop, rx) = watch::channel(false);
+        let brokers = config.kafka.brokers.clone();
+        let task = {
+            let metrics = Arc::clone(&metrics);
+            let readiness = Arc::clone(&readiness);
+            tokio::spawn(async move { copilot_ingest::pipeline::run(config, &brokers, metrics, readiness, rx).await })
+        };
+        RunningPipeline { metrics, readiness, stop, task }
+    }
+
+    /// Records written + skipped + dead-lettered.
+    pub fn handled(&self) -> u64 {
+        let m = &self.metrics;
+        Metrics::total(&m.records_written_total)
+            + Metrics::total(&m.records_skipped_total)
+            + Metrics::total(&m.dlq_events_total)
+    }
+
+    pub fn written(&self) -> u64 {
+        Metrics::total(&self.metrics.records_written_total)
+    }
+
+    pub fn skipped(&self) -> u64 {
+        Metrics::total(&self.metrics.records_skipped_total)
+    }
+
+    pub async fn wait_handled(&self, n: u64, timeout: Duration) {
+        wait_for(&format!("{n} records handled"), timeout, || self.handled() >= n).await;
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.expect("pipeline task").expect("pipeline result");
+    }
+}
+
+/// A fresh PostgreSQL database, dropped at the end.
+pub struct PgDb {
+    pub name: String,
+    pub url: String,
+}
+
+pub const PG_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+impl PgDb {
+    /// `None` (test skipped) when PostgreSQL is not running — except under
+    /// CI, where a missing server fails the test.
+    pub async fn create() -> Option<PgDb> {
+        let admin = match copilot_ingest::sink::postgres::connect(PG_ADMIN_URL).await {
+            Ok(c) => c,
+            Err(e) => {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("PostgreSQL is required under CI: {e}");
+                }
+                eprintln!("skipping: PostgreSQL not reachable at {PG_ADMIN_URL}: {e}");
+                return None;
+            }
+        };
+        let name = unique("copilot_test");
+        admin.batch_execute(&format!("CREATE DATABASE {name}")).await.expect("create database");
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        Some(PgDb { name, url })
+    }
+
+    pub async fn client(&self) -> tokio_postgres::Client {
+        copilot_ingest::sink::postgres::connect(&self.url).await.expect("connect to test database")
+    }
+
+    pub async fn admin() -> tokio_postgres::Client {
+        copilot_ingest::sink::postgres::connect(PG_ADMIN_URL).await.expect("connect as admin")
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async context: a short-lived runtime on its own thread.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let admin = copilot_ingest::sink::postgres::connect(PG_ADMIN_URL).await.ok()?;
+                admin.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await.ok();
+                admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+pub fn temp_sqlite() -> (std::path::PathBuf, String) {
+    let dir = std::env::temp_dir().join(unique("copilot-ingest-test"));
+    let path = dir.join("test.db");
+    (dir, format!("sqlite://{}", path.display()))
+}
