@@ -312,8 +312,19 @@ struct Load {
     progress: bool,
 }
 
-/// Produces the generated events; returns how many of them are valid.
-async fn produce_events(brokers: &str, topic: &str, options: &[(String, String)], load: Load) -> anyhow::Result<u64> {
+/// Events the demo producer may be ahead of the pipeline: the embedded broker
+/// keeps only a few MB per partition, so it must not be flooded.
+const DEMO_WINDOW: u64 = 20_000;
+
+/// Produces the generated events; returns how many of them are valid. With
+/// `handled`, waits whenever it is more than [`DEMO_WINDOW`] events ahead.
+async fn produce_events(
+    brokers: &str,
+    topic: &str,
+    options: &[(String, String)],
+    load: Load,
+    handled: Option<Arc<Metrics>>,
+) -> anyhow::Result<u64> {
     let Load { count, rate, invalid_ratio, seed, progress } = load;
     let brokers = brokers.to_owned();
     let topic = topic.to_owned();
@@ -337,6 +348,11 @@ async fn produce_events(brokers: &str, topic: &str, options: &[(String, String)]
                 let now = Instant::now();
                 if due > now {
                     std::thread::sleep(due - now);
+                }
+            }
+            if let Some(metrics) = &handled {
+                while i >= handled_total(metrics) + DEMO_WINDOW {
+                    producer.poll(Duration::from_millis(5));
                 }
             }
             let g = generator.next(false);
@@ -401,6 +417,7 @@ async fn produce_cmd(
         &topic,
         &pipeline::kafka_options(&config),
         Load { count, rate, invalid_ratio, seed, progress: true },
+        None,
     )
     .await?;
     let secs = started.elapsed().as_secs_f64();
@@ -410,6 +427,11 @@ async fn produce_cmd(
         count as f64 / secs.max(1e-9)
     );
     Ok(EXIT_OK)
+}
+
+/// Records written, skipped or dead-lettered so far.
+fn handled_total(m: &Metrics) -> u64 {
+    Metrics::total(&m.records_written_total) + Metrics::total(&m.records_skipped_total) + Metrics::total(&m.dlq_events_total)
 }
 
 async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> anyhow::Result<i32> {
@@ -440,16 +462,11 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
     let started = Instant::now();
     let producer = {
         let brokers = brokers.clone();
+        let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            produce_events(&brokers, &topic, &options, Load { count, rate, invalid_ratio, seed: 42, progress: false })
-                .await
+            let load = Load { count, rate, invalid_ratio, seed: 42, progress: false };
+            produce_events(&brokers, &topic, &options, load, Some(metrics)).await
         })
-    };
-
-    let handled = |m: &Metrics| {
-        Metrics::total(&m.records_written_total)
-            + Metrics::total(&m.records_skipped_total)
-            + Metrics::total(&m.dlq_events_total)
     };
     let mut ticker = tokio::time::interval(Duration::from_millis(500));
     let mut interrupted = false;
@@ -459,7 +476,7 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
             _ = signal.changed() => { interrupted = true; }
         }
         let received = Metrics::total(&metrics.events_received_total);
-        let done = handled(&metrics);
+        let done = handled_total(&metrics);
         let secs = started.elapsed().as_secs_f64();
         eprint!(
             "\r{secs:6.1}s  received {received:>9}  written {:>9}  dead-lettered {:>7}  {:>8.0} events/s   ",
@@ -505,6 +522,19 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
         "  batches             {batches} (max_records {batch_size}, mean {:.0})",
         if batches > 0 { metrics.batch_records.get_sample_sum() / batches as f64 } else { 0.0 }
     );
+    let writes: Vec<(u64, f64)> = {
+        use prometheus::core::Collector;
+        metrics
+            .sink_write_seconds
+            .collect()
+            .iter()
+            .flat_map(|mf| mf.get_metric().iter().map(|m| (m.get_histogram().get_sample_count(), m.get_histogram().get_sample_sum())))
+            .collect()
+    };
+    let (write_count, write_sum) = writes.iter().fold((0, 0.0), |(c, s), (wc, ws)| (c + wc, s + ws));
+    if write_count > 0 {
+        println!("  sink write          {:.1} ms mean over {write_count} writes", write_sum * 1000.0 / write_count as f64);
+    }
     println!("  elapsed             {elapsed:.2}s");
     println!("  throughput          {:.0} events/s", (written + skipped + dlq) as f64 / elapsed.max(1e-9));
     let _ = readiness.is_ready() && readiness.assigned.load(Ordering::Relaxed);

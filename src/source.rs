@@ -74,6 +74,10 @@ pub enum SourceEvent {
 /// Messages per chunk sent over the channel: one channel send per chunk
 /// rather than per message.
 const CHUNK: usize = 512;
+/// Messages held back (channel full) before fetching is paused. Pausing on
+/// the first full channel would thrash: every pause drops librdkafka's
+/// prefetched data and every resume fetches it again.
+const PAUSE_AT: usize = 8 * CHUNK;
 
 pub struct SourceContext {
     events: mpsc::Sender<SourceEvent>,
@@ -307,11 +311,14 @@ fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop
                     }
                 }
                 Err(mpsc::error::TrySendError::Full(SourceEvent::Messages(chunk))) => {
-                    if let Ok(mut p) = ctx.pending.lock() {
+                    let held = if let Ok(mut p) = ctx.pending.lock() {
                         let newer = std::mem::replace(&mut *p, chunk);
                         p.extend(newer);
-                    }
-                    if !paused {
+                        p.len()
+                    } else {
+                        0
+                    };
+                    if !paused && held >= PAUSE_AT {
                         if let Ok(assignment) = consumer.assignment() {
                             let _ = consumer.pause(&assignment);
                         }
@@ -321,8 +328,8 @@ fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop
                 Err(_) => return,
             }
         }
-        let has_pending = ctx.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
-        let timeout = if has_pending { Duration::from_millis(20) } else { Duration::from_millis(100) };
+        let held = ctx.pending.lock().map(|p| p.len()).unwrap_or(0);
+        let timeout = if held > 0 { Duration::from_millis(5) } else { Duration::from_millis(100) };
         let mut polled = Vec::new();
         let mut next = consumer.poll(timeout);
         while let Some(result) = next {
@@ -333,7 +340,7 @@ fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop
                     break;
                 }
             }
-            if polled.len() >= CHUNK {
+            if polled.len() >= CHUNK || (held + polled.len() >= PAUSE_AT && !paused) {
                 break;
             }
             next = consumer.poll(Duration::ZERO);
