@@ -431,7 +431,9 @@ async fn produce_cmd(
 
 /// Records written, skipped or dead-lettered so far.
 fn handled_total(m: &Metrics) -> u64 {
-    Metrics::total(&m.records_written_total) + Metrics::total(&m.records_skipped_total) + Metrics::total(&m.dlq_events_total)
+    Metrics::total(&m.records_written_total)
+        + Metrics::total(&m.records_skipped_total)
+        + Metrics::total(&m.dlq_events_total)
 }
 
 async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> anyhow::Result<i32> {
@@ -528,12 +530,19 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
             .sink_write_seconds
             .collect()
             .iter()
-            .flat_map(|mf| mf.get_metric().iter().map(|m| (m.get_histogram().get_sample_count(), m.get_histogram().get_sample_sum())))
+            .flat_map(|mf| {
+                mf.get_metric()
+                    .iter()
+                    .map(|m| (m.get_histogram().get_sample_count(), m.get_histogram().get_sample_sum()))
+            })
             .collect()
     };
     let (write_count, write_sum) = writes.iter().fold((0, 0.0), |(c, s), (wc, ws)| (c + wc, s + ws));
     if write_count > 0 {
-        println!("  sink write          {:.1} ms mean over {write_count} writes", write_sum * 1000.0 / write_count as f64);
+        println!(
+            "  sink write          {:.1} ms mean over {write_count} writes",
+            write_sum * 1000.0 / write_count as f64
+        );
     }
     println!("  elapsed             {elapsed:.2}s");
     println!("  throughput          {:.0} events/s", (written + skipped + dlq) as f64 / elapsed.max(1e-9));

@@ -229,7 +229,7 @@ impl Normalizer {
                 }
             };
             let column = &t.columns[index];
-            let Some(pos) = layout.iter().position(|&i| i == index) else {
+            let Some(pos) = layout_position(index) else {
                 return Err(Rejection::new(
                     Reason::ReadOnlyField,
                     Some(&column.logical_name),
@@ -287,17 +287,17 @@ impl Normalizer {
         record::canonical_content(&values, &mut canonical);
         let content_hash = record::content_hash(&canonical);
 
-        let id_pos = position_of(&t.primary_id_attribute);
-        let id = match values[id_pos] {
+        let positions = special_positions();
+        let id = match values[positions.id] {
             Value::Guid(g) => g,
             _ => {
-                let has_client_timestamp = matches!(values[position_of("msdyn_clienttimestamp")], Value::DateTime(_));
-                let id = record::derived_id(&mut canonical, has_client_timestamp, origin);
-                values[id_pos] = Value::Guid(id);
+                let has_client_timestamp = matches!(values[positions.client_timestamp], Value::DateTime(_));
+                let id = record::derived_id(&content_hash, has_client_timestamp, origin);
+                values[positions.id] = Value::Guid(id);
                 id
             }
         };
-        let created_on = match values[position_of("overriddencreatedon")] {
+        let created_on = match values[positions.overridden_created_on] {
             Value::DateTime(d) => d,
             _ => truncate_to_millis(now),
         };
@@ -305,12 +305,37 @@ impl Normalizer {
     }
 }
 
-/// Position in the record layout of a column the identity rules name.
-fn position_of(logical_name: &str) -> usize {
-    let t = table();
-    t.index_of(logical_name)
-        .and_then(|index| create_columns().iter().position(|&i| i == index))
-        .unwrap_or_else(|| panic!("schemas/: {logical_name} must be a create column"))
+/// Positions in the record layout of the columns the identity and creation
+/// rules name.
+struct SpecialPositions {
+    id: usize,
+    client_timestamp: usize,
+    overridden_created_on: usize,
+}
+
+fn special_positions() -> &'static SpecialPositions {
+    static POSITIONS: std::sync::LazyLock<SpecialPositions> = std::sync::LazyLock::new(|| {
+        let position_of = |logical_name: &str| {
+            table()
+                .index_of(logical_name)
+                .and_then(|index| create_columns().iter().position(|&i| i == index))
+                .unwrap_or_else(|| panic!("schemas/: {logical_name} must be a create column"))
+        };
+        SpecialPositions {
+            id: position_of(&table().primary_id_attribute),
+            client_timestamp: position_of("msdyn_clienttimestamp"),
+            overridden_created_on: position_of("overriddencreatedon"),
+        }
+    });
+    &POSITIONS
+}
+
+/// Position in the record layout of each table column (None: not settable on create).
+fn layout_position(index: usize) -> Option<usize> {
+    static POSITIONS: std::sync::LazyLock<Vec<Option<usize>>> = std::sync::LazyLock::new(|| {
+        (0..table().columns.len()).map(|i| create_columns().iter().position(|&c| c == i)).collect()
+    });
+    POSITIONS.get(index).copied().flatten()
 }
 
 /// Column lookup: logical names are lowercase; clients writing schema-name

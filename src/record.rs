@@ -167,18 +167,20 @@ pub(crate) fn content_hash(canonical: &[u8]) -> Uuid {
     Uuid::new_v5(&CONTENT_NAMESPACE, canonical)
 }
 
-/// The id of an event that carries none. With a client timestamp the content
-/// alone identifies the interaction, so a client's resend maps to the same id.
-/// Without one, two identical events may be two real interactions, so the
-/// Kafka coordinates are mixed in: the same message still always yields the
-/// same id.
-pub(crate) fn derived_id(canonical: &mut Vec<u8>, has_client_timestamp: bool, origin: Option<&Origin>) -> Uuid {
+/// The id of an event that carries none, derived from its content digest.
+/// With a client timestamp the content alone identifies the interaction, so a
+/// client's resend maps to the same id. Without one, two identical events may
+/// be two real interactions, so the Kafka coordinates are mixed in: the same
+/// message still always yields the same id.
+pub(crate) fn derived_id(content_hash: &Uuid, has_client_timestamp: bool, origin: Option<&Origin>) -> Uuid {
+    let mut name = Vec::with_capacity(64);
+    name.extend_from_slice(content_hash.as_bytes());
     if !has_client_timestamp && let Some(o) = origin {
-        canonical.extend_from_slice(b"\0kafka\0");
-        canonical.extend_from_slice(o.topic.as_bytes());
-        canonical.push(0);
-        canonical.extend_from_slice(&o.partition.to_be_bytes());
-        canonical.extend_from_slice(&o.offset.to_be_bytes());
+        name.extend_from_slice(b"\0kafka\0");
+        name.extend_from_slice(o.topic.as_bytes());
+        name.push(0);
+        name.extend_from_slice(&o.partition.to_be_bytes());
+        name.extend_from_slice(&o.offset.to_be_bytes());
     }
-    Uuid::new_v5(&ID_NAMESPACE, canonical)
+    Uuid::new_v5(&ID_NAMESPACE, &name)
 }

@@ -1,0 +1,83 @@
+//! Per-event costs on one core: decode + validate + normalize (typical event
+//! and one with a 16 KB context), the offset tracker, and batch assembly.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use chrono::Utc;
+use copilot_ingest::normalize::Normalizer;
+use copilot_ingest::offsets::OffsetTracker;
+use copilot_ingest::record::Origin;
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+
+fn typical_event() -> Vec<u8> {
+    serde_json::json!({
+        "msdyn_name": "SendToCustomer - Live conversation response",
+        "msdyn_scenariorequestid": "3f0b6e5c-2b7e-4a61-9a4e-0d8c1c1f7a10",
+        "msdyn_interactiontype": "SendToCustomer",
+        "msdyn_scenariotype": "Live conversation response",
+        "msdyn_clienttimestamp": "2024-06-01T12:30:00.123+02:00",
+        "msdyn_interactioncontext": {"client": "agent-desktop", "version": "9.2.24064", "locale": "en-US", "latencyMs": 812, "responseLength": 1290},
+        "msdyn_interactiondataid": "{8A3C9D5E-1F2A-4B3C-8D4E-5F6A7B8C9D0E}",
+        "msdyn_interactionforid": "CAS-01234-X7Y8Z9",
+        "msdyn_interactionforlogicalname": "incident"
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn large_event() -> Vec<u8> {
+    let context = "Customer asked about the refund policy for damaged items. ".repeat(280);
+    serde_json::json!({
+        "msdyn_name": "Generated - Case summary",
+        "msdyn_scenariorequestid": "req-77",
+        "msdyn_interactiontype": 100230305,
+        "msdyn_scenariotype": 100230205,
+        "msdyn_clienttimestamp": 1717237800123i64,
+        "msdyn_interactioncontext": context,
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn normalize(c: &mut Criterion) {
+    let n = Normalizer::default();
+    let now = Utc::now();
+    let origin = Origin { topic: "copilot.interactions".into(), partition: 3, offset: 123_456 };
+    let mut group = c.benchmark_group("normalize");
+    for (name, payload) in [("typical_json", typical_event()), ("context_16k_json", large_event())] {
+        group.throughput(Throughput::Elements(1));
+        group.bench_function(format!("{name}_{}_bytes", payload.len()), |b| {
+            b.iter(|| black_box(n.normalize_json(black_box(&payload), Some(&origin), now)).is_ok())
+        });
+    }
+    group.finish();
+}
+
+fn offsets(c: &mut Criterion) {
+    let mut group = c.benchmark_group("offsets");
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("receive_and_ack_1000_out_of_order", |b| {
+        let mut next = 0i64;
+        let mut t = OffsetTracker::new();
+        b.iter(|| {
+            for o in next..next + 1000 {
+                t.received(0, 0, o);
+            }
+            // Acknowledge in two interleaved halves, as two batches finishing out of order.
+            for o in (next + 500..next + 1000).chain(next..next + 500) {
+                t.done(0, 0, o);
+            }
+            next += 1000;
+            black_box(t.committable_for(0, 0))
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(5));
+    targets = normalize, offsets
+}
+criterion_main!(benches);
