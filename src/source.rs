@@ -221,6 +221,9 @@ pub fn consumer_config(brokers: &str, group_id: &str, options: &[(String, String
         // Bounded prefetch: a large lag must not turn into a large heap.
         .set("queued.max.messages.kbytes", "16384")
         .set("queued.min.messages", "20000")
+        // When the local queue is full librdkafka postpones fetching (1 s by
+        // default); a short backoff resumes promptly once the pipeline drains.
+        .set("fetch.queue.backoff.ms", "20")
         .set("fetch.max.bytes", "16777216")
         .set("statistics.interval.ms", "5000");
     for (k, v) in options {
@@ -319,6 +322,7 @@ fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop
                         0
                     };
                     if !paused && held >= PAUSE_AT {
+                        tracing::debug!(held, "pipeline is full; pausing fetch");
                         if let Ok(assignment) = consumer.assignment() {
                             let _ = consumer.pause(&assignment);
                         }
