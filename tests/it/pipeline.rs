@@ -386,3 +386,57 @@ async fn postgres_outage_pauses_without_loss_or_early_commits() {
     );
     assert_committed_at_log_end(&kafka).await;
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
+    (status, body)
+}
+
+/// /metrics reports what the pipeline did; /healthz is liveness; /readyz
+/// follows the broker, the sink and the assignment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_endpoints_report_metrics_health_and_readiness() {
+    let kafka = TestKafka::new(2);
+    let (_dir, url) = temp_sqlite();
+    let mut config = kafka.config.clone();
+    config.sink.url = copilot_ingest::config::Secret::new(url);
+    let pipeline = RunningPipeline::start(config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_stop_http, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(copilot_ingest::http::serve(listener, pipeline.metrics.clone(), pipeline.readiness.clone(), stop_rx));
+
+    assert_eq!(http_get(addr, "/healthz").await.0, 200);
+    let workload = Workload::generate(31, 500, 0.1);
+    kafka.produce(&workload.messages).await;
+    pipeline.wait_handled(500, LONG).await;
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    let (status, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(value("copilot_ingest_events_received_total"), 500.0);
+    assert_eq!(value("copilot_ingest_records_written_total{sink=\"sqlite\"}"), workload.valid() as f64);
+    assert_eq!(value("copilot_ingest_events_rejected_total"), workload.invalid() as f64);
+    assert_eq!(value("copilot_ingest_dlq_events_total"), workload.invalid() as f64);
+    assert_eq!(value("copilot_ingest_batch_records_count"), value("copilot_ingest_batches_total{outcome=\"ok\"}"));
+    assert!(metrics.contains("copilot_ingest_build_info{version="));
+    assert_eq!(http_get(addr, "/nope").await.0, 404);
+
+    // Readiness drops when the partitions go away.
+    pipeline.readiness.assigned.store(false, std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(http_get(addr, "/readyz").await.0, 503);
+    pipeline.stop().await;
+}
