@@ -126,6 +126,26 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
+    /// Every metric name this process exports.
+    pub fn names(&self) -> Vec<String> {
+        use prometheus::core::Collector;
+        let collectors: [&dyn Collector; 12] = [
+            &self.events_received_total,
+            &self.events_rejected_total,
+            &self.records_written_total,
+            &self.records_skipped_total,
+            &self.dlq_events_total,
+            &self.batches_total,
+            &self.batch_records,
+            &self.sink_write_seconds,
+            &self.end_to_end_seconds,
+            &self.consumer_lag,
+            &self.control_commands_total,
+            &self.build_info,
+        ];
+        collectors.iter().flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone())).collect()
+    }
+
     /// Sum of a counter over all label values.
     pub fn total(counter: &IntCounterVec) -> u64 {
         use prometheus::core::Collector;
@@ -136,5 +156,65 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Metric names an operator file refers to (histogram series map to their family).
+    fn referenced(text: &str) -> Vec<String> {
+        let mut names = Vec::new();
+        let mut rest = text;
+        while let Some(i) = rest.find("copilot_ingest_") {
+            let tail = &rest[i..];
+            let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+            let name = &tail[..end];
+            let family = ["_bucket", "_sum", "_count"].iter().fold(name, |n, s| n.strip_suffix(s).unwrap_or(n));
+            names.push(family.to_owned());
+            rest = &tail[end..];
+        }
+        names
+    }
+
+    #[test]
+    fn dashboards_and_alerts_reference_only_exported_metrics() {
+        let exported = Metrics::new().names();
+        let root = env!("CARGO_MANIFEST_DIR");
+        for file in ["deploy/grafana/dashboards/copilot-ingest.json", "deploy/prometheus/alerts.yml"] {
+            let text = std::fs::read_to_string(format!("{root}/{file}")).unwrap();
+            if file.ends_with(".json") {
+                serde_json::from_str::<serde_json::Value>(&text).expect("dashboard is JSON");
+            }
+            let names = referenced(&text);
+            assert!(!names.is_empty(), "{file} references no metric");
+            for name in names {
+                assert!(exported.contains(&name), "{file} references {name}, which is not exported");
+            }
+        }
+    }
+
+    #[test]
+    fn every_spec_metric_is_exported_with_help() {
+        let m = Metrics::new();
+        let names = m.names();
+        for name in [
+            "copilot_ingest_events_received_total",
+            "copilot_ingest_events_rejected_total",
+            "copilot_ingest_records_written_total",
+            "copilot_ingest_records_skipped_total",
+            "copilot_ingest_dlq_events_total",
+            "copilot_ingest_batches_total",
+            "copilot_ingest_batch_records",
+            "copilot_ingest_sink_write_seconds",
+            "copilot_ingest_end_to_end_seconds",
+            "copilot_ingest_consumer_lag",
+            "copilot_ingest_control_commands_total",
+            "copilot_ingest_build_info",
+        ] {
+            assert!(names.iter().any(|n| n == name), "{name} missing");
+        }
+        assert!(m.render().contains("copilot_ingest_build_info{version=\""));
     }
 }

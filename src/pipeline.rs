@@ -37,6 +37,52 @@ enum Completion {
     DeadLetter { partition: i32, offset: i64, reason: Reason },
 }
 
+/// How often the INFO summary line is logged (instead of per-event logs).
+const SUMMARY_EVERY: Duration = Duration::from_secs(30);
+
+/// The periodic summary: rates since the previous line, and the lag.
+struct Summary {
+    at: std::time::Instant,
+    received: u64,
+    written: u64,
+    dead_lettered: u64,
+}
+
+impl Summary {
+    fn new(metrics: &Metrics) -> Summary {
+        Summary {
+            at: std::time::Instant::now(),
+            received: Metrics::total(&metrics.events_received_total),
+            written: Metrics::total(&metrics.records_written_total),
+            dead_lettered: Metrics::total(&metrics.dlq_events_total),
+        }
+    }
+
+    fn log(&mut self, metrics: &Metrics, batches_in_flight: usize) {
+        let now = Summary::new(metrics);
+        let secs = now.at.duration_since(self.at).as_secs_f64().max(1e-3);
+        let lag: i64 = {
+            use prometheus::core::Collector;
+            metrics
+                .consumer_lag
+                .collect()
+                .iter()
+                .flat_map(|mf| mf.get_metric().iter().map(|m| m.get_gauge().get_value() as i64))
+                .sum()
+        };
+        tracing::info!(
+            received_per_s = ((now.received - self.received) as f64 / secs).round(),
+            written_per_s = ((now.written - self.written) as f64 / secs).round(),
+            dead_lettered_per_s = ((now.dead_lettered - self.dead_lettered) as f64 / secs).round(),
+            written_total = now.written,
+            lag,
+            batches_in_flight,
+            "progress"
+        );
+        *self = now;
+    }
+}
+
 /// Opens the configured sink, retrying while it is unreachable.
 pub async fn open_sink(config: &Config, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Arc<Sink>> {
     let url: SinkUrl = config.sink_url().map_err(anyhow::Error::msg)?;
@@ -276,6 +322,8 @@ pub async fn run(
         written,
     };
     let mut revoking: Option<(Vec<i32>, std::sync::mpsc::SyncSender<()>)> = None;
+    let mut summary = Summary::new(&state.metrics);
+    let mut summary_tick = tokio::time::interval_at(tokio::time::Instant::now() + SUMMARY_EVERY, SUMMARY_EVERY);
 
     loop {
         let linger = state.batcher.deadline();
@@ -291,6 +339,7 @@ pub async fn run(
                 state.store_offsets(&source);
             }
             _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => state.flush(),
+            _ = summary_tick.tick() => summary.log(&state.metrics, state.batches_in_flight),
             event = events.recv(), if taking => match event {
                 Some(SourceEvent::Messages(m)) => state.handle_messages(m),
                 Some(SourceEvent::Assigned(ps)) => state.assigned.extend(ps),

@@ -8,6 +8,7 @@ use copilot_ingest::config::Config;
 use copilot_ingest::reason::Reason;
 
 use crate::common::*;
+use crate::observability::http_get;
 
 const LONG: Duration = Duration::from_secs(90);
 
@@ -385,17 +386,6 @@ async fn postgres_outage_pauses_without_loss_or_early_commits() {
         2000
     );
     assert_committed_at_log_end(&kafka).await;
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_owned();
-    (status, body)
 }
 
 /// /metrics reports what the pipeline did; /healthz is liveness; /readyz

@@ -1,0 +1,177 @@
+//! Observability against real consumers: a Prometheus server scraping the
+//! service, the lag gauge, and /readyz following the sink.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use crate::common::*;
+
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(addr).await else { return (0, String::new()) };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return (0, String::new());
+    }
+    let mut raw = Vec::new();
+    let _ = stream.read_to_end(&mut raw).await;
+    let response = String::from_utf8_lossy(&raw).into_owned();
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+async fn serve_http(pipeline: &RunningPipeline) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(copilot_ingest::http::serve(listener, pipeline.metrics.clone(), pipeline.readiness.clone(), rx));
+    (addr, stop)
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real Prometheus server scrapes a running pipeline; its query API reports
+/// the number of records written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prometheus_server_sees_every_written_record() {
+    if Command::new("prometheus").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_err() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("the prometheus binary is required under CI (Debian package prometheus)");
+        }
+        eprintln!("skipping: prometheus not installed");
+        return;
+    }
+    let kafka = TestKafka::new(2);
+    let (dir, url) = temp_sqlite();
+    let mut config = kafka.config.clone();
+    config.sink.url = copilot_ingest::config::Secret::new(url);
+    let pipeline = RunningPipeline::start(config);
+    let (addr, _stop_http) = serve_http(&pipeline).await;
+    let workload = Workload::generate(41, 2000, 0.05);
+    kafka.produce(&workload.messages).await;
+    pipeline.wait_handled(2000, Duration::from_secs(90)).await;
+
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_file = dir.join("prometheus.yml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: copilot-ingest\n    static_configs:\n      - targets: ['{addr}']\n"
+        ),
+    )
+    .unwrap();
+    let port = free_port();
+    let _prometheus = KillOnDrop(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config_file.display()))
+            .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start prometheus"),
+    );
+    let api: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let expected = workload.valid().to_string();
+    let mut last = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = http_get(api, "/api/v1/query?query=sum(copilot_ingest_records_written_total)").await;
+        if status == 200 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            if let Some(value) = v["data"]["result"][0]["value"][1].as_str() {
+                if value == expected {
+                    break;
+                }
+                last = value.to_owned();
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "Prometheus never reported {expected} (last: {last:?})");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    pipeline.stop().await;
+}
+
+/// The lag gauge is fed from the consumer's statistics and reaches 0 once
+/// everything is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_lag_reaches_zero_when_caught_up() {
+    let kafka = TestKafka::new(2);
+    let (_dir, url) = temp_sqlite();
+    let mut config = kafka.config.clone();
+    config.sink.url = copilot_ingest::config::Secret::new(url);
+    let pipeline = RunningPipeline::start(config.clone());
+    let workload = Workload::generate(42, 1000, 0.0);
+    kafka.produce(&workload.messages).await;
+    pipeline.wait_handled(1000, Duration::from_secs(90)).await;
+    let topic = config.kafka.topic.clone();
+    let lag = |p: i32| pipeline.metrics.consumer_lag.with_label_values(&[&topic, &p.to_string()]).get();
+    wait_for("a lag reading", Duration::from_secs(30), || {
+        use prometheus::core::Collector;
+        pipeline.metrics.consumer_lag.collect().iter().map(|mf| mf.get_metric().len()).sum::<usize>() >= 2
+    })
+    .await;
+    wait_for("lag 0 on both partitions", Duration::from_secs(30), || lag(0) == 0 && lag(1) == 0).await;
+    pipeline.stop().await;
+}
+
+/// /readyz turns 503 while PostgreSQL refuses connections and 200 again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_sink() {
+    let Some(db) = PgDb::create().await else { return };
+    let kafka = TestKafka::new(1);
+    let mut config = kafka.config.clone();
+    config.sink.url = copilot_ingest::config::Secret::new(db.url.clone());
+    let pipeline = RunningPipeline::start(config);
+    let (addr, _stop_http) = serve_http(&pipeline).await;
+    kafka.produce(&Workload::generate(43, 10, 0.0).messages).await;
+    pipeline.wait_handled(10, Duration::from_secs(60)).await;
+    let mut ready = 0;
+    for _ in 0..100 {
+        ready = http_get(addr, "/readyz").await.0;
+        if ready == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(ready, 200);
+
+    let admin = PgDb::admin().await;
+    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", db.name)).await.unwrap();
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db.name],
+        )
+        .await
+        .unwrap();
+    wait_for("sink unreachable", Duration::from_secs(20), || {
+        !pipeline.readiness.sink_reachable.load(Ordering::Relaxed)
+    })
+    .await;
+    let (status, body) = http_get(addr, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("sink_reachable=false"), "{body}");
+    assert_eq!(http_get(addr, "/healthz").await.0, 200, "liveness does not depend on the sink");
+
+    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name)).await.unwrap();
+    wait_for("sink reachable again", Duration::from_secs(20), || {
+        pipeline.readiness.sink_reachable.load(Ordering::Relaxed)
+    })
+    .await;
+    assert_eq!(http_get(addr, "/readyz").await.0, 200);
+    pipeline.stop().await;
+}
