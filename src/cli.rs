@@ -87,11 +87,70 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Publish one control command (retention, purge), wait for its reply and print it.
+    Control {
+        #[command(subcommand)]
+        action: ControlAction,
+        /// Overrides kafka.brokers.
+        #[arg(long, global = true)]
+        brokers: Option<String>,
+        /// Seconds to wait for the reply.
+        #[arg(long, global = true, default_value_t = 60)]
+        timeout: u64,
+        /// The command id (default: a new UUID). Re-sending an id returns the stored reply.
+        #[arg(long, global = true)]
+        command_id: Option<String>,
+    },
     /// Run the embedded Kafka-protocol broker alone and print its address.
     Broker {
         /// Partitions of the event and DLQ topics.
         #[arg(long, default_value_t = 4)]
         partitions: i32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ControlAction {
+    /// Check FetchXML criteria against the table definition (changes nothing).
+    #[command(alias = "ValidateRetentionConfig")]
+    ValidateRetentionConfig {
+        #[arg(long)]
+        fetchxml: String,
+    },
+    /// Mark one live record retained.
+    #[command(alias = "Retain")]
+    Retain {
+        #[arg(long)]
+        target: String,
+    },
+    /// Mark every live record matching the criteria retained.
+    #[command(alias = "BulkRetain")]
+    BulkRetain {
+        #[arg(long, conflicts_with = "older_than", required_unless_present = "older_than")]
+        fetchxml: Option<String>,
+        /// Shorthand criteria on createdon: 90d, 12h or 6m (months).
+        #[arg(long)]
+        older_than: Option<String>,
+        #[arg(long)]
+        page_size: Option<i64>,
+    },
+    /// Return the records of an operation (or one record) to live.
+    #[command(alias = "RollbackRetain")]
+    RollbackRetain {
+        #[arg(long, required_unless_present = "target")]
+        operation_id: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Permanently delete retained records (tombstoning their ids).
+    #[command(alias = "PurgeRetainedContent")]
+    PurgeRetainedContent {
+        #[arg(long)]
+        max_version: Option<i64>,
+        #[arg(long)]
+        fetchxml: Option<String>,
+        #[arg(long)]
+        page_size: Option<i64>,
     },
 }
 
@@ -147,6 +206,9 @@ pub fn main() -> i32 {
                 produce_cmd(config, count, rate, invalid_ratio, format, brokers, topic, seed).await
             }
             Command::Broker { partitions } => broker(config, partitions).await,
+            Command::Control { action, brokers, timeout, command_id } => {
+                control_cmd(config, action, brokers, Duration::from_secs(timeout), command_id).await
+            }
             Command::Validate { .. } => Ok(EXIT_OK),
         }
     });
@@ -233,8 +295,168 @@ async fn run(config: Config) -> anyhow::Result<i32> {
     let readiness = Arc::new(Readiness::default());
     start_http(&config, &metrics, &readiness, &shutdown, true).await?;
     let (_broker, brokers) = brokers_for(&config)?;
+    let control = tokio::spawn(crate::control::consumer::run(
+        config.clone(),
+        brokers.clone(),
+        Arc::clone(&metrics),
+        shutdown.clone(),
+    ));
     pipeline::run(config, &brokers, metrics, readiness, shutdown).await?;
+    match control.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "control consumer stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "control consumer task failed"),
+    }
     Ok(EXIT_OK)
+}
+
+/// The command JSON for a CLI control action.
+fn control_command(action: ControlAction, command_id: &str, entity: &str) -> Result<serde_json::Value, String> {
+    use serde_json::json;
+    let (message, parameters) = match action {
+        ControlAction::ValidateRetentionConfig { fetchxml } => {
+            ("ValidateRetentionConfig", json!({"EntityName": entity, "FetchXml": fetchxml}))
+        }
+        ControlAction::Retain { target } => ("Retain", json!({"Target": target})),
+        ControlAction::BulkRetain { fetchxml, older_than, page_size } => {
+            let fetchxml = match (fetchxml, older_than) {
+                (Some(x), _) => x,
+                (None, Some(age)) => older_than_fetchxml(entity, &age)?,
+                (None, None) => return Err("bulk-retain needs --fetchxml or --older-than".into()),
+            };
+            let mut p = json!({"EntityName": entity, "FetchXml": fetchxml});
+            if let Some(n) = page_size {
+                p["PageSize"] = json!(n);
+            }
+            ("BulkRetain", p)
+        }
+        ControlAction::RollbackRetain { operation_id, target } => {
+            let mut p = json!({});
+            if let Some(op) = operation_id {
+                p["OperationId"] = json!(op);
+            }
+            if let Some(t) = target {
+                p["Target"] = json!(t);
+            }
+            ("RollbackRetain", p)
+        }
+        ControlAction::PurgeRetainedContent { max_version, fetchxml, page_size } => {
+            let mut p = json!({"EntityName": entity});
+            if let Some(v) = max_version {
+                p["MaxVersionToPurge"] = json!(v);
+            }
+            if let Some(x) = fetchxml {
+                p["FetchXml"] = json!(x);
+            }
+            if let Some(n) = page_size {
+                p["PageSize"] = json!(n);
+            }
+            ("PurgeRetainedContent", p)
+        }
+    };
+    Ok(json!({"command_id": command_id, "message": message, "parameters": parameters}))
+}
+
+/// `90d` / `12h` / `6m` → FetchXML on createdon.
+fn older_than_fetchxml(entity: &str, age: &str) -> Result<String, String> {
+    let age = age.trim();
+    let (number, unit) = age.split_at(age.len().saturating_sub(1));
+    let operator = match unit {
+        "d" => "olderthan-x-days",
+        "h" => "olderthan-x-hours",
+        "m" => "olderthan-x-months",
+        _ => return Err(format!("--older-than '{age}': use a number with d, h or m (e.g. 90d)")),
+    };
+    let n: u32 = number.parse().map_err(|_| format!("--older-than '{age}': not a number"))?;
+    Ok(format!(
+        "<fetch><entity name='{entity}'><filter><condition attribute='createdon' operator='{operator}' value='{n}'/></filter></entity></fetch>"
+    ))
+}
+
+async fn control_cmd(
+    config: Config,
+    action: ControlAction,
+    brokers: Option<String>,
+    timeout: Duration,
+    command_id: Option<String>,
+) -> anyhow::Result<i32> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let brokers = brokers.unwrap_or_else(|| config.kafka.brokers.clone());
+    if brokers.trim() == "embedded" {
+        eprintln!("control needs the service's broker: pass --brokers host:port or set kafka.brokers");
+        return Ok(EXIT_CONFIG);
+    }
+    let command_id = command_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let command = match control_command(action, &command_id, &crate::table::table().logical_name) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(EXIT_CONFIG);
+        }
+    };
+    let value = serde_json::to_vec(&command)?;
+    let options = pipeline::kafka_options(&config);
+    let reply_topic = config.kafka.control_reply_topic.clone();
+    let control_topic = config.kafka.control_topic.clone();
+    let hmac_key = config.control.hmac_key.clone();
+    let reply = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<serde_json::Value>> {
+        // Start reading replies at the current end, before the command goes out.
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("bootstrap.servers", &brokers)
+            .set("group.id", format!("copilot-ingest-cli-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false");
+        for (k, v) in &options {
+            cfg.set(k, v);
+        }
+        let consumer: BaseConsumer = cfg.create()?;
+        let metadata = consumer.fetch_metadata(Some(&reply_topic), Duration::from_secs(10))?;
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        if partitions.is_empty() {
+            anyhow::bail!("reply topic {reply_topic} does not exist");
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in partitions {
+            let (_, high) = consumer.fetch_watermarks(&reply_topic, p, Duration::from_secs(10))?;
+            tpl.add_partition_offset(&reply_topic, p, rdkafka::Offset::Offset(high))?;
+        }
+        consumer.assign(&tpl)?;
+
+        let producer: BaseProducer = crate::dlq::producer_config(&brokers, &options).create()?;
+        let mut record = BaseRecord::to(&control_topic).key(&command_id).payload(&value);
+        let signature;
+        if !hmac_key.is_empty() {
+            signature = crate::control::sign(hmac_key.expose(), &value);
+            record = record.headers(rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+                key: crate::control::SIGNATURE_HEADER,
+                value: Some(signature.as_str()),
+            }));
+        }
+        producer.send(record).map_err(|(e, _)| e)?;
+        producer.flush(Duration::from_secs(30))?;
+
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200))
+                && m.key() == Some(command_id.as_bytes())
+            {
+                return Ok(serde_json::from_slice(m.payload().unwrap_or_default()).ok());
+            }
+        }
+        Ok(None)
+    })
+    .await??;
+    match reply {
+        Some(reply) => {
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+            Ok(if reply["status"] == "Succeeded" { EXIT_OK } else { EXIT_REJECTED })
+        }
+        None => {
+            eprintln!("no reply within {}s (is copilot-ingest running against this broker?)", timeout.as_secs());
+            Ok(EXIT_REJECTED)
+        }
+    }
 }
 
 async fn migrate(config: Config) -> anyhow::Result<i32> {

@@ -14,11 +14,13 @@
 //! - [`pipeline`]: the select loop tying them together, and the drain.
 //! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`embedded`]: the in-process Kafka-protocol broker; [`generator`]: demo events.
+//! - [`control`]: retention and purge commands from the control topic (FetchXML criteria).
 //! - [`cli`]: the subcommands.
 
 pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod dlq;
 pub mod embedded;
 pub mod generator;

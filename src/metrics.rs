@@ -17,6 +17,7 @@ pub struct Metrics {
     pub end_to_end_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub control_commands_total: IntCounterVec,
+    pub retention_records_total: IntCounterVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -110,6 +111,12 @@ impl Metrics {
                 "Control commands handled, by message and status.",
                 &["message", "status"],
             ),
+            retention_records_total: counter(
+                &registry,
+                "copilot_ingest_retention_records_total",
+                "Records changed by control commands, by action (retained, rolled_back, purged).",
+                &["action"],
+            ),
             batch_records,
             sink_write_seconds,
             end_to_end_seconds,
@@ -129,7 +136,8 @@ impl Metrics {
     /// Every metric name this process exports.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 12] = [
+        let collectors: [&dyn Collector; 13] = [
+            &self.retention_records_total,
             &self.events_received_total,
             &self.events_rejected_total,
             &self.records_written_total,

@@ -51,8 +51,9 @@ fn pg_type(c: &Column) -> String {
 }
 
 /// Columns beyond the table definition: retention state and source coordinates.
-const EXTRA_COLUMNS: [(&str, &str); 5] = [
+const EXTRA_COLUMNS: [(&str, &str); 6] = [
     ("msft_datastate", "integer NOT NULL DEFAULT 0"),
+    ("msft_retention_operationid", "uuid"),
     ("ingest_topic", "text"),
     ("ingest_partition", "integer"),
     ("ingest_offset", "bigint"),
@@ -85,7 +86,8 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
             .batch_execute(&format!(
                 "CREATE SEQUENCE IF NOT EXISTS {seq};
                  CREATE TABLE IF NOT EXISTS {name} ({});
-                 CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} uuid PRIMARY KEY, purgedon timestamptz NOT NULL, versionnumber bigint);
+                 CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} uuid PRIMARY KEY, purgedon timestamptz NOT NULL, versionnumber bigint,
+                     retention_operationid uuid);
                  CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);",
                 defs.join(", ")
             ))
@@ -93,6 +95,7 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
         for def in defs.iter().skip(1) {
             client.batch_execute(&format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {def}")).await?;
         }
+        client.batch_execute(&crate::control::store::postgres_ddl()).await?;
         Ok(())
     }
     .await;

@@ -46,8 +46,9 @@ fn sqlite_type(t: ColumnType) -> &'static str {
 }
 
 /// Columns beyond the table definition: retention state and source coordinates.
-const EXTRA_COLUMNS: [(&str, &str); 5] = [
+const EXTRA_COLUMNS: [(&str, &str); 6] = [
     ("msft_datastate", "INTEGER NOT NULL DEFAULT 0"),
+    ("msft_retention_operationid", "TEXT"),
     ("ingest_topic", "TEXT"),
     ("ingest_partition", "INTEGER"),
     ("ingest_offset", "INTEGER"),
@@ -71,7 +72,8 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     }
     conn.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {name} ({});
-         CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} TEXT PRIMARY KEY NOT NULL, purgedon TEXT NOT NULL, versionnumber INTEGER);
+         CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} TEXT PRIMARY KEY NOT NULL, purgedon TEXT NOT NULL, versionnumber INTEGER,
+             retention_operationid TEXT);
          CREATE TABLE IF NOT EXISTS copilot_ingest_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
          CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);",
         defs.join(", "),
@@ -89,6 +91,7 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             conn.execute_batch(&format!("ALTER TABLE {name} ADD COLUMN {def}"))?;
         }
     }
+    conn.execute_batch(&crate::control::store::sqlite_ddl())?;
     Ok(())
 }
 

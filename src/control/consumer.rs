@@ -1,0 +1,165 @@
+//! The control-topic loop: its own consumer group (`<group_id>.control`), one
+//! command at a time, in order. A command's offset is committed only after its
+//! reply is acknowledged by the broker; the reply is stored first, so a
+//! redelivered command gets the stored reply instead of running again.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use serde_json::Value as Json;
+use tokio::sync::watch;
+
+use super::store::{Store, StoreError};
+use super::{Reply, SIGNATURE_HEADER, Status, parse_command, verify_signature};
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::sink::Backoff;
+
+/// Runs until `shutdown` turns true.
+pub async fn run(
+    config: Config,
+    brokers: String,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let store = Store::new(&config.sink_url().map_err(anyhow::Error::msg)?);
+    let options = crate::pipeline::kafka_options(&config);
+    let mut consumer_config = rdkafka::ClientConfig::new();
+    consumer_config
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", format!("{}.control", config.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        // A BulkRetain over millions of rows may take long between polls.
+        .set("max.poll.interval.ms", "3600000");
+    for (k, v) in &options {
+        consumer_config.set(k, v);
+    }
+    let consumer: StreamConsumer = consumer_config.create()?;
+    consumer.subscribe(&[&config.kafka.control_topic])?;
+    let producer: FutureProducer = crate::dlq::producer_config(&brokers, &options).create()?;
+    tracing::info!(topic = %config.kafka.control_topic, "control commands: consuming");
+    let hmac_key = config.control.hmac_key.clone();
+
+    loop {
+        let message = tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            m = consumer.recv() => m,
+        };
+        let message = match message {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "control topic consume error");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let value = message.payload().unwrap_or_default();
+        let signature =
+            message.headers().and_then(|h| h.iter().find(|h| h.key == SIGNATURE_HEADER).and_then(|h| h.value));
+        let Some(reply) = handle(&store, hmac_key.expose(), value, signature, &mut shutdown, &metrics).await else {
+            // Shutting down in the middle of a command: left uncommitted, it
+            // resumes after the restart.
+            break;
+        };
+        let key = reply.command_id.clone().unwrap_or_default();
+        let body = serde_json::to_vec(&reply).unwrap_or_default();
+        let mut backoff = Backoff::default();
+        loop {
+            let record = FutureRecord::to(&config.kafka.control_reply_topic).key(&key).payload(&body);
+            match producer.send(record, Timeout::After(Duration::from_secs(30))).await {
+                Ok(_) => break,
+                Err((e, _)) => {
+                    tracing::warn!(error = %e, "publishing a control reply failed; retrying");
+                    tokio::time::sleep(backoff.next_delay()).await;
+                }
+            }
+        }
+        if let Err(e) = consumer.commit_message(&message, CommitMode::Sync) {
+            tracing::warn!(error = %e, "committing a control command failed; a redelivery will get the stored reply");
+        }
+        let name = reply
+            .message
+            .as_deref()
+            .filter(|m| super::Message::ALL.iter().any(|k| k.name() == *m))
+            .unwrap_or("invalid");
+        metrics.control_commands_total.with_label_values(&[name, reply.status.name()]).inc();
+        tracing::info!(command_id = %key, message = name, status = reply.status.name(), "control command handled");
+    }
+    Ok(())
+}
+
+/// Authenticates, deduplicates and executes one command. `None` when shutdown
+/// interrupted a retry.
+async fn handle(
+    store: &Store,
+    hmac_key: &str,
+    value: &[u8],
+    signature: Option<&[u8]>,
+    shutdown: &mut watch::Receiver<bool>,
+    metrics: &Metrics,
+) -> Option<Reply> {
+    if !hmac_key.is_empty()
+        && let Err(problem) = verify_signature(hmac_key, value, signature)
+    {
+        tracing::warn!(problem = %problem, "control command refused: bad signature");
+        // Not stored: a forged command must not block the genuine one with the same id.
+        let parsed: Option<Json> = serde_json::from_slice(value).ok();
+        let field = |k: &str| parsed.as_ref().and_then(|p| p.get(k)).and_then(Json::as_str).map(str::to_owned);
+        return Some(Reply::rejected(field("command_id"), field("message"), "InvalidSignature", problem));
+    }
+    let command = match parse_command(value) {
+        Ok(c) => c,
+        Err(reply) => return Some(*reply),
+    };
+    let mut backoff = Backoff::default();
+    loop {
+        let attempt = async {
+            if let Some(stored) = store.stored_reply(&command.command_id).await? {
+                tracing::info!(command_id = %command.command_id, "command seen before: returning the stored reply");
+                return Ok::<_, StoreError>(stored);
+            }
+            let reply = store.execute(&command).await?;
+            if reply.status != Status::Rejected {
+                store.store_reply(&reply).await?;
+            }
+            Ok(reply)
+        };
+        match attempt.await {
+            Ok(reply) => {
+                record_counts(metrics, &reply);
+                return Some(reply);
+            }
+            Err(StoreError::Permanent(e)) => return Some(Reply::failed(&command, "ExecutionFailed", e)),
+            Err(StoreError::Transient(e)) => {
+                tracing::warn!(error = %e, command_id = %command.command_id, "control command hit a transient error; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                    _ = shutdown.changed() => return None,
+                }
+            }
+        }
+    }
+}
+
+fn record_counts(metrics: &Metrics, reply: &Reply) {
+    let action = match reply.message.as_deref() {
+        Some("Retain" | "BulkRetain") => "retained",
+        Some("RollbackRetain") => "rolled_back",
+        Some("PurgeRetainedContent") => "purged",
+        _ => return,
+    };
+    let count = reply
+        .response
+        .as_ref()
+        .and_then(|r| r.get("EntityCountCollection"))
+        .and_then(Json::as_object)
+        .map(|m| m.values().filter_map(Json::as_u64).sum::<u64>())
+        .unwrap_or(0);
+    metrics.retention_records_total.with_label_values(&[action]).inc_by(count);
+}
