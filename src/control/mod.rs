@@ -360,3 +360,31 @@ mod tests {
         assert_ne!(c("a").operation_id(), c("b").operation_id());
     }
 }
+
+#[cfg(test)]
+mod schema_tests {
+    use super::*;
+
+    /// The JSON Schemas in schemas/ name exactly the messages and statuses the code handles.
+    #[test]
+    fn schemas_match_the_code() {
+        let command: Json = serde_json::from_str(include_str!("../../schemas/control_command.schema.json")).unwrap();
+        let messages: Vec<&str> =
+            command["properties"]["message"]["enum"].as_array().unwrap().iter().filter_map(Json::as_str).collect();
+        assert_eq!(messages, Message::ALL.iter().map(|m| m.name()).collect::<Vec<_>>());
+        let reply: Json = serde_json::from_str(include_str!("../../schemas/control_reply.schema.json")).unwrap();
+        let statuses: Vec<&str> =
+            reply["properties"]["status"]["enum"].as_array().unwrap().iter().filter_map(Json::as_str).collect();
+        assert_eq!(statuses, [Status::Succeeded, Status::Failed, Status::Rejected].map(Status::name));
+        let codes: Vec<&str> = reply["properties"]["error"]["properties"]["code"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(Json::as_str)
+            .collect();
+        let sources = [include_str!("mod.rs"), include_str!("store.rs"), include_str!("consumer.rs")].concat();
+        for code in codes {
+            assert!(sources.contains(&format!("\"{code}\"")), "{code} is in the schema but never produced");
+        }
+    }
+}

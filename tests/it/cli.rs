@@ -169,3 +169,100 @@ async fn sigterm_drains_commits_and_exits_0() {
     assert_eq!(kafka.committed(), kafka.log_end());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `kill -9` in the middle of BulkRetain, then of PurgeRetainedContent: after a
+/// restart the redelivered command completes the same operation, with exact
+/// totals and nothing half-applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_retention_commands_complete_after_a_restart() {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    const EVENTS: i64 = 2000;
+    let kafka = TestKafka::new(2);
+    let (dir, url) = temp_sqlite();
+    let db = std::path::PathBuf::from(url.trim_start_matches("sqlite://"));
+    let spawn = || {
+        bin()
+            .arg("run")
+            .env("COPILOT_INGEST__KAFKA__BROKERS", &kafka.bootstrap)
+            .env("COPILOT_INGEST__KAFKA__TOPIC", &kafka.config.kafka.topic)
+            .env("COPILOT_INGEST__KAFKA__DLQ_TOPIC", &kafka.config.kafka.dlq_topic)
+            .env("COPILOT_INGEST__KAFKA__GROUP_ID", &kafka.config.kafka.group_id)
+            .env("COPILOT_INGEST__SINK__URL", &url)
+            .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
+            .env("COPILOT_INGEST__KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let query = |sql: &str| -> i64 {
+        rusqlite::Connection::open(&db).and_then(|c| c.query_row(sql, [], |r| r.get(0))).unwrap_or(-1)
+    };
+    let mut child = spawn();
+    kafka.produce(&Workload::generate(51, EVENTS as usize, 0.0).messages).await;
+    wait_for("all rows", Duration::from_secs(90), || query("SELECT count(*) FROM msdyn_copilotinteraction") == EVENTS)
+        .await;
+
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap).create().unwrap();
+    let replies: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("group.id", unique("replies"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    replies.subscribe(&[&kafka.config.kafka.control_reply_topic]).unwrap();
+
+    for (id, message, parameters, op_table_row, done_sql) in [
+        (
+            "kill-bulk",
+            "BulkRetain",
+            serde_json::json!({"EntityName": "msdyn_copilotinteraction", "PageSize": 1,
+                "FetchXml": "<fetch><entity name='msdyn_copilotinteraction'><filter><condition attribute='msdyn_name' operator='not-null'/></filter></entity></fetch>"}),
+            "SELECT total FROM copilot_ingest_retention_operation WHERE command_id = 'kill-bulk'",
+            "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1",
+        ),
+        (
+            "kill-purge",
+            "PurgeRetainedContent",
+            serde_json::json!({"EntityName": "msdyn_copilotinteraction", "PageSize": 1}),
+            "SELECT total FROM copilot_ingest_retention_operation WHERE command_id = 'kill-purge'",
+            "SELECT count(*) FROM msdyn_copilotinteraction_tombstone",
+        ),
+    ] {
+        let body = serde_json::json!({"command_id": id, "message": message, "parameters": parameters}).to_string();
+        producer
+            .send(FutureRecord::to(&kafka.config.kafka.control_topic).key(id).payload(&body), Duration::from_secs(10))
+            .await
+            .unwrap();
+        wait_for("the operation under way", Duration::from_secs(60), || query(op_table_row) > 10).await;
+        Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
+        child.wait().unwrap();
+        let partial = query(op_table_row);
+        assert!(partial < EVENTS, "{message} finished before the kill; the test proves nothing");
+        // What the operation counted is exactly what was applied.
+        assert_eq!(query(done_sql), partial, "{message}: counted and applied differ after the kill");
+
+        child = spawn();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let reply = loop {
+            assert!(Instant::now() < deadline, "no reply to {id} after the restart");
+            if let Some(Ok(m)) = replies.poll(Duration::from_millis(200))
+                && m.key() == Some(id.as_bytes())
+            {
+                break serde_json::from_slice::<serde_json::Value>(m.payload().unwrap()).unwrap();
+            }
+        };
+        assert_eq!(reply["status"], "Succeeded", "{reply}");
+        assert_eq!(reply["response"]["EntityCountCollection"]["msdyn_copilotinteraction"], EVENTS, "{reply}");
+        assert_eq!(query(op_table_row), EVENTS);
+        assert_eq!(query(done_sql), EVENTS);
+    }
+    assert_eq!(query("SELECT count(*) FROM msdyn_copilotinteraction"), 0);
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let _ = std::fs::remove_dir_all(dir);
+}

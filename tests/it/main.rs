@@ -2,5 +2,6 @@
 
 mod cli;
 mod common;
+mod control;
 mod observability;
 mod pipeline;

@@ -1,0 +1,413 @@
+//! The control topic end to end: every message against both sinks, replays
+//! of retained and purged records, at-most-once execution, signatures,
+//! hostile criteria, and a kill in the middle of BulkRetain and PurgeRetainedContent.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use copilot_ingest::config::{Config, Secret};
+use copilot_ingest::metrics::Metrics;
+use rdkafka::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{Value as Json, json};
+
+use crate::common::*;
+
+const ENTITY: &str = "msdyn_copilotinteraction";
+
+fn fetch(filter: &str) -> String {
+    format!("<fetch><entity name='{ENTITY}'><filter>{filter}</filter></entity></fetch>")
+}
+
+/// Runs the control consumer in-process.
+struct ControlService {
+    metrics: Arc<Metrics>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl ControlService {
+    fn start(config: Config) -> ControlService {
+        let metrics = Arc::new(Metrics::new());
+        let (stop, rx) = tokio::sync::watch::channel(false);
+        let brokers = config.kafka.brokers.clone();
+        let task = tokio::spawn(copilot_ingest::control::consumer::run(config, brokers, Arc::clone(&metrics), rx));
+        ControlService { metrics, stop, task }
+    }
+
+    fn handled(&self) -> u64 {
+        Metrics::total(&self.metrics.control_commands_total)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// Publishes commands and reads their replies.
+struct ControlClient {
+    producer: FutureProducer,
+    replies: BaseConsumer,
+    topic: String,
+}
+
+impl ControlClient {
+    fn new(kafka: &TestKafka) -> ControlClient {
+        let producer = ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap).create().unwrap();
+        let replies: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &kafka.bootstrap)
+            .set("group.id", unique("reply-reader"))
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&kafka.config.kafka.control_reply_topic, 0, Offset::Beginning).unwrap();
+        replies.assign(&tpl).unwrap();
+        ControlClient { producer, replies, topic: kafka.config.kafka.control_topic.clone() }
+    }
+
+    async fn publish(&self, command: &Json, signature: Option<&str>) {
+        let body = command.to_string();
+        let key = command["command_id"].as_str().unwrap_or("").to_owned();
+        let mut record = FutureRecord::to(&self.topic).key(&key).payload(&body);
+        if let Some(sig) = signature {
+            record = record.headers(OwnedHeaders::new().insert(Header { key: "x-signature", value: Some(sig) }));
+        }
+        self.producer.send(record, Duration::from_secs(10)).await.unwrap();
+    }
+
+    /// The next reply with this command id (replies to other ids are skipped).
+    fn reply(&self, command_id: &str, timeout: Duration) -> Json {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(Ok(m)) = self.replies.poll(Duration::from_millis(100))
+                && m.key() == Some(command_id.as_bytes())
+            {
+                return serde_json::from_slice(m.payload().unwrap()).unwrap();
+            }
+        }
+        panic!("no reply for {command_id}");
+    }
+
+    async fn call(&self, message: &str, parameters: Json) -> Json {
+        let id = uuid::Uuid::new_v4().to_string();
+        self.publish(&json!({"command_id": id, "message": message, "parameters": parameters}), None).await;
+        self.reply(&id, Duration::from_secs(60))
+    }
+}
+
+fn count(reply: &Json) -> i64 {
+    reply["response"]["EntityCountCollection"][ENTITY].as_i64().unwrap_or(-1)
+}
+
+/// Counts rows in whichever sink `url` names.
+async fn query_i64(url: &str, sql: &str) -> i64 {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    } else {
+        let client = copilot_ingest::sink::postgres::connect(url).await.unwrap();
+        client.query_one(sql, &[]).await.unwrap().get(0)
+    }
+}
+
+/// Events: `old` with an overriddencreatedon in 2020, `recent` without.
+fn events(seed: u64, old: usize, recent: usize) -> Workload {
+    let mut messages = Vec::new();
+    for i in 0..old + recent {
+        let mut e = json!({"msdyn_name": format!("event {seed}-{i}"), "msdyn_scenariorequestid": format!("req-{i}"),
+                           "msdyn_interactiontype": "ThumbsUp", "msdyn_scenariotype": "Copilot",
+                           "msdyn_clienttimestamp": format!("2024-01-01T00:00:{:02}.{:03}Z", i % 60, i)});
+        if i < old {
+            e["overriddencreatedon"] = json!("2020-01-01T00:00:00Z");
+        }
+        messages.push((format!("k{i}"), e.to_string().into_bytes()));
+    }
+    let expected = vec![None; messages.len()];
+    Workload { messages, expected }
+}
+
+async fn sink_urls() -> (Vec<String>, Option<PgDb>, std::path::PathBuf) {
+    let (dir, sqlite) = temp_sqlite();
+    let db = PgDb::create().await;
+    let mut urls = vec![sqlite];
+    if let Some(db) = &db {
+        urls.push(db.url.clone());
+    }
+    (urls, db, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_message_works_on_both_sinks() {
+    let (urls, _db, _dir) = sink_urls().await;
+    for url in urls {
+        let kafka = TestKafka::new(2);
+        let mut config = kafka.config.clone();
+        config.sink.url = Secret::new(url.clone());
+        let pipeline = RunningPipeline::start(config.clone());
+        let control = ControlService::start(config.clone());
+        let client = ControlClient::new(&kafka);
+        let workload = events(1, 30, 20);
+        kafka.produce(&workload.messages).await;
+        pipeline.wait_handled(50, Duration::from_secs(60)).await;
+        let table = ENTITY;
+
+        // ValidateRetentionConfig: checks, changes nothing.
+        let ok = client.call("ValidateRetentionConfig", json!({"EntityName": ENTITY, "FetchXml": fetch("<condition attribute='createdon' operator='olderthan-x-days' value='365'/>")})).await;
+        assert_eq!(
+            (ok["status"].as_str(), ok["response"]["IsValidationSuccessful"].as_bool()),
+            (Some("Succeeded"), Some(true)),
+            "{url}: {ok}"
+        );
+        let bad = client.call("ValidateRetentionConfig", json!({"EntityName": ENTITY, "FetchXml": fetch("<condition attribute='nope' operator='eq' value='1'/>")})).await;
+        assert_eq!(bad["response"]["IsValidationSuccessful"], false);
+        assert!(bad["response"]["ErrorMessage"].as_str().unwrap().contains("nope"));
+
+        // BulkRetain, page by page.
+        let versions_before =
+            query_i64(&url, &format!("SELECT CAST(COALESCE(SUM(versionnumber), 0) AS BIGINT) FROM {table}")).await;
+        let retain = client
+            .call("BulkRetain", json!({"EntityName": ENTITY, "PageSize": 7, "FetchXml": fetch("<condition attribute='createdon' operator='olderthan-x-days' value='365'/>")}))
+            .await;
+        assert_eq!(retain["status"], "Succeeded", "{url}: {retain}");
+        assert_eq!(count(&retain), 30);
+        assert_eq!(retain["response"]["HasMoreRecords"], false);
+        let bulk_op = retain["response"]["OperationId"].as_str().unwrap().to_owned();
+        assert_eq!(query_i64(&url, &format!("SELECT count(*) FROM {table} WHERE msft_datastate = 1")).await, 30);
+        assert!(
+            query_i64(&url, &format!("SELECT CAST(COALESCE(SUM(versionnumber), 0) AS BIGINT) FROM {table}")).await
+                > versions_before,
+            "versionnumber increases"
+        );
+        assert_eq!(
+            query_i64(
+                &url,
+                "SELECT count(*) FROM copilot_ingest_retention_operation WHERE status = 'Succeeded' AND total = 30"
+            )
+            .await,
+            1
+        );
+
+        // Retained records are read-only: replayed events change nothing.
+        let retained_versions = query_i64(
+            &url,
+            &format!("SELECT CAST(SUM(versionnumber) AS BIGINT) FROM {table} WHERE msft_datastate = 1"),
+        )
+        .await;
+        kafka.produce(&workload.messages[..30]).await;
+        pipeline.wait_handled(80, Duration::from_secs(60)).await;
+        assert_eq!(pipeline.skipped(), 30);
+        assert_eq!(
+            query_i64(
+                &url,
+                &format!("SELECT CAST(SUM(versionnumber) AS BIGINT) FROM {table} WHERE msft_datastate = 1")
+            )
+            .await,
+            retained_versions
+        );
+        assert_eq!(query_i64(&url, &format!("SELECT count(*) FROM {table}")).await, 50);
+
+        // Retain one record, then roll that operation back.
+        let target = query_text(
+            &url,
+            &format!(
+                "SELECT msdyn_copilotinteractionid FROM {table} WHERE msft_datastate = 0 ORDER BY msdyn_name LIMIT 1"
+            ),
+        )
+        .await;
+        let one = client.call("Retain", json!({"Target": target})).await;
+        assert_eq!((one["status"].as_str(), count(&one)), (Some("Succeeded"), 1), "{one}");
+        let again = client.call("Retain", json!({"Target": target})).await;
+        assert_eq!(again["status"], "Failed");
+        assert_eq!(again["error"]["code"], "AlreadyRetained");
+        let missing = client.call("Retain", json!({"Target": uuid::Uuid::new_v4().to_string()})).await;
+        assert_eq!(missing["error"]["code"], "RecordNotFound");
+        let rollback = client.call("RollbackRetain", json!({"OperationId": one["response"]["OperationId"]})).await;
+        assert_eq!((rollback["status"].as_str(), count(&rollback)), (Some("Succeeded"), 1), "{rollback}");
+        assert_eq!(query_i64(&url, &format!("SELECT count(*) FROM {table} WHERE msft_datastate = 1")).await, 30);
+
+        // Purge: retained records go, tombstones stay, replays never recreate them.
+        let live_before = query_i64(&url, &format!("SELECT count(*) FROM {table} WHERE msft_datastate = 0")).await;
+        let purge = client.call("PurgeRetainedContent", json!({"EntityName": ENTITY, "PageSize": 8})).await;
+        assert_eq!((purge["status"].as_str(), count(&purge)), (Some("Succeeded"), 30), "{url}: {purge}");
+        assert_eq!(query_i64(&url, &format!("SELECT count(*) FROM {table}")).await, live_before);
+        assert_eq!(query_i64(&url, &format!("SELECT count(*) FROM {table}_tombstone")).await, 30);
+        kafka.produce(&workload.messages[..30]).await;
+        pipeline.wait_handled(110, Duration::from_secs(60)).await;
+        assert_eq!(pipeline.metrics.records_skipped_total.with_label_values(&["purged_replay"]).get(), 30);
+        assert_eq!(query_i64(&url, &format!("SELECT count(*) FROM {table}")).await, live_before);
+
+        // Rolling back the purged operation restores nothing and says so.
+        let late = client.call("RollbackRetain", json!({"OperationId": bulk_op})).await;
+        assert_eq!(count(&late), 0);
+        assert_eq!(late["response"]["FailedRecordCount"], 30);
+
+        // MaxVersionToPurge: only retained records at or below the version go.
+        let retain_rest = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": fetch("<condition attribute='msdyn_name' operator='like' value='event%'/>")})).await;
+        assert_eq!(count(&retain_rest), 20);
+        let purge_none =
+            client.call("PurgeRetainedContent", json!({"EntityName": ENTITY, "MaxVersionToPurge": 0})).await;
+        assert_eq!(count(&purge_none), 0);
+        assert_eq!(query_i64(&url, &format!("SELECT count(*) FROM {table}")).await, 20);
+
+        // Unknown messages and bad parameters are Rejected and change nothing.
+        let unknown = client.call("DropEverything", json!({})).await;
+        assert_eq!(
+            (unknown["status"].as_str(), unknown["error"]["code"].as_str()),
+            (Some("Rejected"), Some("UnknownMessage"))
+        );
+        let bad_xml = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": "<fetch>"})).await;
+        assert_eq!(
+            (bad_xml["status"].as_str(), bad_xml["error"]["code"].as_str()),
+            (Some("Rejected"), Some("InvalidFetchXml"))
+        );
+
+        let succeeded: u64 =
+            ["ValidateRetentionConfig", "BulkRetain", "Retain", "RollbackRetain", "PurgeRetainedContent"]
+                .iter()
+                .map(|m| control.metrics.control_commands_total.with_label_values(&[m, "Succeeded"]).get())
+                .sum();
+        assert_eq!(succeeded, 9, "{url}");
+        assert_eq!(control.metrics.retention_records_total.with_label_values(&["purged"]).get(), 30);
+        control.stop().await;
+        pipeline.stop().await;
+    }
+}
+
+async fn query_text(url: &str, sql: &str) -> String {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.query_row(sql, [], |r| r.get(0)).unwrap()
+    } else {
+        let client = copilot_ingest::sink::postgres::connect(url).await.unwrap();
+        let sql = sql.replace("SELECT msdyn_copilotinteractionid ", "SELECT msdyn_copilotinteractionid::text ");
+        client.query_one(&sql, &[]).await.unwrap().get(0)
+    }
+}
+
+/// A command id runs once: re-sending it returns the stored reply, and two
+/// instances sharing the control topic execute each command once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_command_id_executes_once_across_instances() {
+    let kafka = TestKafka::new(1);
+    let (_dir, url) = temp_sqlite();
+    let mut config = kafka.config.clone();
+    config.sink.url = Secret::new(url.clone());
+    let pipeline = RunningPipeline::start(config.clone());
+    kafka.produce(&events(2, 40, 0).messages).await;
+    pipeline.wait_handled(40, Duration::from_secs(60)).await;
+    let first = ControlService::start(config.clone());
+    let second = ControlService::start(config.clone());
+    let client = ControlClient::new(&kafka);
+
+    let command = json!({"command_id": "bulk-1", "message": "BulkRetain",
+        "parameters": {"EntityName": ENTITY, "PageSize": 10, "FetchXml": fetch("<condition attribute='msdyn_name' operator='like' value='event 2-1%'/>")}});
+    client.publish(&command, None).await;
+    let reply = client.reply("bulk-1", Duration::from_secs(60));
+    assert_eq!(count(&reply), 11);
+    // The same id again, after more records match: the stored reply, no second run.
+    client.publish(&command, None).await;
+    let again = client.reply("bulk-1", Duration::from_secs(60));
+    assert_eq!(again, reply);
+    assert_eq!(query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1").await, 11);
+    assert_eq!(query_i64(&url, "SELECT total FROM copilot_ingest_retention_operation").await, 11);
+
+    for i in 0..5 {
+        client.call("ValidateRetentionConfig", json!({"EntityName": ENTITY, "FetchXml": fetch(&format!("<condition attribute='importsequencenumber' operator='eq' value='{i}'/>"))})).await;
+    }
+    wait_for("every command counted", Duration::from_secs(10), || first.handled() + second.handled() == 7).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(first.handled() + second.handled(), 7, "each command handled by exactly one instance");
+    first.stop().await;
+    second.stop().await;
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_commands_only_when_a_key_is_configured() {
+    let kafka = TestKafka::new(1);
+    let (_dir, url) = temp_sqlite();
+    let mut config = kafka.config.clone();
+    config.sink.url = Secret::new(url.clone());
+    config.control.hmac_key = Secret::new("s3cr3t-key");
+    copilot_ingest::sink::sqlite::migrate(
+        &copilot_ingest::sink::sqlite::open_connection(std::path::Path::new(url.trim_start_matches("sqlite://")))
+            .unwrap(),
+    )
+    .unwrap();
+    let control = ControlService::start(config);
+    let client = ControlClient::new(&kafka);
+    let command = |id: &str| json!({"command_id": id, "message": "ValidateRetentionConfig", "parameters": {"EntityName": ENTITY, "FetchXml": fetch("")}});
+    let body = |id: &str| command(id).to_string();
+
+    client.publish(&command("unsigned"), None).await;
+    let r = client.reply("unsigned", Duration::from_secs(60));
+    assert_eq!(
+        (r["status"].as_str(), r["error"]["code"].as_str()),
+        (Some("Rejected"), Some("InvalidSignature")),
+        "{r}"
+    );
+
+    let wrong = copilot_ingest::control::sign("another-key", body("wrong").as_bytes());
+    client.publish(&command("wrong"), Some(&wrong)).await;
+    assert_eq!(client.reply("wrong", Duration::from_secs(30))["status"], "Rejected");
+
+    let good = copilot_ingest::control::sign("s3cr3t-key", body("truncated").as_bytes());
+    client.publish(&command("truncated"), Some(&good[..good.len() - 4])).await;
+    assert_eq!(client.reply("truncated", Duration::from_secs(30))["status"], "Rejected");
+
+    let good = copilot_ingest::control::sign("s3cr3t-key", body("good").as_bytes());
+    client.publish(&command("good"), Some(&good)).await;
+    let r = client.reply("good", Duration::from_secs(30));
+    assert_eq!(r["status"], "Succeeded", "{r}");
+    // A rejected id is not remembered: the genuine command with that id still runs.
+    let genuine = copilot_ingest::control::sign("s3cr3t-key", body("unsigned").as_bytes());
+    client.publish(&command("unsigned"), Some(&genuine)).await;
+    assert_eq!(client.reply("unsigned", Duration::from_secs(30))["status"], "Succeeded");
+    control.stop().await;
+}
+
+/// Quotes and SQL in values match nothing; the table is intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_criteria_are_inert_or_rejected() {
+    let (urls, _db, _dir) = sink_urls().await;
+    for url in urls {
+        let kafka = TestKafka::new(1);
+        let mut config = kafka.config.clone();
+        config.sink.url = Secret::new(url.clone());
+        let pipeline = RunningPipeline::start(config.clone());
+        kafka.produce(&events(3, 10, 0).messages).await;
+        pipeline.wait_handled(10, Duration::from_secs(60)).await;
+        let control = ControlService::start(config);
+        let client = ControlClient::new(&kafka);
+        for value in
+            ["&apos; OR 1=1 --", "x&apos;; DROP TABLE msdyn_copilotinteraction; --", "&quot; OR &quot;&quot;=&quot;"]
+        {
+            let r = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": fetch(&format!("<condition attribute='msdyn_name' operator='eq' value='{value}'/>"))})).await;
+            assert_eq!((r["status"].as_str(), count(&r)), (Some("Succeeded"), 0), "{url}: {r}");
+        }
+        let entity_bomb = "<!DOCTYPE x [<!ENTITY a 'aaaa'>]><fetch><entity name='msdyn_copilotinteraction'/></fetch>";
+        let r = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": entity_bomb})).await;
+        assert_eq!(r["status"], "Rejected");
+        let deep = format!(
+            "<fetch><entity name='{ENTITY}'>{}{}</entity></fetch>",
+            "<filter>".repeat(10_000),
+            "</filter>".repeat(10_000)
+        );
+        let r = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": deep})).await;
+        assert_eq!(r["status"], "Rejected");
+        let huge = format!("<fetch><entity name='{ENTITY}'><!--{}--></entity></fetch>", "x".repeat(200_000));
+        let r = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": huge})).await;
+        assert_eq!(r["status"], "Rejected");
+        assert_eq!(
+            query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 0").await,
+            10,
+            "{url}"
+        );
+        control.stop().await;
+        pipeline.stop().await;
+    }
+}
