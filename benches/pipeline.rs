@@ -75,9 +75,48 @@ fn offsets(c: &mut Criterion) {
     group.finish();
 }
 
+fn avro(c: &mut Criterion) {
+    use copilot_ingest::avro::{AvroSchemas, BUNDLED, encode_json, framed};
+    use copilot_ingest::config::{AvroConfig, Format};
+    use copilot_ingest::decode::{Decoded, Decoder};
+
+    let schema = apache_avro::Schema::parse_str(BUNDLED[1].1).unwrap();
+    let event: serde_json::Value = serde_json::from_slice(&typical_event()).unwrap();
+    let datum = encode_json(&schema, &event).unwrap();
+    let payload = framed(2, &datum);
+    let json = typical_event();
+    let decoder = Decoder {
+        normalizer: Normalizer::default(),
+        format: Format::Auto,
+        avro: AvroSchemas::load(&AvroConfig::default()).unwrap(),
+    };
+    let now = Utc::now();
+    let mut group = c.benchmark_group("avro");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function(format!("json_decode_normalize_{}_bytes", json.len()), |b| {
+        b.iter(|| matches!(decoder.decode(black_box(&json), None, now), Decoded::Record(_)))
+    });
+    group.bench_function(format!("avro_decode_normalize_{}_bytes_prepared_once", payload.len()), |b| {
+        b.iter(|| matches!(decoder.decode(black_box(&payload), None, now), Decoded::Record(_)))
+    });
+    let copilot_ingest::avro::Lookup::Ready(prepared) = decoder.avro.lookup(2) else { panic!("bundled schema 2") };
+    group.bench_function("avro_decode_only_prepared_once", |b| {
+        b.iter(|| copilot_ingest::avro::decode(prepared, black_box(&datum)).is_ok())
+    });
+    // The slow path the decoder avoids: resolving writer against reader schema on every message.
+    group.bench_function("avro_decode_only_resolving_schemas_per_message", |b| {
+        b.iter(|| {
+            #[allow(deprecated)]
+            let v = apache_avro::from_avro_datum(&schema, &mut black_box(&datum[..]), Some(&schema));
+            v.is_ok()
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5));
-    targets = normalize, offsets
+    targets = normalize, offsets, avro
 }
 criterion_main!(benches);

@@ -532,6 +532,8 @@ struct Load {
     invalid_ratio: f64,
     seed: u64,
     progress: bool,
+    /// Confluent-framed Avro with this bundled schema id instead of JSON.
+    avro_schema_id: Option<u32>,
 }
 
 /// Events the demo producer may be ahead of the pipeline: the embedded broker
@@ -547,7 +549,18 @@ async fn produce_events(
     load: Load,
     handled: Option<Arc<Metrics>>,
 ) -> anyhow::Result<u64> {
-    let Load { count, rate, invalid_ratio, seed, progress } = load;
+    let Load { count, rate, invalid_ratio, seed, progress, avro_schema_id } = load;
+    let avro_schema = match avro_schema_id {
+        Some(id) => {
+            let text = crate::avro::BUNDLED
+                .iter()
+                .find(|(i, _)| *i == id)
+                .map(|(_, t)| *t)
+                .ok_or_else(|| anyhow::anyhow!("no bundled schema with id {id}"))?;
+            Some((id, apache_avro::Schema::parse_str(text)?))
+        }
+        None => None,
+    };
     let brokers = brokers.to_owned();
     let topic = topic.to_owned();
     let options = options.to_vec();
@@ -581,7 +594,18 @@ async fn produce_events(
             if g.expected.is_none() {
                 valid += 1;
             }
-            let mut record = BaseRecord::to(&topic).key(&g.key).payload(&g.value);
+            let value = match &avro_schema {
+                // Invalid events that are not even JSON travel as framed garbage (malformed_avro).
+                Some((id, schema)) => match serde_json::from_slice(&g.value)
+                    .map_err(|e| e.to_string())
+                    .and_then(|j| crate::avro::encode_json(schema, &j))
+                {
+                    Ok(datum) => crate::avro::framed(*id, &datum),
+                    Err(_) => crate::avro::framed(*id, &[0xff, 0xff, 0xff]),
+                },
+                None => g.value,
+            };
+            let mut record = BaseRecord::to(&topic).key(&g.key).payload(&value);
             loop {
                 match producer.send(record) {
                     Ok(()) => break,
@@ -617,10 +641,6 @@ async fn produce_cmd(
     topic: Option<String>,
     seed: u64,
 ) -> anyhow::Result<i32> {
-    if format == ProduceFormat::Avro {
-        eprintln!("--format avro is not supported by this build yet");
-        return Ok(EXIT_CONFIG);
-    }
     if !(0.0..=1.0).contains(&invalid_ratio) {
         eprintln!("--invalid-ratio must be between 0 and 1");
         return Ok(EXIT_CONFIG);
@@ -638,7 +658,14 @@ async fn produce_cmd(
         &brokers,
         &topic,
         &pipeline::kafka_options(&config),
-        Load { count, rate, invalid_ratio, seed, progress: true },
+        Load {
+            count,
+            rate,
+            invalid_ratio,
+            seed,
+            progress: true,
+            avro_schema_id: (format == ProduceFormat::Avro).then_some(2),
+        },
         None,
     )
     .await?;
@@ -688,7 +715,7 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
         let brokers = brokers.clone();
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            let load = Load { count, rate, invalid_ratio, seed: 42, progress: false };
+            let load = Load { count, rate, invalid_ratio, seed: 42, progress: false, avro_schema_id: None };
             produce_events(&brokers, &topic, &options, load, Some(metrics)).await
         })
     };

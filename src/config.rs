@@ -278,9 +278,6 @@ impl Config {
                 errors.push(format!("kafka.options.{key}: is set by copilot-ingest itself; use the [kafka] keys"));
             }
         }
-        if k.format == Format::Avro {
-            errors.push("kafka.format: \"avro\" is not supported by this build yet; use \"json\" or \"auto\"".into());
-        }
         let b = &self.batch;
         if !(1..=100_000).contains(&b.max_records) {
             errors.push("batch.max_records: must be between 1 and 100000".into());
@@ -300,14 +297,9 @@ impl Config {
         if self.metrics.listen.parse::<SocketAddr>().is_err() {
             errors.push(format!("metrics.listen: '{}' is not an address like 0.0.0.0:9464", self.metrics.listen));
         }
-        let registry = &self.avro.registry_url;
-        if !(registry.is_empty() || registry.starts_with("http://") || registry.starts_with("https://")) {
-            errors.push("avro.registry_url: must be an http:// or https:// URL".into());
-        }
-        for id in self.avro.schemas.keys() {
-            if id.parse::<u32>().is_err() {
-                errors.push(format!("avro.schemas.{id}: schema ids are non-negative integers"));
-            }
+        // Schema files and the registry URL are checked here, before anything connects.
+        if let Err(problems) = crate::avro::AvroSchemas::load(&self.avro) {
+            errors.extend(problems);
         }
         if self.shutdown.drain_timeout_ms == 0 {
             errors.push("shutdown.drain_timeout_ms: must be positive".into());

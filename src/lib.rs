@@ -6,7 +6,7 @@
 //! - [`config`]: the TOML + environment configuration, checked once.
 //! - [`table`]: the table definition read from `schemas/` (one source of truth).
 //! - [`source`]: the Kafka consumer thread, pause-based backpressure, rebalances.
-//! - [`normalize`] → [`record`]: bytes → validated record; [`reason`]: rejection codes.
+//! - [`decode`] ([`avro`] or JSON) → [`normalize`] → [`record`]: bytes → validated record; [`reason`]: rejection codes.
 //! - [`batch`]: count / bytes / linger batching.
 //! - [`sink`]: CreateMultiple writes (SQLite, PostgreSQL), retry and bisection.
 //! - [`dlq`]: dead letters with `x-ingest-*` headers.
@@ -17,10 +17,12 @@
 //! - [`control`]: retention and purge commands from the control topic (FetchXML criteria).
 //! - [`cli`]: the subcommands.
 
+pub mod avro;
 pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod decode;
 pub mod dlq;
 pub mod embedded;
 pub mod generator;

@@ -39,9 +39,10 @@ impl Default for Normalizer {
     }
 }
 
-/// One JSON field value, borrowing strings from the payload where possible.
+/// One field value of an event (from JSON or Avro), borrowing strings from
+/// the payload where possible.
 #[derive(Debug)]
-enum FieldValue<'a> {
+pub enum FieldValue<'a> {
     Null,
     Bool,
     Int(i64),
@@ -50,6 +51,8 @@ enum FieldValue<'a> {
     Str(Cow<'a, str>),
     Object(serde_json::Value),
     Array,
+    /// A value of a type no column can hold (Avro bytes, fixed, …).
+    Unsupported(&'static str),
 }
 
 impl FieldValue<'_> {
@@ -61,6 +64,7 @@ impl FieldValue<'_> {
             FieldValue::Str(_) => "a string",
             FieldValue::Object(_) => "an object",
             FieldValue::Array => "an array",
+            FieldValue::Unsupported(kind) => kind,
         }
     }
 }
@@ -205,7 +209,8 @@ impl Normalizer {
         self.normalize_fields(fields, origin, now)
     }
 
-    fn normalize_fields(
+    /// Validates and normalizes decoded fields (shared by JSON and Avro).
+    pub fn normalize_fields(
         &self,
         fields: Vec<(Cow<'_, str>, FieldValue<'_>)>,
         origin: Option<&Origin>,

@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 
 use crate::batch::{Batch, Batcher, Entry};
 use crate::config::{Config, SinkUrl};
+use crate::decode::{Decoded, Decoder};
 use crate::dlq;
 use crate::http::Readiness;
 use crate::metrics::Metrics;
@@ -123,7 +124,8 @@ struct State {
     metrics: Arc<Metrics>,
     sink: Arc<Sink>,
     producer: Arc<FutureProducer>,
-    normalizer: Normalizer,
+    decoder: Decoder,
+    shutdown: watch::Receiver<bool>,
     tracker: OffsetTracker,
     batcher: Batcher,
     tasks: JoinSet<Completion>,
@@ -138,28 +140,69 @@ struct State {
 impl State {
     fn handle_messages(&mut self, messages: Vec<Inbound>) {
         let now = Utc::now();
-        self.received.inc_by(messages.len() as u64);
         let mut full = Vec::new();
+        let mut received = 0u64;
         for message in messages {
+            let origin =
+                Origin { topic: self.config.kafka.topic.clone(), partition: message.partition, offset: message.offset };
+            let decoded = loop {
+                let decoded = match &message.payload {
+                    Some(payload) => self.decoder.decode(payload, Some(&origin), now),
+                    None => Decoded::Rejected(Rejection::new(Reason::MalformedJson, None, "message has no value")),
+                };
+                match decoded {
+                    Decoded::NeedsSchema(id) => {
+                        if !self.fetch_schema(id) {
+                            // Shutting down: this message and the rest of the chunk
+                            // were never received as far as offsets go, so they are
+                            // redelivered; nothing after them is processed either.
+                            self.received.inc_by(received);
+                            return;
+                        }
+                    }
+                    other => break other,
+                }
+            };
+            received += 1;
             if !self.tracker.received(TOPIC, message.partition, message.offset) {
                 tracing::debug!(partition = message.partition, offset = message.offset, "message delivered again");
             }
-            let origin =
-                Origin { topic: self.config.kafka.topic.clone(), partition: message.partition, offset: message.offset };
-            let result = match &message.payload {
-                Some(payload) => self.normalizer.normalize_json(payload, Some(&origin), now),
-                None => Err(Rejection::new(Reason::MalformedJson, None, "message has no value")),
-            };
-            match result {
-                Ok(record) => self.batcher.push(Entry { record, message }, &mut full),
-                Err(rejection) => {
+            match decoded {
+                Decoded::Record(record) => self.batcher.push(Entry { record, message }, &mut full),
+                Decoded::Rejected(rejection) => {
                     self.metrics.events_rejected_total.with_label_values(&[rejection.reason.code()]).inc();
                     self.spawn_dead_letter(message, rejection);
                 }
+                Decoded::NeedsSchema(_) => {}
             }
         }
+        self.received.inc_by(received);
         for batch in full {
             self.spawn_batch(batch);
+        }
+    }
+
+    /// Asks the schema registry for an unknown id, retrying while it is
+    /// unreachable; consumption waits meanwhile (nothing is dead-lettered for
+    /// a registry outage). False when shutdown interrupted the wait.
+    fn fetch_schema(&mut self, id: u32) -> bool {
+        let mut backoff = Backoff::default();
+        loop {
+            let result = tokio::task::block_in_place(|| self.decoder.avro.fetch(id));
+            match result {
+                Ok(()) => return true,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(schema_id = id, error = %e, retry_in_ms = delay.as_millis() as u64, "schema registry unavailable; consumption waits");
+                    let until = std::time::Instant::now() + delay;
+                    while std::time::Instant::now() < until {
+                        if *self.shutdown.borrow() {
+                            return false;
+                        }
+                        tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(50)));
+                    }
+                }
+            }
         }
     }
 
@@ -302,7 +345,12 @@ pub async fn run(
     let received = metrics.events_received_total.with_label_values(&[&config.kafka.topic]);
     let written = metrics.records_written_total.with_label_values(&[sink.kind()]);
     let mut state = State {
-        normalizer: Normalizer { unknown_fields: config.validation.unknown_fields, ..Normalizer::default() },
+        decoder: Decoder {
+            normalizer: Normalizer { unknown_fields: config.validation.unknown_fields, ..Normalizer::default() },
+            format: config.kafka.format,
+            avro: crate::avro::AvroSchemas::load(&config.avro).map_err(|e| anyhow::anyhow!(e.join("; ")))?,
+        },
+        shutdown: shutdown.clone(),
         batcher: Batcher::new(
             config.batch.max_records,
             config.batch.max_bytes,

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one module per area.
 
+mod avro;
 mod cli;
 mod common;
 mod control;

@@ -1,0 +1,419 @@
+//! Avro events in the Confluent wire format: byte 0 = 0, a 4-byte big-endian
+//! schema id, then the Avro binary datum. Writer schemas come from
+//! `[avro.schemas]` files, from a Confluent-compatible Schema Registry
+//! (`GET /schemas/ids/{id}`, fetched once per id), or — when neither is
+//! configured — the schemas bundled from `schemas/` (ids 1 and 2).
+//!
+//! Each schema is prepared for decoding once per id (names resolved, reader
+//! built) and reused; the datum is decoded with its writer schema and its
+//! fields are handed to the same validation and normalization as JSON, by
+//! name, so older schema versions (fewer fields) need no resolution step.
+
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use apache_avro::Schema;
+use apache_avro::reader::datum::GenericDatumReader;
+use apache_avro::types::Value as AvroValue;
+
+use crate::config::AvroConfig;
+use crate::normalize::FieldValue;
+use crate::reason::{Reason, Rejection};
+
+/// The bundled schemas: (id, text), used when nothing is configured.
+pub const BUNDLED: [(u32, &str); 2] = [
+    (1, include_str!("../schemas/copilot_interaction_event.v1.avsc")),
+    (2, include_str!("../schemas/copilot_interaction_event.avsc")),
+];
+
+/// Upper bound of any single allocation the Avro decoder makes (a hostile
+/// length prefix must not reserve gigabytes).
+const MAX_ALLOCATION_BYTES: usize = 8 * 1024 * 1024;
+
+/// Splits the Confluent framing: `Some((schema id, datum))`, or `None` if the
+/// message is not framed Avro (no magic byte or too short).
+pub fn frame(payload: &[u8]) -> Option<(u32, &[u8])> {
+    if payload.len() < 5 || payload[0] != 0 {
+        return None;
+    }
+    let id = u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]);
+    Some((id, &payload[5..]))
+}
+
+/// Confluent framing of an Avro datum.
+pub fn framed(schema_id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(datum.len() + 5);
+    out.push(0);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    out.extend_from_slice(datum);
+    out
+}
+
+/// What decoding a framed message needs or produced.
+pub enum Lookup<'a> {
+    Ready(&'a Prepared),
+    /// Not known locally; the registry may have it.
+    Fetch,
+    Unknown,
+}
+
+/// A writer schema prepared for decoding.
+pub struct Prepared {
+    schema: &'static Schema,
+    reader: GenericDatumReader<'static>,
+}
+
+/// Writer schemas by id, each prepared once.
+pub struct AvroSchemas {
+    readers: HashMap<u32, Prepared>,
+    /// Ids the registry answered 404 for.
+    missing: HashSet<u32>,
+    registry: Option<Registry>,
+}
+
+impl AvroSchemas {
+    /// Loads the configured schemas (or the bundled ones). Errors name the key.
+    pub fn load(config: &AvroConfig) -> Result<AvroSchemas, Vec<String>> {
+        apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
+        let mut errors = Vec::new();
+        let mut schemas = AvroSchemas { readers: HashMap::new(), missing: HashSet::new(), registry: None };
+        if !config.registry_url.is_empty() {
+            match Registry::parse(&config.registry_url) {
+                Ok(r) => schemas.registry = Some(r),
+                Err(e) => errors.push(format!("avro.registry_url: {e}")),
+            }
+        }
+        for (id, path) in &config.schemas {
+            let Ok(id) = id.parse::<u32>() else {
+                errors.push(format!("avro.schemas.{id}: schema ids are non-negative integers"));
+                continue;
+            };
+            match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    if let Err(e) = schemas.insert(id, &text) {
+                        errors.push(format!("avro.schemas.{id}: {path}: {e}"));
+                    }
+                }
+                Err(e) => errors.push(format!("avro.schemas.{id}: {path}: {e}")),
+            }
+        }
+        if config.schemas.is_empty() && schemas.registry.is_none() {
+            for (id, text) in BUNDLED {
+                if let Err(e) = schemas.insert(id, text) {
+                    errors.push(format!("bundled schema {id}: {e}"));
+                }
+            }
+        }
+        if errors.is_empty() { Ok(schemas) } else { Err(errors) }
+    }
+
+    /// Parses a schema and prepares its reader. Schemas live for the whole
+    /// process (a handful of ids), so they are leaked to let the prepared
+    /// reader borrow them.
+    pub fn insert(&mut self, id: u32, text: &str) -> Result<(), String> {
+        let schema: &'static Schema = Box::leak(Box::new(Schema::parse_str(text).map_err(|e| e.to_string())?));
+        let reader = GenericDatumReader::builder(schema).build().map_err(|e| e.to_string())?;
+        self.readers.insert(id, Prepared { schema, reader });
+        Ok(())
+    }
+
+    pub fn lookup(&self, id: u32) -> Lookup<'_> {
+        match self.readers.get(&id) {
+            Some(r) => Lookup::Ready(r),
+            None if self.registry.is_some() && !self.missing.contains(&id) => Lookup::Fetch,
+            None => Lookup::Unknown,
+        }
+    }
+
+    /// Fetches a schema from the registry (blocking; call off the async
+    /// runtime). `Err` is transient (unreachable, 5xx): retry later.
+    pub fn fetch(&mut self, id: u32) -> Result<(), String> {
+        let Some(registry) = &self.registry else { return Ok(()) };
+        match registry.schema(id)? {
+            Some(text) => {
+                if let Err(e) = self.insert(id, &text) {
+                    tracing::warn!(schema_id = id, error = %e, "registry schema does not parse; treating the id as unknown");
+                    self.missing.insert(id);
+                }
+            }
+            None => {
+                self.missing.insert(id);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a datum into the event's fields, by name.
+pub fn decode(prepared: &Prepared, datum: &[u8]) -> Result<Vec<(Cow<'static, str>, FieldValue<'static>)>, Rejection> {
+    let mut input = EndAware { data: datum, hit_end: false };
+    let value = prepared.reader.read_value(&mut input).map_err(|e| {
+        Rejection::new(
+            Reason::MalformedAvro,
+            None,
+            format!("datum does not match its schema: {}", truncate(&e.to_string())),
+        )
+    })?;
+    if input.hit_end {
+        return Err(Rejection::new(Reason::MalformedAvro, None, "the datum is truncated"));
+    }
+    if !input.data.is_empty() {
+        return Err(Rejection::new(Reason::MalformedAvro, None, format!("{} bytes after the datum", input.data.len())));
+    }
+    // apache-avro yields nulls instead of an error when the datum ends early;
+    // checking the value against its schema catches a truncated datum.
+    if !value.validate(prepared.schema) {
+        return Err(Rejection::new(Reason::MalformedAvro, None, "the datum is truncated or does not match its schema"));
+    }
+    match value {
+        AvroValue::Record(fields) => Ok(fields.into_iter().map(|(name, v)| (Cow::Owned(name), field(v))).collect()),
+        _ => Err(Rejection::new(Reason::NotAnObject, None, "the Avro datum is not a record")),
+    }
+}
+
+/// A byte reader that remembers whether the decoder asked for bytes past the
+/// end: a complete datum never does, a truncated one always does.
+struct EndAware<'a> {
+    data: &'a [u8],
+    hit_end: bool,
+}
+
+impl Read for EndAware<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if self.data.is_empty() {
+            self.hit_end = true;
+            return Ok(0);
+        }
+        let n = buf.len().min(self.data.len());
+        buf[..n].copy_from_slice(&self.data[..n]);
+        self.data = &self.data[n..];
+        Ok(n)
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(200).collect()
+}
+
+fn field(value: AvroValue) -> FieldValue<'static> {
+    match value {
+        AvroValue::Null => FieldValue::Null,
+        AvroValue::Boolean(_) => FieldValue::Bool,
+        AvroValue::Int(i) => FieldValue::Int(i64::from(i)),
+        AvroValue::Long(l) => FieldValue::Int(l),
+        AvroValue::Float(f) => FieldValue::Float(f64::from(f)),
+        AvroValue::Double(d) => FieldValue::Float(d),
+        AvroValue::String(s) | AvroValue::Enum(_, s) => FieldValue::Str(Cow::Owned(s)),
+        AvroValue::Uuid(u) => FieldValue::Str(Cow::Owned(u.hyphenated().to_string())),
+        AvroValue::TimestampMillis(ms) | AvroValue::LocalTimestampMillis(ms) => FieldValue::Int(ms),
+        AvroValue::TimestampMicros(us) | AvroValue::LocalTimestampMicros(us) => FieldValue::Int(us.div_euclid(1000)),
+        AvroValue::TimestampNanos(ns) | AvroValue::LocalTimestampNanos(ns) => FieldValue::Int(ns.div_euclid(1_000_000)),
+        AvroValue::Date(days) => match chrono::NaiveDate::from_num_days_from_ce_opt(days + 719_163) {
+            Some(d) => FieldValue::Str(Cow::Owned(d.format("%Y-%m-%d").to_string())),
+            None => FieldValue::Unsupported("a date out of range"),
+        },
+        AvroValue::Union(_, inner) => field(*inner),
+        AvroValue::Map(_) | AvroValue::Record(_) => FieldValue::Object(to_json(value)),
+        AvroValue::Array(_) => FieldValue::Array,
+        _ => FieldValue::Unsupported("an Avro type the table has no column for"),
+    }
+}
+
+/// Nested records and maps become JSON (stored compact, like a JSON object).
+fn to_json(value: AvroValue) -> serde_json::Value {
+    use serde_json::Value as J;
+    match value {
+        AvroValue::Null => J::Null,
+        AvroValue::Boolean(b) => J::Bool(b),
+        AvroValue::Int(i) => J::from(i),
+        AvroValue::Long(l) => J::from(l),
+        AvroValue::Float(f) => J::from(f64::from(f)),
+        AvroValue::Double(d) => J::from(d),
+        AvroValue::String(s) | AvroValue::Enum(_, s) => J::String(s),
+        AvroValue::Uuid(u) => J::String(u.to_string()),
+        AvroValue::Union(_, inner) => to_json(*inner),
+        AvroValue::Array(items) => J::Array(items.into_iter().map(to_json).collect()),
+        AvroValue::Map(m) => J::Object(m.into_iter().map(|(k, v)| (k, to_json(v))).collect()),
+        AvroValue::Record(fields) => J::Object(fields.into_iter().map(|(k, v)| (k, to_json(v))).collect()),
+        AvroValue::TimestampMillis(ms) => J::from(ms),
+        other => J::String(format!("{other:?}")),
+    }
+}
+
+/// A Confluent-compatible Schema Registry reached over plain HTTP, with
+/// optional basic auth from the URL's user info.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    host: String,
+    port: u16,
+    base_path: String,
+    authorization: Option<String>,
+}
+
+impl Registry {
+    pub fn parse(url: &str) -> Result<Registry, String> {
+        let rest = if let Some(rest) = url.strip_prefix("http://") {
+            rest
+        } else if url.starts_with("https://") {
+            return Err(
+                "https registries are not supported by this build; use http:// (e.g. through a local TLS proxy)".into(),
+            );
+        } else {
+            return Err("must be an http:// URL".into());
+        };
+        let (authority, path) = rest
+            .split_once('/')
+            .map(|(a, p)| (a, format!("/{}", p.trim_end_matches('/'))))
+            .unwrap_or((rest, String::new()));
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_owned(), p.parse::<u16>().map_err(|_| "bad port".to_owned())?),
+            None => (hostport.to_owned(), 80),
+        };
+        if host.is_empty() {
+            return Err("no host".into());
+        }
+        let authorization = userinfo.map(|u| format!("Basic {}", base64(u.as_bytes())));
+        Ok(Registry { host, port, base_path: if path == "/" { String::new() } else { path }, authorization })
+    }
+
+    /// `Ok(Some(schema text))`, `Ok(None)` for an id the registry does not
+    /// have (404), `Err` for anything transient.
+    pub fn schema(&self, id: u32) -> Result<Option<String>, String> {
+        use std::net::ToSocketAddrs;
+        let addr = (self.host.as_str(), self.port)
+            .to_socket_addrs()
+            .map_err(|e| format!("resolving {}: {e}", self.host))?
+            .next()
+            .ok_or("no address")?;
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| format!("connecting to the registry: {e}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        stream.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+        // HTTP/1.0: the response is delimited by the connection close, never chunked.
+        let mut request = format!(
+            "GET {}/schemas/ids/{id} HTTP/1.0\r\nHost: {}:{}\r\nAccept: application/vnd.schemaregistry.v1+json, application/json\r\n",
+            self.base_path, self.host, self.port
+        );
+        if let Some(auth) = &self.authorization {
+            request.push_str(&format!("Authorization: {auth}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).map_err(|e| format!("registry request: {e}"))?;
+        let mut response = Vec::new();
+        stream.take(4 * 1024 * 1024).read_to_end(&mut response).map_err(|e| format!("registry response: {e}"))?;
+        let text = String::from_utf8_lossy(&response);
+        let status: u16 =
+            text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("malformed registry response")?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+        match status {
+            200 => {
+                let json: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("registry body: {e}"))?;
+                json.get("schema")
+                    .and_then(|s| s.as_str())
+                    .map(|s| Some(s.to_owned()))
+                    .ok_or_else(|| "registry body has no schema".into())
+            }
+            404 => Ok(None),
+            401 | 403 => Err(format!("registry refused the credentials ({status})")),
+            other => Err(format!("registry answered {other}")),
+        }
+    }
+}
+
+fn base64(input: &[u8]) -> String {
+    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Encodes a JSON event with an Avro record schema (for `produce --format avro`
+/// and tests): each field takes the union branch that fits the JSON value.
+pub fn encode_json(schema: &Schema, event: &serde_json::Value) -> Result<Vec<u8>, String> {
+    let Schema::Record(record) = schema else { return Err("the schema is not a record".into()) };
+    let mut fields = Vec::with_capacity(record.fields.len());
+    for f in &record.fields {
+        let value = event.get(&f.name).unwrap_or(&serde_json::Value::Null);
+        fields.push((f.name.clone(), to_avro(&f.schema, value).map_err(|e| format!("{}: {e}", f.name))?));
+    }
+    apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+        .build()
+        .and_then(|w| w.write_value_to_vec(AvroValue::Record(fields)))
+        .map_err(|e| e.to_string())
+}
+
+fn to_avro(schema: &Schema, value: &serde_json::Value) -> Result<AvroValue, String> {
+    use serde_json::Value as J;
+    Ok(match (schema, value) {
+        (Schema::Union(u), v) => {
+            let fits = |s: &Schema| match (s, v) {
+                (Schema::Null, J::Null) => true,
+                (Schema::Int, J::Number(n)) => n.as_i64().is_some_and(|i| i32::try_from(i).is_ok()),
+                (Schema::Long | Schema::TimestampMillis, J::Number(n)) => n.as_i64().is_some(),
+                (Schema::String | Schema::Uuid(_), J::String(_) | J::Object(_)) => true,
+                _ => false,
+            };
+            let (index, branch) =
+                u.variants().iter().enumerate().find(|(_, s)| fits(s)).ok_or("no union branch fits")?;
+            AvroValue::Union(index as u32, Box::new(to_avro(branch, v)?))
+        }
+        (Schema::Null, _) => AvroValue::Null,
+        (Schema::Int, J::Number(n)) => {
+            AvroValue::Int(n.as_i64().and_then(|i| i32::try_from(i).ok()).ok_or("not an int")?)
+        }
+        (Schema::Long, J::Number(n)) => AvroValue::Long(n.as_i64().ok_or("not a long")?),
+        (Schema::TimestampMillis, J::Number(n)) => AvroValue::TimestampMillis(n.as_i64().ok_or("not a long")?),
+        (Schema::Uuid(_), J::String(s)) => AvroValue::Uuid(uuid::Uuid::try_parse(s).map_err(|e| e.to_string())?),
+        (Schema::String, J::String(s)) => AvroValue::String(s.clone()),
+        (Schema::String, J::Object(_)) => AvroValue::String(value.to_string()),
+        (s, v) => return Err(format!("cannot write {v} as {s:?}")),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+        assert_eq!(base64(b"a"), "YQ==");
+        assert_eq!(base64(b"ab"), "YWI=");
+        assert_eq!(base64(b""), "");
+    }
+
+    #[test]
+    fn registry_urls_parse() {
+        let r = Registry::parse("http://u:p@registry:8081/base/").unwrap();
+        assert_eq!((r.host.as_str(), r.port, r.base_path.as_str()), ("registry", 8081, "/base"));
+        assert_eq!(r.authorization.as_deref(), Some("Basic dTpw"));
+        assert!(Registry::parse("https://x").unwrap_err().contains("https"));
+    }
+
+    #[test]
+    fn framing_round_trips() {
+        let f = framed(7, b"abc");
+        assert_eq!(frame(&f), Some((7, &b"abc"[..])));
+        assert_eq!(frame(b"{\"a\":1}"), None);
+        assert_eq!(frame(&[0, 0, 0]), None);
+    }
+}
