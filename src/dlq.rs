@@ -8,6 +8,7 @@ use rdkafka::ClientConfig;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
 use crate::reason::Rejection;
@@ -32,7 +33,14 @@ pub fn create_producer(config: &ClientConfig) -> Result<FutureProducer, KafkaErr
     config.create()
 }
 
-/// Sends one dead letter, retrying until the broker acknowledges it.
+/// How much of the original value a dead letter keeps when the whole message
+/// is larger than the broker accepts.
+const TRUNCATED_VALUE_BYTES: usize = 64 * 1024;
+
+/// Sends one dead letter, retrying until the broker acknowledges it. A value
+/// the broker refuses as too large is cut to its first 64 KiB (header
+/// `x-ingest-value-truncated` gives the original size), so a poison message
+/// can never stall its partition.
 pub async fn dead_letter(
     producer: &FutureProducer,
     dlq_topic: &str,
@@ -41,6 +49,7 @@ pub async fn dead_letter(
     rejection: &Rejection,
 ) {
     let mut backoff = Backoff::default();
+    let mut value_limit: Option<usize> = None;
     loop {
         let mut headers = OwnedHeaders::new_with_capacity(message.headers.len() + 6);
         for (k, v) in &message.headers {
@@ -56,18 +65,33 @@ pub async fn dead_letter(
             .insert(Header { key: "x-ingest-source-topic", value: Some(source_topic) })
             .insert(Header { key: "x-ingest-source-partition", value: Some(partition.as_str()) })
             .insert(Header { key: "x-ingest-source-offset", value: Some(offset.as_str()) });
+        let original_size = message.payload.as_ref().map_or(0, Vec::len).to_string();
+        if value_limit.is_some() {
+            headers = headers.insert(Header { key: "x-ingest-value-truncated", value: Some(original_size.as_str()) });
+        }
         let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(dlq_topic).headers(headers);
         if let Some(k) = &message.key {
             record = record.key(k.as_slice());
         }
         if let Some(p) = &message.payload {
-            record = record.payload(p.as_slice());
+            record = record.payload(&p[..p.len().min(value_limit.unwrap_or(usize::MAX))]);
         }
         if let Some(ts) = message.timestamp_ms {
             record = record.timestamp(ts);
         }
         match producer.send(record, Timeout::After(Duration::from_secs(60))).await {
             Ok(_) => return,
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _))
+                if value_limit != Some(0) =>
+            {
+                // Too large even for the DLQ: keep a prefix, then nothing.
+                value_limit = Some(if value_limit.is_none() { TRUNCATED_VALUE_BYTES } else { 0 });
+                tracing::warn!(
+                    partition = message.partition,
+                    offset = message.offset,
+                    "dead letter too large for the broker; truncating its value"
+                );
+            }
             Err((e, _)) => {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, partition = message.partition, offset = message.offset, "dead-letter send failed; retrying");

@@ -225,6 +225,9 @@ pub fn consumer_config(brokers: &str, group_id: &str, options: &[(String, String
         // default); a short backoff resumes promptly once the pipeline drains.
         .set("fetch.queue.backoff.ms", "20")
         .set("fetch.max.bytes", "16777216")
+        // A single oversized message (up to 16 MB) must still be fetchable,
+        // or its partition would stall behind it.
+        .set("max.partition.fetch.bytes", "16777216")
         .set("statistics.interval.ms", "5000");
     for (k, v) in options {
         c.set(k, v);

@@ -190,6 +190,13 @@ pub struct RunningPipeline {
 
 impl RunningPipeline {
     pub fn start(config: Config) -> RunningPipeline {
+        // Logs for debugging a failing test: RUST_LOG=copilot_ingest=debug cargo nextest run …
+        if std::env::var("RUST_LOG").is_ok() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let metrics = Arc::new(Metrics::new());
         let readiness = Arc::new(Readiness::default());
         let (stop, rx) = watch::channel(false);

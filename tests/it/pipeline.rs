@@ -430,3 +430,48 @@ async fn http_endpoints_report_metrics_health_and_readiness() {
     assert_eq!(http_get(addr, "/readyz").await.0, 503);
     pipeline.stop().await;
 }
+
+/// Poison never stalls a partition: every reason code interleaved with valid
+/// events, an oversized message, binary garbage, empty messages, NUL bytes and
+/// invalid UTF-8 are each dead-lettered once; valid events are all written.
+/// (The oversized message is 4.2 MB, above the 4 MiB event limit: the mock
+/// broker keeps at most ~5 MB per partition, so a 10 MB one cannot exist there.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_is_dead_lettered_and_never_stalls_a_partition() {
+    let kafka = TestKafka::new(2);
+    let (_dir, url) = temp_sqlite();
+    let mut config = kafka.config.clone();
+    config.sink.url = copilot_ingest::config::Secret::new(url.clone());
+    // The DLQ refuses records over 2 MB, as a broker with default limits would.
+    config.kafka.options.insert("message.max.bytes".into(), copilot_ingest::config::Secret::new("2000000"));
+    let mut workload = Workload::generate(71, 400, 0.3);
+    let poison: Vec<(Vec<u8>, Reason)> = vec![
+        (vec![b'{'; 4_200_000], Reason::PayloadTooLarge),
+        ((0..=255u8).cycle().take(3000).collect(), Reason::MalformedJson),
+        (Vec::new(), Reason::MalformedJson),
+        (b"\0\0\0".to_vec(), Reason::MalformedJson),
+        (b"{\"msdyn_name\":\"\xff\xfe\"}".to_vec(), Reason::MalformedJson),
+        (b"{\"msdyn_name\":\"nul\\u0000\",\"msdyn_scenariorequestid\":\"r\",\"msdyn_interactiontype\":1,\"msdyn_scenariotype\":1}".to_vec(), Reason::InvalidOption),
+    ];
+    for (i, (value, reason)) in poison.into_iter().enumerate() {
+        let at = 50 * (i + 1);
+        workload.messages.insert(at, (format!("poison-{i}"), value));
+        workload.expected.insert(at, Some(reason));
+    }
+    let (positions, pipeline) = run_workload(config, &workload, &kafka).await;
+    assert_eq!(pipeline.written(), workload.valid() as u64);
+    pipeline.stop().await;
+    assert_eq!(sqlite_count(&url, "SELECT count(*) FROM msdyn_copilotinteraction"), workload.valid() as i64);
+    let dlq = kafka.read_dlq(workload.invalid());
+    assert_eq!(dlq.len(), workload.invalid());
+    let big = dlq
+        .iter()
+        .find(|m| header(m, "x-ingest-error-reason").as_deref() == Some("payload_too_large"))
+        .expect("the 10 MB message");
+    use rdkafka::Message;
+    let kept = big.payload().map_or(0, <[u8]>::len);
+    assert_eq!(kept, 64 * 1024, "the oversized value is cut to its first 64 KiB");
+    assert_eq!(header(big, "x-ingest-value-truncated").as_deref(), Some("4200000"));
+    let _ = positions;
+    assert_committed_at_log_end(&kafka).await;
+}
