@@ -101,6 +101,8 @@ pub enum Command {
         #[arg(long, global = true)]
         command_id: Option<String>,
     },
+    /// End-to-end benchmark: raw consume and raw sink limits, then copilot-ingest, on one data set.
+    Bench(crate::bench::BenchArgs),
     /// Run the embedded Kafka-protocol broker alone and print its address.
     Broker {
         /// Partitions of the event and DLQ topics.
@@ -206,6 +208,7 @@ pub fn main() -> i32 {
                 produce_cmd(config, count, rate, invalid_ratio, format, brokers, topic, seed).await
             }
             Command::Broker { partitions } => broker(config, partitions).await,
+            Command::Bench(args) => crate::bench::run(config, args).await,
             Command::Control { action, brokers, timeout, command_id } => {
                 control_cmd(config, action, brokers, Duration::from_secs(timeout), command_id).await
             }
@@ -525,15 +528,15 @@ fn validate(config: &Config, file: &str) -> i32 {
 
 /// What a load generator run produces.
 #[derive(Debug, Clone, Copy)]
-struct Load {
-    count: u64,
+pub(crate) struct Load {
+    pub count: u64,
     /// Events per second; 0 = unlimited.
-    rate: u64,
-    invalid_ratio: f64,
-    seed: u64,
-    progress: bool,
+    pub rate: u64,
+    pub invalid_ratio: f64,
+    pub seed: u64,
+    pub progress: bool,
     /// Confluent-framed Avro with this bundled schema id instead of JSON.
-    avro_schema_id: Option<u32>,
+    pub avro_schema_id: Option<u32>,
 }
 
 /// Events the demo producer may be ahead of the pipeline: the embedded broker
@@ -542,7 +545,7 @@ const DEMO_WINDOW: u64 = 20_000;
 
 /// Produces the generated events; returns how many of them are valid. With
 /// `handled`, waits whenever it is more than [`DEMO_WINDOW`] events ahead.
-async fn produce_events(
+pub(crate) async fn produce_events(
     brokers: &str,
     topic: &str,
     options: &[(String, String)],

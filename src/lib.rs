@@ -19,6 +19,7 @@
 
 pub mod avro;
 pub mod batch;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -74,10 +74,13 @@ pub enum SourceEvent {
 /// Messages per chunk sent over the channel: one channel send per chunk
 /// rather than per message.
 const CHUNK: usize = 512;
-/// Messages held back (channel full) before fetching is paused. Pausing on
-/// the first full channel would thrash: every pause drops librdkafka's
-/// prefetched data and every resume fetches it again.
-const PAUSE_AT: usize = 8 * CHUNK;
+/// How long the thread waits for room in the channel before pausing the
+/// partitions. Short waits are plain backpressure (librdkafka's bounded
+/// prefetch queue stops fetching by itself); pausing on every full channel
+/// would thrash, since each pause drops the prefetched data and each resume
+/// fetches it again. Pausing is for a sink that stays slow or down: it lets
+/// the thread keep polling, which keeps the group membership alive.
+const PATIENCE: Duration = Duration::from_millis(500);
 
 pub struct SourceContext {
     events: mpsc::Sender<SourceEvent>,
@@ -300,14 +303,39 @@ impl Source {
     }
 }
 
+/// Sends within `patience`; gives the event back if the channel stayed full
+/// (`Err(Some)`), or `Err(None)` if the pipeline is gone or stopping.
+fn send_within(
+    events: &mpsc::Sender<SourceEvent>,
+    mut event: SourceEvent,
+    patience: Duration,
+    stop: &AtomicBool,
+) -> Result<(), Option<SourceEvent>> {
+    let deadline = Instant::now() + patience;
+    loop {
+        match events.try_send(event) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(None),
+            Err(mpsc::error::TrySendError::Full(e)) => {
+                if Instant::now() >= deadline || stop.load(Ordering::Relaxed) {
+                    return Err(Some(e));
+                }
+                event = e;
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        }
+    }
+}
+
 fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop: &AtomicBool) {
     let ctx = consumer.context();
     let mut paused = false;
     while !stop.load(Ordering::Relaxed) {
-        // Hand over what is pending; pause fetching while the pipeline is full.
+        // Hand over what is pending; pause fetching while the pipeline stays full.
         let chunk = ctx.pending.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
         if !chunk.is_empty() {
-            match events.try_send(SourceEvent::Messages(chunk)) {
+            let patience = if paused { Duration::ZERO } else { PATIENCE };
+            match send_within(events, SourceEvent::Messages(chunk), patience, stop) {
                 Ok(()) => {
                     if paused {
                         if let Ok(assignment) = consumer.assignment() {
@@ -316,16 +344,13 @@ fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop
                         paused = false;
                     }
                 }
-                Err(mpsc::error::TrySendError::Full(SourceEvent::Messages(chunk))) => {
-                    let held = if let Ok(mut p) = ctx.pending.lock() {
+                Err(Some(SourceEvent::Messages(chunk))) => {
+                    if let Ok(mut p) = ctx.pending.lock() {
                         let newer = std::mem::replace(&mut *p, chunk);
                         p.extend(newer);
-                        p.len()
-                    } else {
-                        0
-                    };
-                    if !paused && held >= PAUSE_AT {
-                        tracing::debug!(held, "pipeline is full; pausing fetch");
+                    }
+                    if !paused {
+                        tracing::debug!("pipeline full for {PATIENCE:?}; pausing fetch");
                         if let Ok(assignment) = consumer.assignment() {
                             let _ = consumer.pause(&assignment);
                         }
@@ -347,7 +372,7 @@ fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop
                     break;
                 }
             }
-            if polled.len() >= CHUNK || (held + polled.len() >= PAUSE_AT && !paused) {
+            if polled.len() >= CHUNK {
                 break;
             }
             next = consumer.poll(Duration::ZERO);

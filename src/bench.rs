@@ -1,0 +1,469 @@
+//! `copilot-ingest bench`: one data set of N events preloaded into the embedded
+//! broker running in its own process, then, in one run:
+//! - the raw consume limit (the product's consumer configuration, discarding),
+//! - the raw sink limits (PostgreSQL `COPY`, SQLite one prepared insert in one transaction),
+//! - copilot-ingest end to end into each sink (its own process: events/s, CPU
+//!   seconds per million events, peak RSS),
+//! - end-to-end latency at half the measured throughput,
+//!
+//! and prints one table with the ratios to min(raw consume, raw sink).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use crate::cli::{Load, produce_events};
+use crate::config::Config;
+use crate::generator::Generator;
+use crate::normalize::Normalizer;
+use crate::record::{Record, Value, create_columns, format_datetime};
+use crate::table::table;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Events in the data set.
+    #[arg(long, default_value_t = 500_000)]
+    events: u64,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 64)]
+    partitions: i32,
+    /// Sinks to measure.
+    #[arg(long, value_delimiter = ',', default_value = "sqlite,postgres")]
+    sinks: Vec<String>,
+    /// PostgreSQL server (a fresh database is created and dropped).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pg_admin_url: String,
+    /// Seconds of the fixed-rate latency phase per sink (0 skips it).
+    #[arg(long, default_value_t = 20)]
+    latency_seconds: u64,
+}
+
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Row {
+    name: String,
+    events_per_s: f64,
+    cpu_s_per_million: Option<f64>,
+    peak_rss_mb: Option<f64>,
+    note: String,
+}
+
+pub async fn run(_config: Config, args: BenchArgs) -> anyhow::Result<i32> {
+    let exe = std::env::current_exe()?;
+    let topic = format!("bench.{}", uuid::Uuid::new_v4().simple());
+    let n = args.events;
+    eprintln!("starting the embedded broker in its own process ({} partitions)…", args.partitions);
+    let mut broker = KillOnDrop(
+        Command::new(&exe)
+            .args(["broker", "--partitions", &args.partitions.to_string()])
+            .env("COPILOT_INGEST__KAFKA__TOPIC", &topic)
+            .env("COPILOT_INGEST__KAFKA__DLQ_TOPIC", format!("{topic}.dlq"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    let mut first_line = String::new();
+    BufReader::new(broker.0.stdout.take().ok_or_else(|| anyhow::anyhow!("broker stdout"))?)
+        .read_line(&mut first_line)?;
+    let brokers = first_line.trim().to_owned();
+    eprintln!("broker at {brokers}; preloading {n} events…");
+    let load = Load { count: n, rate: 0, invalid_ratio: 0.0, seed: 7, progress: false, avro_schema_id: None };
+    produce_events(&brokers, &topic, &[], load, None).await?;
+
+    let mut rows = Vec::new();
+    eprintln!("raw consume…");
+    let raw_consume = raw_consume(&brokers, &topic, n).await?;
+    rows.push(Row {
+        name: "raw consume (rdkafka, same config)".into(),
+        events_per_s: raw_consume,
+        cpu_s_per_million: None,
+        peak_rss_mb: None,
+        note: String::new(),
+    });
+
+    let records = tokio::task::spawn_blocking(move || normalized(n)).await?;
+    let dir = std::env::temp_dir().join(format!("copilot-ingest-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir)?;
+    let mut e2e_rows = Vec::new();
+    for sink in &args.sinks {
+        let (url, raw_rate, cleanup) = match sink.as_str() {
+            "sqlite" => {
+                eprintln!("raw SQLite insert…");
+                let raw_path = dir.join("raw.db");
+                let recs = records.clone();
+                let rate = tokio::task::spawn_blocking(move || raw_sqlite(&raw_path, &recs)).await??;
+                (format!("sqlite://{}", dir.join("e2e.db").display()), rate, None)
+            }
+            "postgres" => {
+                let admin =
+                    crate::sink::postgres::connect(&args.pg_admin_url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let raw_db = format!("copilot_bench_raw_{}", uuid::Uuid::new_v4().simple());
+                let e2e_db = format!("copilot_bench_e2e_{}", uuid::Uuid::new_v4().simple());
+                admin.batch_execute(&format!("CREATE DATABASE {raw_db}; ")).await?;
+                admin.batch_execute(&format!("CREATE DATABASE {e2e_db}")).await?;
+                let base = args.pg_admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or_default();
+                eprintln!("raw PostgreSQL COPY…");
+                let rate = raw_copy(&format!("{base}/{raw_db}"), &records).await?;
+                (format!("{base}/{e2e_db}"), rate, Some((admin, vec![raw_db, e2e_db])))
+            }
+            other => anyhow::bail!("unknown sink {other}"),
+        };
+        let raw_name = if sink == "sqlite" {
+            "raw SQLite (prepared insert, one transaction)"
+        } else {
+            "raw PostgreSQL COPY (text)"
+        };
+        rows.push(Row {
+            name: raw_name.into(),
+            events_per_s: raw_rate,
+            cpu_s_per_million: None,
+            peak_rss_mb: None,
+            note: String::new(),
+        });
+        eprintln!("copilot-ingest end to end into {sink}…");
+        let e2e = end_to_end(&exe, &brokers, &topic, &url, n).await?;
+        let limit = raw_consume.min(raw_rate);
+        e2e_rows.push((sink.clone(), e2e.events_per_s));
+        rows.push(Row {
+            name: format!("copilot-ingest → {sink}"),
+            note: format!("{:.0}% of min(raw consume, raw sink)", 100.0 * e2e.events_per_s / limit),
+            ..e2e
+        });
+        if let Some((admin, dbs)) = cleanup {
+            for db in dbs {
+                let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
+            }
+        }
+    }
+
+    let mut latency_lines = Vec::new();
+    if args.latency_seconds > 0 {
+        for (sink, rate) in &e2e_rows {
+            let half = (rate / 2.0).max(100.0) as u64;
+            let url = if sink == "sqlite" {
+                format!("sqlite://{}", dir.join("latency.db").display())
+            } else {
+                let admin =
+                    crate::sink::postgres::connect(&args.pg_admin_url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                let db = format!("copilot_bench_lat_{}", uuid::Uuid::new_v4().simple());
+                admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+                let base = args.pg_admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or_default();
+                format!("{base}/{db}")
+            };
+            eprintln!("latency at {half} events/s into {sink} for {}s…", args.latency_seconds);
+            let (p50, p99) = latency(&exe, &brokers, &topic, &url, half, args.latency_seconds).await?;
+            latency_lines.push(format!("| {sink} | {half} | {:.0} ms | {:.0} ms |", p50 * 1000.0, p99 * 1000.0));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+
+    println!("\n{n} events of ~{} bytes, {} partitions, default batch settings\n", typical_size(), args.partitions);
+    println!("| measurement | events/s | CPU s per 1M events | peak RSS | ratio |");
+    println!("|---|---|---|---|---|");
+    for r in rows {
+        println!(
+            "| {} | {:.0} | {} | {} | {} |",
+            r.name,
+            r.events_per_s,
+            r.cpu_s_per_million.map(|c| format!("{c:.1}")).unwrap_or_default(),
+            r.peak_rss_mb.map(|m| format!("{m:.0} MB")).unwrap_or_default(),
+            r.note
+        );
+    }
+    if !latency_lines.is_empty() {
+        println!("\n| sink | rate (events/s) | p50 end-to-end | p99 end-to-end |\n|---|---|---|---|");
+        for l in latency_lines {
+            println!("{l}");
+        }
+    }
+    Ok(0)
+}
+
+fn typical_size() -> usize {
+    let mut g = Generator::new(7, 0.0);
+    (0..100).map(|_| g.next(false).value.len()).sum::<usize>() / 100
+}
+
+/// The data set, normalized as the pipeline would (for the raw sink baselines).
+fn normalized(n: u64) -> Vec<Record> {
+    let mut g = Generator::new(7, 0.0);
+    let normalizer = Normalizer::default();
+    let now = Utc::now();
+    (0..n).filter_map(|_| normalizer.normalize_json(&g.next(false).value, None, now).ok()).collect()
+}
+
+async fn raw_consume(brokers: &str, topic: &str, n: u64) -> anyhow::Result<f64> {
+    let brokers = brokers.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
+        let consumer: BaseConsumer =
+            crate::source::consumer_config(&brokers, &format!("bench-raw-{}", uuid::Uuid::new_v4().simple()), &[])
+                .set("statistics.interval.ms", "0")
+                .create()?;
+        consumer.subscribe(&[&topic])?;
+        let mut seen = 0u64;
+        let mut started = None;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        while seen < n && Instant::now() < deadline {
+            if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
+                started.get_or_insert_with(Instant::now);
+                seen += 1;
+            }
+        }
+        let secs = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::INFINITY);
+        Ok(seen as f64 / secs)
+    })
+    .await?
+}
+
+fn raw_sqlite(path: &std::path::Path, records: &[Record]) -> anyhow::Result<f64> {
+    let mut conn = crate::sink::sqlite::open_connection(path)?;
+    crate::sink::sqlite::migrate(&conn)?;
+    let t = table();
+    let cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
+    let sql = format!(
+        "INSERT INTO {} ({}, statecode, createdon, versionnumber) VALUES ({})",
+        t.logical_name,
+        cols.join(", "),
+        (1..=cols.len() + 3).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+    );
+    let started = Instant::now();
+    let tx = conn.transaction()?;
+    {
+        let mut stmt = tx.prepare(&sql)?;
+        for (i, r) in records.iter().enumerate() {
+            let mut params: Vec<rusqlite::types::Value> = r
+                .values()
+                .iter()
+                .map(|v| match v {
+                    Value::Null => rusqlite::types::Value::Null,
+                    Value::Text(s) => s.clone().into(),
+                    Value::Int(i) => i64::from(*i).into(),
+                    Value::Guid(g) => g.hyphenated().to_string().into(),
+                    Value::DateTime(d) => format_datetime(d).into(),
+                })
+                .collect();
+            params.push(i64::from(r.state_code()).into());
+            params.push(format_datetime(&r.created_on()).into());
+            params.push((i as i64).into());
+            stmt.execute(rusqlite::params_from_iter(params))?;
+        }
+    }
+    tx.commit()?;
+    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+/// COPY text-format escaping.
+fn copy_text(out: &mut String, s: &str) {
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+async fn raw_copy(url: &str, records: &[Record]) -> anyhow::Result<f64> {
+    use futures_util::SinkExt;
+    let client = crate::sink::postgres::connect(url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::sink::postgres::migrate(&client).await?;
+    let t = table();
+    let cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
+    let started = Instant::now();
+    let sink = client
+        .copy_in(&format!("COPY {} ({}, statecode, createdon) FROM STDIN", t.logical_name, cols.join(", ")))
+        .await?;
+    let mut sink = std::pin::pin!(sink);
+    let mut buf = String::with_capacity(8 << 20);
+    for r in records {
+        for v in r.values() {
+            match v {
+                Value::Null => buf.push_str("\\N"),
+                Value::Text(s) => copy_text(&mut buf, s),
+                Value::Int(i) => buf.push_str(&i.to_string()),
+                Value::Guid(g) => buf.push_str(&g.hyphenated().to_string()),
+                Value::DateTime(d) => buf.push_str(&format_datetime(d)),
+            }
+            buf.push('\t');
+        }
+        buf.push_str(&r.state_code().to_string());
+        buf.push('\t');
+        buf.push_str(&format_datetime(&r.created_on()));
+        buf.push('\n');
+        if buf.len() > (4 << 20) {
+            sink.send(bytes_of(&mut buf)).await?;
+        }
+    }
+    if !buf.is_empty() {
+        sink.send(bytes_of(&mut buf)).await?;
+    }
+    sink.as_mut().finish().await?;
+    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+fn bytes_of(buf: &mut String) -> std::io::Cursor<Vec<u8>> {
+    std::io::Cursor::new(std::mem::take(buf).into_bytes())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else { return String::new() };
+    if s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.is_err() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out).await;
+    out
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn spawn_ingest(exe: &std::path::Path, brokers: &str, topic: &str, url: &str, port: u16) -> anyhow::Result<KillOnDrop> {
+    Ok(KillOnDrop(ingest_command(exe, brokers, topic, url, port).spawn()?))
+}
+
+fn ingest_command(exe: &std::path::Path, brokers: &str, topic: &str, url: &str, port: u16) -> Command {
+    let mut command = Command::new(exe);
+    command
+        .arg("run")
+        .env("COPILOT_INGEST__KAFKA__BROKERS", brokers)
+        .env("COPILOT_INGEST__KAFKA__TOPIC", topic)
+        .env("COPILOT_INGEST__KAFKA__DLQ_TOPIC", format!("{topic}.dlq"))
+        .env("COPILOT_INGEST__KAFKA__GROUP_ID", format!("bench-{}", uuid::Uuid::new_v4().simple()))
+        .env("COPILOT_INGEST__SINK__URL", url)
+        .env("COPILOT_INGEST__METRICS__LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
+/// (utime + stime seconds, peak RSS MB) of a child process, from /proc.
+fn usage(pid: u32) -> (Option<f64>, Option<f64>) {
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok().and_then(|s| {
+        let rest = s.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    });
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<f64>().ok())
+        .map(|kb| kb / 1024.0);
+    (cpu, rss)
+}
+
+async fn end_to_end(exe: &std::path::Path, brokers: &str, topic: &str, url: &str, n: u64) -> anyhow::Result<Row> {
+    let port = free_port()?;
+    let child = spawn_ingest(exe, brokers, topic, url, port)?;
+    let pid = child.0.id();
+    let mut started = None;
+    let deadline = Instant::now() + Duration::from_secs(1800);
+    let (mut cpu_at_start, mut written) = (None, 0.0);
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = scrape(port).await;
+        let received = metric(&text, "copilot_ingest_events_received_total");
+        written = metric(&text, "copilot_ingest_records_written_total");
+        if received > 0.0 && started.is_none() {
+            started = Some(Instant::now());
+            cpu_at_start = usage(pid).0;
+        }
+        if written >= n as f64 {
+            break;
+        }
+    }
+    let secs = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::INFINITY);
+    let (cpu, rss) = usage(pid);
+    let cpu_per_million = cpu.zip(cpu_at_start).map(|(end, start)| (end - start) * 1_000_000.0 / written.max(1.0));
+    drop(child);
+    Ok(Row {
+        name: String::new(),
+        events_per_s: written / secs,
+        cpu_s_per_million: cpu_per_million,
+        peak_rss_mb: rss,
+        note: String::new(),
+    })
+}
+
+/// p50 and p99 of the end-to-end histogram while events arrive at `rate`. A
+/// fresh ingestor starts at the end of the topic (the backlog is not its
+/// concern), then events are produced at the fixed rate.
+async fn latency(
+    exe: &std::path::Path,
+    brokers: &str,
+    topic: &str,
+    url: &str,
+    rate: u64,
+    seconds: u64,
+) -> anyhow::Result<(f64, f64)> {
+    let port = free_port()?;
+    let mut command = ingest_command(exe, brokers, topic, url, port);
+    command.env("COPILOT_INGEST__KAFKA__OPTIONS__AUTO_OFFSET_RESET", "latest");
+    let child = KillOnDrop(command.spawn()?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !scrape(port).await.contains("copilot_ingest_build_info") {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let the group form before the clock starts.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let load = Load { count: rate * seconds, rate, invalid_ratio: 0.0, seed: 9, progress: false, avro_schema_id: None };
+    produce_events(brokers, topic, &[], load, None).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let text = scrape(port).await;
+    drop(child);
+    Ok((quantile(&text, 0.5), quantile(&text, 0.99)))
+}
+
+/// A quantile of `copilot_ingest_end_to_end_seconds`, interpolated within its bucket.
+fn quantile(text: &str, q: f64) -> f64 {
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("copilot_ingest_end_to_end_seconds_bucket"))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
+    if total == 0.0 {
+        return f64::NAN;
+    }
+    let target = q * total;
+    let mut prev = (0.0, 0.0);
+    for (le, count) in buckets {
+        if count >= target {
+            if le.is_infinite() {
+                return prev.0;
+            }
+            let within = (target - prev.1) / (count - prev.1).max(1.0);
+            return prev.0 + (le - prev.0) * within;
+        }
+        prev = (le, count);
+    }
+    prev.0
+}
