@@ -77,7 +77,17 @@ pub async fn run(_config: Config, args: BenchArgs) -> anyhow::Result<i32> {
         .read_line(&mut first_line)?;
     let brokers = first_line.trim().to_owned();
     eprintln!("broker at {brokers}; preloading {n} events…");
-    let load = Load { count: n, rate: 0, invalid_ratio: 0.0, seed: 7, progress: false, avro_schema_id: None };
+    // Round-robin: the embedded broker keeps ~5 MB per partition, so the data
+    // set must spread evenly to be kept whole.
+    let load = Load {
+        count: n,
+        rate: 0,
+        invalid_ratio: 0.0,
+        seed: 7,
+        progress: false,
+        avro_schema_id: None,
+        round_robin_partitions: Some(args.partitions),
+    };
     produce_events(&brokers, &topic, &[], load, None).await?;
 
     let mut rows = Vec::new();
@@ -380,13 +390,22 @@ async fn end_to_end(exe: &std::path::Path, brokers: &str, topic: &str, url: &str
     let child = spawn_ingest(exe, brokers, topic, url, port)?;
     let pid = child.0.id();
     let mut started = None;
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    let (mut cpu_at_start, mut written) = (None, 0.0);
-    while Instant::now() < deadline {
+    let mut finished = None;
+    let mut cpu_at_start = None;
+    let mut written: f64;
+    let mut last_progress = (Instant::now(), 0.0);
+    loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let text = scrape(port).await;
         let received = metric(&text, "copilot_ingest_events_received_total");
         written = metric(&text, "copilot_ingest_records_written_total");
+        if written > last_progress.1 {
+            last_progress = (Instant::now(), written);
+            finished = Some(Instant::now());
+        } else if last_progress.0.elapsed() > Duration::from_secs(30) {
+            eprintln!("no progress for 30 s at {written} of {n} records; reporting what was written");
+            break;
+        }
         if received > 0.0 && started.is_none() {
             started = Some(Instant::now());
             cpu_at_start = usage(pid).0;
@@ -395,7 +414,7 @@ async fn end_to_end(exe: &std::path::Path, brokers: &str, topic: &str, url: &str
             break;
         }
     }
-    let secs = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(f64::INFINITY);
+    let secs = started.zip(finished).map(|(s, f)| (f - s).as_secs_f64()).unwrap_or(f64::INFINITY);
     let (cpu, rss) = usage(pid);
     let cpu_per_million = cpu.zip(cpu_at_start).map(|(end, start)| (end - start) * 1_000_000.0 / written.max(1.0));
     drop(child);
@@ -429,7 +448,15 @@ async fn latency(
     }
     // Let the group form before the clock starts.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let load = Load { count: rate * seconds, rate, invalid_ratio: 0.0, seed: 9, progress: false, avro_schema_id: None };
+    let load = Load {
+        count: rate * seconds,
+        rate,
+        invalid_ratio: 0.0,
+        seed: 9,
+        progress: false,
+        avro_schema_id: None,
+        round_robin_partitions: None,
+    };
     produce_events(brokers, topic, &[], load, None).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let text = scrape(port).await;

@@ -537,6 +537,8 @@ pub(crate) struct Load {
     pub progress: bool,
     /// Confluent-framed Avro with this bundled schema id instead of JSON.
     pub avro_schema_id: Option<u32>,
+    /// Spread messages round-robin over this many partitions (instead of by key).
+    pub round_robin_partitions: Option<i32>,
 }
 
 /// Events the demo producer may be ahead of the pipeline: the embedded broker
@@ -552,7 +554,7 @@ pub(crate) async fn produce_events(
     load: Load,
     handled: Option<Arc<Metrics>>,
 ) -> anyhow::Result<u64> {
-    let Load { count, rate, invalid_ratio, seed, progress, avro_schema_id } = load;
+    let Load { count, rate, invalid_ratio, seed, progress, avro_schema_id, round_robin_partitions } = load;
     let avro_schema = match avro_schema_id {
         Some(id) => {
             let text = crate::avro::BUNDLED
@@ -609,6 +611,9 @@ pub(crate) async fn produce_events(
                 None => g.value,
             };
             let mut record = BaseRecord::to(&topic).key(&g.key).payload(&value);
+            if let Some(p) = round_robin_partitions.filter(|p| *p > 0) {
+                record = record.partition((i % p as u64) as i32);
+            }
             loop {
                 match producer.send(record) {
                     Ok(()) => break,
@@ -668,6 +673,7 @@ async fn produce_cmd(
             seed,
             progress: true,
             avro_schema_id: (format == ProduceFormat::Avro).then_some(2),
+            round_robin_partitions: None,
         },
         None,
     )
@@ -718,7 +724,15 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
         let brokers = brokers.clone();
         let metrics = Arc::clone(&metrics);
         tokio::spawn(async move {
-            let load = Load { count, rate, invalid_ratio, seed: 42, progress: false, avro_schema_id: None };
+            let load = Load {
+                count,
+                rate,
+                invalid_ratio,
+                seed: 42,
+                progress: false,
+                avro_schema_id: None,
+                round_robin_partitions: None,
+            };
             produce_events(&brokers, &topic, &options, load, Some(metrics)).await
         })
     };
