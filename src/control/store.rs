@@ -103,10 +103,9 @@ impl Store {
         let sql_sqlite = format!("SELECT reply FROM {REPLY_TABLE} WHERE command_id = ?1");
         let text: Option<String> = match self {
             Store::Sqlite(path) => {
-                let (path, id) = (path.clone(), command_id.to_owned());
-                blocking(move || {
+                let id = command_id.to_owned();
+                sqlite(path, move |conn| {
                     use rusqlite::OptionalExtension;
-                    let conn = crate::sink::sqlite::open_connection(&path)?;
                     Ok(conn.query_row(&sql_sqlite, [id], |r| r.get(0)).optional()?)
                 })
                 .await?
@@ -128,9 +127,7 @@ impl Store {
         let message = reply.message.clone();
         match self {
             Store::Sqlite(path) => {
-                let path = path.clone();
-                blocking(move || {
-                    let conn = crate::sink::sqlite::open_connection(&path)?;
+                sqlite(path, move |conn| {
                     conn.execute(
                         &format!("INSERT INTO {REPLY_TABLE} (command_id, message, reply, created_on) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(command_id) DO NOTHING"),
                         rusqlite::params![id, message, text, format_datetime(&Utc::now())],
@@ -185,9 +182,7 @@ impl Store {
             (command.command_id.clone(), command.message.name().to_owned(), criteria.map(str::to_owned));
         match self {
             Store::Sqlite(path) => {
-                let path = path.clone();
-                blocking(move || {
-                    let conn = crate::sink::sqlite::open_connection(&path)?;
+                sqlite(path, move |conn| {
                     conn.execute(
                         &format!("INSERT INTO {OPERATION_TABLE} (operationid, command_id, message, criteria, status, started_on) VALUES (?1, ?2, ?3, ?4, 'Marking', ?5) ON CONFLICT(operationid) DO NOTHING"),
                         rusqlite::params![op.hyphenated().to_string(), id, message, criteria, format_datetime(&Utc::now())],
@@ -217,9 +212,7 @@ impl Store {
         let status = status.to_owned();
         match self {
             Store::Sqlite(path) => {
-                let path = path.clone();
-                blocking(move || {
-                    let conn = crate::sink::sqlite::open_connection(&path)?;
+                sqlite(path, move |conn| {
                     conn.execute(
                         &format!("UPDATE {OPERATION_TABLE} SET status = ?2, ended_on = ?3 WHERE operationid = ?1"),
                         rusqlite::params![op.hyphenated().to_string(), status, format_datetime(&Utc::now())],
@@ -306,9 +299,7 @@ impl Store {
                      WHERE {id} IN (SELECT {id} FROM {name} WHERE msft_datastate = 0 AND ({}) LIMIT ?3)",
                     predicate.sql
                 );
-                let path = path.clone();
-                blocking(move || {
-                    let mut conn = crate::sink::sqlite::open_connection(&path)?;
+                sqlite(path, move |conn| {
                     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                     let version = next_sqlite_version(&tx)?;
                     let mut params: Vec<rusqlite::types::Value> =
@@ -467,9 +458,7 @@ impl Store {
                     "SELECT {id} FROM {name} WHERE msft_datastate = 1 AND (?1 IS NULL OR versionnumber <= ?1) AND ({}) LIMIT ?2",
                     predicate.sql
                 );
-                let path = path.clone();
-                blocking(move || {
-                    let mut conn = crate::sink::sqlite::open_connection(&path)?;
+                sqlite(path, move |conn| {
                     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                     let ids: Vec<String> = {
                         let mut params: Vec<rusqlite::types::Value> = vec![max_version.into(), limit.into()];
@@ -533,9 +522,7 @@ impl Store {
     async fn operation_exists(&self, op: Uuid) -> Result<bool, StoreError> {
         match self {
             Store::Sqlite(path) => {
-                let path = path.clone();
-                blocking(move || {
-                    let conn = crate::sink::sqlite::open_connection(&path)?;
+                sqlite(path, move |conn| {
                     Ok(conn
                         .prepare(&format!("SELECT 1 FROM {OPERATION_TABLE} WHERE operationid = ?1"))?
                         .exists([op.hyphenated().to_string()])?)
@@ -556,9 +543,7 @@ impl Store {
         let status = status.to_owned();
         match self {
             Store::Sqlite(path) => {
-                let path = path.clone();
-                blocking(move || {
-                    let conn = crate::sink::sqlite::open_connection(&path)?;
+                sqlite(path, move |conn| {
                     conn.execute(
                         &format!("UPDATE {OPERATION_TABLE} SET status = ?2 WHERE operationid = ?1"),
                         rusqlite::params![op.hyphenated().to_string(), status],
@@ -585,10 +570,8 @@ impl Store {
         let (name, id) = (t.logical_name.clone(), t.primary_id_attribute.clone());
         let (state, purged): (Option<i64>, bool) = match self {
             Store::Sqlite(path) => {
-                let path = path.clone();
-                blocking(move || {
+                sqlite(path, move |conn| {
                     use rusqlite::OptionalExtension;
-                    let conn = crate::sink::sqlite::open_connection(&path)?;
                     let key = record.hyphenated().to_string();
                     let state = conn
                         .query_row(&format!("SELECT msft_datastate FROM {name} WHERE {id} = ?1"), [&key], |r| r.get(0))
@@ -675,6 +658,19 @@ fn refs(
 
 async fn pg(url: &str) -> Result<tokio_postgres::Client, StoreError> {
     crate::sink::postgres::connect(url).await.map_err(|e| StoreError::Transient(e.to_string()))
+}
+
+/// Runs `f` with a fresh connection to the SQLite file, off the async runtime.
+async fn sqlite<T: Send + 'static>(
+    path: &std::path::Path,
+    f: impl FnOnce(&mut rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    let path = path.to_owned();
+    blocking(move || {
+        let mut conn = crate::sink::sqlite::open_connection(&path)?;
+        f(&mut conn)
+    })
+    .await
 }
 
 async fn blocking<T: Send + 'static>(

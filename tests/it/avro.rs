@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
-use copilot_ingest::config::{AvroConfig, Format, Secret};
+use copilot_ingest::config::{AvroConfig, Format};
 use copilot_ingest::decode::{Decoded, Decoder};
 use copilot_ingest::normalize::Normalizer;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -158,8 +158,7 @@ async fn registry_schemas_are_fetched_once_and_an_outage_only_pauses() {
     let registry = fake_registry(vec![(7, v2.clone()), (8, v2.clone())]).await;
     let kafka = TestKafka::new(2);
     let (_dir, url) = temp_sqlite();
-    let mut config = kafka.config.clone();
-    config.sink.url = Secret::new(url);
+    let mut config = kafka.config_with_sink(&url);
     config.avro.registry_url = format!("http://user:pass@{}", registry.addr);
     let pipeline = RunningPipeline::start(config);
 

@@ -7,15 +7,7 @@ use std::time::{Duration, Instant};
 use crate::common::*;
 
 fn bin() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_copilot-ingest"));
-    // Tests must not pick up a developer's configuration or environment.
-    c.current_dir(std::env::temp_dir());
-    for (k, _) in std::env::vars() {
-        if k.starts_with("COPILOT_INGEST__") {
-            c.env_remove(k);
-        }
-    }
-    c
+    binary()
 }
 
 #[test]
@@ -105,22 +97,7 @@ async fn sigterm_drains_commits_and_exits_0() {
     let (dir, url) = temp_sqlite();
     let workload = Workload::generate(21, EVENTS as usize, 0.0);
     let positions = kafka.produce(&workload.messages).await;
-    let spawn = || {
-        bin()
-            .arg("run")
-            .env("COPILOT_INGEST__KAFKA__BROKERS", &kafka.bootstrap)
-            .env("COPILOT_INGEST__KAFKA__TOPIC", &kafka.config.kafka.topic)
-            .env("COPILOT_INGEST__KAFKA__DLQ_TOPIC", &kafka.config.kafka.dlq_topic)
-            .env("COPILOT_INGEST__KAFKA__GROUP_ID", &kafka.config.kafka.group_id)
-            .env("COPILOT_INGEST__SINK__URL", &url)
-            .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
-            .env("COPILOT_INGEST__KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
-            .env("COPILOT_INGEST__BATCH__MAX_RECORDS", "200")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || kafka.run_binary(&url).env("COPILOT_INGEST__BATCH__MAX_RECORDS", "200").spawn().unwrap();
     let db = std::path::PathBuf::from(url.trim_start_matches("sqlite://"));
     let rows = || -> i64 {
         rusqlite::Connection::open(&db)
@@ -183,21 +160,7 @@ async fn killed_retention_commands_complete_after_a_restart() {
     let kafka = TestKafka::new(2);
     let (dir, url) = temp_sqlite();
     let db = std::path::PathBuf::from(url.trim_start_matches("sqlite://"));
-    let spawn = || {
-        bin()
-            .arg("run")
-            .env("COPILOT_INGEST__KAFKA__BROKERS", &kafka.bootstrap)
-            .env("COPILOT_INGEST__KAFKA__TOPIC", &kafka.config.kafka.topic)
-            .env("COPILOT_INGEST__KAFKA__DLQ_TOPIC", &kafka.config.kafka.dlq_topic)
-            .env("COPILOT_INGEST__KAFKA__GROUP_ID", &kafka.config.kafka.group_id)
-            .env("COPILOT_INGEST__SINK__URL", &url)
-            .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
-            .env("COPILOT_INGEST__KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
+    let spawn = || kafka.run_binary(&url).env("COPILOT_INGEST__BATCH__MAX_RECORDS", "200").spawn().unwrap();
     let query = |sql: &str| -> i64 {
         rusqlite::Connection::open(&db).and_then(|c| c.query_row(sql, [], |r| r.get(0))).unwrap_or(-1)
     };

@@ -17,6 +17,18 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+/// The built binary, isolated from a developer's configuration and environment.
+pub fn binary() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_copilot-ingest"));
+    c.current_dir(std::env::temp_dir());
+    for (k, _) in std::env::vars() {
+        if k.starts_with("COPILOT_INGEST__") {
+            c.env_remove(k);
+        }
+    }
+    c
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
@@ -57,6 +69,29 @@ impl TestKafka {
         let bootstrap = broker.bootstrap_servers();
         config.kafka.brokers = bootstrap.clone();
         TestKafka { _broker: broker, bootstrap, config, partitions }
+    }
+
+    /// The test configuration writing to the sink at `url`.
+    pub fn config_with_sink(&self, url: &str) -> Config {
+        let mut config = self.config.clone();
+        config.sink.url = copilot_ingest::config::Secret::new(url.to_owned());
+        config
+    }
+
+    /// The service binary (`run`) against this broker and the sink at `url`.
+    pub fn run_binary(&self, url: &str) -> std::process::Command {
+        let mut c = binary();
+        c.arg("run")
+            .env("COPILOT_INGEST__KAFKA__BROKERS", &self.bootstrap)
+            .env("COPILOT_INGEST__KAFKA__TOPIC", &self.config.kafka.topic)
+            .env("COPILOT_INGEST__KAFKA__DLQ_TOPIC", &self.config.kafka.dlq_topic)
+            .env("COPILOT_INGEST__KAFKA__GROUP_ID", &self.config.kafka.group_id)
+            .env("COPILOT_INGEST__SINK__URL", url)
+            .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
+            .env("COPILOT_INGEST__KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
     }
 
     /// Publishes messages (key, value), round-robin over partitions; waits for every ack.

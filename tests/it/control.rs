@@ -145,8 +145,7 @@ async fn every_message_works_on_both_sinks() {
     let (urls, _db, _dir) = sink_urls().await;
     for url in urls {
         let kafka = TestKafka::new(2);
-        let mut config = kafka.config.clone();
-        config.sink.url = Secret::new(url.clone());
+        let config = kafka.config_with_sink(&url);
         let pipeline = RunningPipeline::start(config.clone());
         let control = ControlService::start(config.clone());
         let client = ControlClient::new(&kafka);
@@ -294,8 +293,7 @@ async fn query_text(url: &str, sql: &str) -> String {
 async fn each_command_id_executes_once_across_instances() {
     let kafka = TestKafka::new(1);
     let (_dir, url) = temp_sqlite();
-    let mut config = kafka.config.clone();
-    config.sink.url = Secret::new(url.clone());
+    let config = kafka.config_with_sink(&url);
     let pipeline = RunningPipeline::start(config.clone());
     kafka.produce(&events(2, 40, 0).messages).await;
     pipeline.wait_handled(40, Duration::from_secs(60)).await;
@@ -330,8 +328,7 @@ async fn each_command_id_executes_once_across_instances() {
 async fn signed_commands_only_when_a_key_is_configured() {
     let kafka = TestKafka::new(1);
     let (_dir, url) = temp_sqlite();
-    let mut config = kafka.config.clone();
-    config.sink.url = Secret::new(url.clone());
+    let mut config = kafka.config_with_sink(&url);
     config.control.hmac_key = Secret::new("s3cr3t-key");
     copilot_ingest::sink::sqlite::migrate(
         &copilot_ingest::sink::sqlite::open_connection(std::path::Path::new(url.trim_start_matches("sqlite://")))
@@ -376,8 +373,7 @@ async fn hostile_criteria_are_inert_or_rejected() {
     let (urls, _db, _dir) = sink_urls().await;
     for url in urls {
         let kafka = TestKafka::new(1);
-        let mut config = kafka.config.clone();
-        config.sink.url = Secret::new(url.clone());
+        let config = kafka.config_with_sink(&url);
         let pipeline = RunningPipeline::start(config.clone());
         kafka.produce(&events(3, 10, 0).messages).await;
         pipeline.wait_handled(10, Duration::from_secs(60)).await;

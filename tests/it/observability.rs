@@ -56,8 +56,7 @@ async fn a_prometheus_server_sees_every_written_record() {
     }
     let kafka = TestKafka::new(2);
     let (dir, url) = temp_sqlite();
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(url);
+    let config = kafka.config_with_sink(&url);
     let pipeline = RunningPipeline::start(config);
     let (addr, _stop_http) = serve_http(&pipeline).await;
     let workload = Workload::generate(41, 2000, 0.05);
@@ -111,8 +110,7 @@ async fn a_prometheus_server_sees_every_written_record() {
 async fn consumer_lag_reaches_zero_when_caught_up() {
     let kafka = TestKafka::new(2);
     let (_dir, url) = temp_sqlite();
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(url);
+    let config = kafka.config_with_sink(&url);
     let pipeline = RunningPipeline::start(config.clone());
     let workload = Workload::generate(42, 1000, 0.0);
     kafka.produce(&workload.messages).await;
@@ -133,8 +131,7 @@ async fn consumer_lag_reaches_zero_when_caught_up() {
 async fn readyz_follows_the_sink() {
     let Some(db) = PgDb::create().await else { return };
     let kafka = TestKafka::new(1);
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(db.url.clone());
+    let config = kafka.config_with_sink(&db.url);
     let pipeline = RunningPipeline::start(config);
     let (addr, _stop_http) = serve_http(&pipeline).await;
     kafka.produce(&Workload::generate(43, 10, 0.0).messages).await;

@@ -69,8 +69,7 @@ async fn run_workload(config: Config, workload: &Workload, kafka: &TestKafka) ->
 async fn sqlite_writes_valid_events_and_dead_letters_invalid_ones() {
     let kafka = TestKafka::new(3);
     let (_dir, url) = temp_sqlite();
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(url.clone());
+    let config = kafka.config_with_sink(&url);
     let workload = Workload::generate(11, 3000, 0.1);
     let (positions, pipeline) = run_workload(config, &workload, &kafka).await;
     assert_eq!(pipeline.written(), workload.valid() as u64);
@@ -149,8 +148,7 @@ async fn sqlite_writes_valid_events_and_dead_letters_invalid_ones() {
 async fn postgres_writes_valid_events_and_dead_letters_invalid_ones() {
     let Some(db) = PgDb::create().await else { return };
     let kafka = TestKafka::new(4);
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(db.url.clone());
+    let config = kafka.config_with_sink(&db.url);
     let workload = Workload::generate(12, 3000, 0.1);
     let (positions, pipeline) = run_workload(config, &workload, &kafka).await;
     assert_eq!(pipeline.written(), workload.valid() as u64);
@@ -182,8 +180,7 @@ async fn postgres_writes_valid_events_and_dead_letters_invalid_ones() {
 async fn postgres_stores_exactly_the_normalized_values() {
     let Some(db) = PgDb::create().await else { return };
     let kafka = TestKafka::new(1);
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(db.url.clone());
+    let config = kafka.config_with_sink(&db.url);
     let event = serde_json::json!({
         "msdyn_name": "Thumbs up on summary",
         "msdyn_scenariorequestid": "req-42",
@@ -239,8 +236,7 @@ async fn redelivered_events_are_skipped_as_replays_in_both_sinks() {
     }
     for url in urls {
         let kafka = TestKafka::new(2);
-        let mut config = kafka.config.clone();
-        config.sink.url = copilot_ingest::config::Secret::new(url.clone());
+        let mut config = kafka.config_with_sink(&url);
         let workload = Workload::generate(13, 1500, 0.05);
         let (_, first) = run_workload(config.clone(), &workload, &kafka).await;
         assert_eq!(first.written(), workload.valid() as u64);
@@ -270,8 +266,7 @@ async fn redelivered_events_are_skipped_as_replays_in_both_sinks() {
 async fn same_id_with_different_content_is_a_conflict() {
     let kafka = TestKafka::new(1);
     let (_dir, url) = temp_sqlite();
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(url.clone());
+    let config = kafka.config_with_sink(&url);
     let id = "5d1c0c8e-7c55-4a8e-9d67-0a4c3e3b9f11";
     let event = |name: &str| {
         serde_json::json!({"msdyn_copilotinteractionid": id, "msdyn_name": name, "msdyn_scenariorequestid": "r",
@@ -305,8 +300,7 @@ async fn a_refused_record_is_dead_lettered_and_the_rest_of_its_batch_written() {
     }
     for url in targets {
         let kafka = TestKafka::new(1);
-        let mut config = kafka.config.clone();
-        config.sink.url = copilot_ingest::config::Secret::new(url.clone());
+        let mut config = kafka.config_with_sink(&url);
         config.batch.linger_ms = 2000;
         // The table exists before the run so the test can add a rule that refuses one name.
         if url.starts_with("sqlite") {
@@ -354,8 +348,7 @@ async fn a_refused_record_is_dead_lettered_and_the_rest_of_its_batch_written() {
 async fn postgres_outage_pauses_without_loss_or_early_commits() {
     let Some(db) = PgDb::create().await else { return };
     let kafka = TestKafka::new(2);
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(db.url.clone());
+    let config = kafka.config_with_sink(&db.url);
     let before = Workload::generate(15, 1000, 0.0);
     let (_, pipeline) = run_workload(config, &before, &kafka).await;
     wait_for("offsets committed before the outage", LONG, || kafka.committed().values().sum::<i64>() == 1000).await;
@@ -394,8 +387,7 @@ async fn postgres_outage_pauses_without_loss_or_early_commits() {
 async fn http_endpoints_report_metrics_health_and_readiness() {
     let kafka = TestKafka::new(2);
     let (_dir, url) = temp_sqlite();
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(url);
+    let config = kafka.config_with_sink(&url);
     let pipeline = RunningPipeline::start(config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -440,8 +432,7 @@ async fn http_endpoints_report_metrics_health_and_readiness() {
 async fn poison_is_dead_lettered_and_never_stalls_a_partition() {
     let kafka = TestKafka::new(2);
     let (_dir, url) = temp_sqlite();
-    let mut config = kafka.config.clone();
-    config.sink.url = copilot_ingest::config::Secret::new(url.clone());
+    let mut config = kafka.config_with_sink(&url);
     // The DLQ refuses records over 2 MB, as a broker with default limits would.
     config.kafka.options.insert("message.max.bytes".into(), copilot_ingest::config::Secret::new("2000000"));
     let mut workload = Workload::generate(71, 400, 0.3);
