@@ -322,19 +322,7 @@ impl Store {
                      WHERE {id} IN (SELECT {id} FROM {name} WHERE msft_datastate = 0 AND ({}) LIMIT $2 FOR UPDATE SKIP LOCKED)",
                     predicate.sql
                 );
-                let mut client = pg(url).await?;
-                let tx = client.transaction().await?;
-                let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> =
-                    vec![Box::new(op), Box::new(limit)];
-                params.extend(predicate.params.iter().map(pg_param));
-                let n = tx.execute(&sql, &refs(&params)).await? as i64;
-                tx.execute(
-                    &format!("UPDATE {OPERATION_TABLE} SET total = total + $2 WHERE operationid = $1"),
-                    &[&op, &n],
-                )
-                .await?;
-                tx.commit().await?;
-                Ok(n)
+                pg_page(url, op, &sql, vec![Box::new(op), Box::new(limit)], &predicate).await
             }
         }
     }
@@ -490,7 +478,7 @@ impl Store {
                 .await
             }
             Store::Postgres(url) => {
-                let predicate: Predicate = criteria.compile(Dialect::Postgres, 3);
+                let predicate = criteria.compile(Dialect::Postgres, 3);
                 let sql = format!(
                     "WITH doomed AS (
                         DELETE FROM {name} WHERE {id} IN (
@@ -502,19 +490,7 @@ impl Store {
                      ON CONFLICT ({id}) DO NOTHING",
                     predicate.sql
                 );
-                let mut client = pg(url).await?;
-                let tx = client.transaction().await?;
-                let mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> =
-                    vec![Box::new(max_version), Box::new(limit)];
-                params.extend(predicate.params.iter().map(pg_param));
-                let n = tx.execute(&sql, &refs(&params)).await? as i64;
-                tx.execute(
-                    &format!("UPDATE {OPERATION_TABLE} SET total = total + $2 WHERE operationid = $1"),
-                    &[&op, &n],
-                )
-                .await?;
-                tx.commit().await?;
-                Ok(n)
+                pg_page(url, op, &sql, vec![Box::new(max_version), Box::new(limit)], &predicate).await
             }
         }
     }
@@ -658,6 +634,25 @@ fn refs(
 
 async fn pg(url: &str) -> Result<tokio_postgres::Client, StoreError> {
     crate::sink::postgres::connect(url).await.map_err(|e| StoreError::Transient(e.to_string()))
+}
+
+/// One page of a bulk operation on PostgreSQL: `sql` (bound to `params`, then
+/// the predicate's values) and the operation's running total, in one
+/// transaction. Returns the rows the page changed.
+async fn pg_page(
+    url: &str,
+    op: Uuid,
+    sql: &str,
+    mut params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>>,
+    predicate: &Predicate,
+) -> Result<i64, StoreError> {
+    let mut client = pg(url).await?;
+    let tx = client.transaction().await?;
+    params.extend(predicate.params.iter().map(pg_param));
+    let n = tx.execute(sql, &refs(&params)).await? as i64;
+    tx.execute(&format!("UPDATE {OPERATION_TABLE} SET total = total + $2 WHERE operationid = $1"), &[&op, &n]).await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
 /// Runs `f` with a fresh connection to the SQLite file, off the async runtime.
