@@ -245,10 +245,12 @@ fn to_json(value: AvroValue) -> serde_json::Value {
     }
 }
 
-/// A Confluent-compatible Schema Registry reached over plain HTTP, with
+/// A Confluent-compatible Schema Registry over HTTP or HTTPS (OpenSSL, with
+/// the system's trust store; `SSL_CERT_FILE` adds a private CA), with
 /// optional basic auth from the URL's user info.
 #[derive(Debug, Clone)]
 pub struct Registry {
+    tls: bool,
     host: String,
     port: u16,
     base_path: String,
@@ -257,14 +259,12 @@ pub struct Registry {
 
 impl Registry {
     pub fn parse(url: &str) -> Result<Registry, String> {
-        let rest = if let Some(rest) = url.strip_prefix("http://") {
-            rest
-        } else if url.starts_with("https://") {
-            return Err(
-                "https registries are not supported by this build; use http:// (e.g. through a local TLS proxy)".into(),
-            );
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
         } else {
-            return Err("must be an http:// URL".into());
+            return Err("must be an http:// or https:// URL".into());
         };
         let (authority, path) = rest
             .split_once('/')
@@ -276,13 +276,13 @@ impl Registry {
         };
         let (host, port) = match hostport.rsplit_once(':') {
             Some((h, p)) => (h.to_owned(), p.parse::<u16>().map_err(|_| "bad port".to_owned())?),
-            None => (hostport.to_owned(), 80),
+            None => (hostport.to_owned(), if tls { 443 } else { 80 }),
         };
         if host.is_empty() {
             return Err("no host".into());
         }
         let authorization = userinfo.map(|u| format!("Basic {}", base64(u.as_bytes())));
-        Ok(Registry { host, port, base_path: if path == "/" { String::new() } else { path }, authorization })
+        Ok(Registry { tls, host, port, base_path: if path == "/" { String::new() } else { path }, authorization })
     }
 
     /// `Ok(Some(schema text))`, `Ok(None)` for an id the registry does not
@@ -307,9 +307,16 @@ impl Registry {
             request.push_str(&format!("Authorization: {auth}\r\n"));
         }
         request.push_str("\r\n");
-        stream.write_all(request.as_bytes()).map_err(|e| format!("registry request: {e}"))?;
-        let mut response = Vec::new();
-        stream.take(4 * 1024 * 1024).read_to_end(&mut response).map_err(|e| format!("registry response: {e}"))?;
+        let response = if self.tls {
+            let connector = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())
+                .map_err(|e| format!("TLS setup: {e}"))?
+                .build();
+            let mut tls =
+                connector.connect(&self.host, stream).map_err(|e| format!("TLS handshake with the registry: {e}"))?;
+            exchange(&mut tls, &request)?
+        } else {
+            exchange(&mut stream, &request)?
+        };
         let text = String::from_utf8_lossy(&response);
         let status: u16 =
             text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("malformed registry response")?;
@@ -327,6 +334,14 @@ impl Registry {
             other => Err(format!("registry answered {other}")),
         }
     }
+}
+
+/// Sends an HTTP/1.0 request and reads the response to the end (4 MiB at most).
+fn exchange(stream: &mut (impl Read + Write), request: &str) -> Result<Vec<u8>, String> {
+    stream.write_all(request.as_bytes()).map_err(|e| format!("registry request: {e}"))?;
+    let mut response = Vec::new();
+    stream.take(4 * 1024 * 1024).read_to_end(&mut response).map_err(|e| format!("registry response: {e}"))?;
+    Ok(response)
 }
 
 fn base64(input: &[u8]) -> String {
@@ -406,7 +421,10 @@ mod tests {
         let r = Registry::parse("http://u:p@registry:8081/base/").unwrap();
         assert_eq!((r.host.as_str(), r.port, r.base_path.as_str()), ("registry", 8081, "/base"));
         assert_eq!(r.authorization.as_deref(), Some("Basic dTpw"));
-        assert!(Registry::parse("https://x").unwrap_err().contains("https"));
+        let tls = Registry::parse("https://registry.example.com").unwrap();
+        assert!(tls.tls);
+        assert_eq!(tls.port, 443);
+        assert!(Registry::parse("ftp://x").is_err());
     }
 
     #[test]

@@ -202,3 +202,85 @@ async fn registry_schemas_are_fetched_once_and_an_outage_only_pauses() {
 }
 
 use copilot_ingest::metrics::Metrics;
+
+/// A certificate authority and a server certificate it signs for 127.0.0.1.
+fn test_pki() -> (openssl::x509::X509, openssl::pkey::PKey<openssl::pkey::Private>, openssl::x509::X509) {
+    use openssl::asn1::Asn1Time;
+    use openssl::bn::BigNum;
+    use openssl::hash::MessageDigest;
+    use openssl::pkey::PKey;
+    use openssl::rsa::Rsa;
+    use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
+    use openssl::x509::{X509, X509NameBuilder};
+    let name = |cn: &str| {
+        let mut b = X509NameBuilder::new().unwrap();
+        b.append_entry_by_text("CN", cn).unwrap();
+        b.build()
+    };
+    let ca_key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+    let mut ca = X509::builder().unwrap();
+    ca.set_version(2).unwrap();
+    ca.set_serial_number(&BigNum::from_u32(1).unwrap().to_asn1_integer().unwrap()).unwrap();
+    ca.set_subject_name(&name("copilot-ingest test CA")).unwrap();
+    ca.set_issuer_name(&name("copilot-ingest test CA")).unwrap();
+    ca.set_pubkey(&ca_key).unwrap();
+    ca.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
+    ca.set_not_after(&Asn1Time::days_from_now(2).unwrap()).unwrap();
+    ca.append_extension(BasicConstraints::new().critical().ca().build().unwrap()).unwrap();
+    ca.sign(&ca_key, MessageDigest::sha256()).unwrap();
+    let ca = ca.build();
+    let key = PKey::from_rsa(Rsa::generate(2048).unwrap()).unwrap();
+    let mut cert = X509::builder().unwrap();
+    cert.set_version(2).unwrap();
+    cert.set_serial_number(&BigNum::from_u32(2).unwrap().to_asn1_integer().unwrap()).unwrap();
+    cert.set_subject_name(&name("127.0.0.1")).unwrap();
+    cert.set_issuer_name(ca.subject_name()).unwrap();
+    cert.set_pubkey(&key).unwrap();
+    cert.set_not_before(&Asn1Time::days_from_now(0).unwrap()).unwrap();
+    cert.set_not_after(&Asn1Time::days_from_now(2).unwrap()).unwrap();
+    let san = SubjectAlternativeName::new().ip("127.0.0.1").build(&cert.x509v3_context(Some(&ca), None)).unwrap();
+    cert.append_extension(san).unwrap();
+    cert.sign(&ca_key, MessageDigest::sha256()).unwrap();
+    (ca, key, cert.build())
+}
+
+/// The registry over HTTPS: trusted through `SSL_CERT_FILE`, refused with a
+/// clear error when the CA is not trusted.
+#[test]
+fn https_registry_is_verified_against_the_trust_store() {
+    use openssl::ssl::{SslAcceptor, SslMethod};
+    let (ca, key, cert) = test_pki();
+    let mut acceptor = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    acceptor.set_private_key(&key).unwrap();
+    acceptor.set_certificate(&cert).unwrap();
+    let acceptor = Arc::new(acceptor.build());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let schema = copilot_ingest::avro::BUNDLED[0].1.to_owned();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let Ok(mut tls) = acceptor.accept(stream) else { continue };
+            use std::io::{Read, Write};
+            let mut buf = [0u8; 2048];
+            let _ = tls.read(&mut buf);
+            let body = serde_json::json!({"schema": schema}).to_string();
+            let _ =
+                tls.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}", body.len()).as_bytes());
+            let _ = tls.shutdown();
+        }
+    });
+    let registry = copilot_ingest::avro::Registry::parse(&format!("https://127.0.0.1:{port}")).unwrap();
+
+    // Not trusted yet: a clear handshake error, not a hang.
+    let untrusted = registry.schema(1).unwrap_err();
+    assert!(untrusted.contains("TLS handshake"), "{untrusted}");
+
+    let dir = std::env::temp_dir().join(unique("ca"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.to_pem().unwrap()).unwrap();
+    // SAFETY: nextest runs each test in its own process; nothing else reads the environment concurrently here.
+    unsafe { std::env::set_var("SSL_CERT_FILE", &ca_file) };
+    let fetched = registry.schema(1).unwrap().expect("schema 1");
+    assert!(fetched.contains("CopilotInteractionEvent"));
+}
