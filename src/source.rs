@@ -194,9 +194,13 @@ impl ConsumerContext for SourceContext {
                 match consumer.commit_consumer_state(CommitMode::Sync) {
                     Ok(()) => {}
                     Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => {}
-                    Err(e) => tracing::warn!(error = %e, "commit on revocation failed"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "commit on revocation failed; those records will be redelivered")
+                    }
                 }
-                self.readiness.assigned.store(false, Ordering::Relaxed);
+                // Incremental revocations leave the other partitions assigned.
+                let remaining = consumer.assignment().map(|a| a.count().saturating_sub(tpl.count())).unwrap_or(0);
+                self.readiness.assigned.store(remaining > 0, Ordering::Relaxed);
             }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
@@ -231,7 +235,11 @@ pub fn consumer_config(brokers: &str, group_id: &str, options: &[(String, String
         // A single oversized message (up to 16 MB) must still be fetchable,
         // or its partition would stall behind it.
         .set("max.partition.fetch.bytes", "16777216")
-        .set("statistics.interval.ms", "5000");
+        .set("statistics.interval.ms", "5000")
+        // Incremental rebalancing: partitions that stay with a member are never
+        // revoked, so a joining or leaving instance does not stop the others
+        // (and no commit has to race a stop-the-world rebalance).
+        .set("partition.assignment.strategy", "cooperative-sticky");
     for (k, v) in options {
         c.set(k, v);
     }

@@ -466,3 +466,56 @@ async fn poison_is_dead_lettered_and_never_stalls_a_partition() {
     let _ = positions;
     assert_committed_at_log_end(&kafka).await;
 }
+
+/// A second instance joins mid-stream and later leaves (drained shutdown),
+/// both writing to one PostgreSQL database: every event is exactly one row
+/// and the group's offsets end at the log end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebalance_loses_and_duplicates_nothing() {
+    let Some(db) = PgDb::create().await else { return };
+    let kafka = TestKafka::new(4);
+    let config = kafka.config_with_sink(&db.url);
+    let first = RunningPipeline::start(config.clone());
+    let batches: Vec<Workload> = (0..6).map(|i| Workload::generate(80 + i, 1000, 0.05)).collect();
+    let total: usize = batches.iter().map(|w| w.messages.len()).sum();
+    let valid: usize = batches.iter().map(Workload::valid).sum();
+
+    kafka.produce(&batches[0].messages).await;
+    kafka.produce(&batches[1].messages).await;
+    let second = RunningPipeline::start(config.clone());
+    for w in &batches[2..4] {
+        kafka.produce(&w.messages).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    wait_for("the second instance to get partitions and work", LONG, || second.handled() > 0).await;
+    // The second instance leaves while events keep coming.
+    let producing = async {
+        for w in &batches[4..] {
+            kafka.produce(&w.messages).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    };
+    tokio::join!(second.stop(), producing);
+    let deadline = std::time::Instant::now() + LONG;
+    while pg_count(&db, "SELECT count(*) FROM msdyn_copilotinteraction").await < valid as i64 {
+        assert!(std::time::Instant::now() < deadline, "rows never reached {valid}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    wait_for("offsets committed to the log end", LONG, || kafka.committed() == kafka.log_end()).await;
+    first.stop().await;
+    assert_eq!(pg_count(&db, "SELECT count(*) FROM msdyn_copilotinteraction").await, valid as i64);
+    assert_eq!(
+        pg_count(&db, "SELECT count(DISTINCT msdyn_copilotinteractionid) FROM msdyn_copilotinteraction").await,
+        valid as i64
+    );
+    let dlq = kafka.read_dlq(total - valid);
+    let mut positions: Vec<(String, String)> = dlq
+        .iter()
+        .map(|m| (header(m, "x-ingest-source-partition").unwrap(), header(m, "x-ingest-source-offset").unwrap()))
+        .collect();
+    positions.sort();
+    positions.dedup();
+    assert_eq!(positions.len(), total - valid, "every invalid event dead-lettered");
+    assert_eq!(dlq.len(), total - valid, "and only once");
+    assert_eq!(kafka.committed(), kafka.log_end());
+}
