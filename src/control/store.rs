@@ -208,30 +208,7 @@ impl Store {
     }
 
     async fn end_operation(&self, command: &Command, status: &str) -> Result<(), StoreError> {
-        let op = command.operation_id();
-        let status = status.to_owned();
-        match self {
-            Store::Sqlite(path) => {
-                sqlite(path, move |conn| {
-                    conn.execute(
-                        &format!("UPDATE {OPERATION_TABLE} SET status = ?2, ended_on = ?3 WHERE operationid = ?1"),
-                        rusqlite::params![op.hyphenated().to_string(), status, format_datetime(&Utc::now())],
-                    )?;
-                    Ok(())
-                })
-                .await
-            }
-            Store::Postgres(url) => {
-                let client = pg(url).await?;
-                client
-                    .execute(
-                        &format!("UPDATE {OPERATION_TABLE} SET status = $2, ended_on = now() WHERE operationid = $1"),
-                        &[&op, &status],
-                    )
-                    .await?;
-                Ok(())
-            }
-        }
+        self.set_operation_status(command.operation_id(), status, true).await
     }
 
     async fn retain(&self, command: &Command, target: Uuid) -> Result<Reply, StoreError> {
@@ -388,7 +365,7 @@ impl Store {
         };
         if let Some(op) = operation {
             let status = if not_restored > 0 { "RolledBackPartially" } else { "RolledBack" };
-            self.set_operation_status(op, status).await?;
+            self.set_operation_status(op, status, false).await?;
         } else if restored == 0 && not_restored == 0 {
             let target = target.unwrap_or_default();
             return Ok(match self.record_state(target).await? {
@@ -515,14 +492,16 @@ impl Store {
         }
     }
 
-    async fn set_operation_status(&self, op: Uuid, status: &str) -> Result<(), StoreError> {
+    /// Sets an operation's status; `ended` also stamps its end time.
+    async fn set_operation_status(&self, op: Uuid, status: &str, ended: bool) -> Result<(), StoreError> {
         let status = status.to_owned();
+        let ended_on = ended.then(Utc::now);
         match self {
             Store::Sqlite(path) => {
                 sqlite(path, move |conn| {
                     conn.execute(
-                        &format!("UPDATE {OPERATION_TABLE} SET status = ?2 WHERE operationid = ?1"),
-                        rusqlite::params![op.hyphenated().to_string(), status],
+                        &format!("UPDATE {OPERATION_TABLE} SET status = ?2, ended_on = COALESCE(?3, ended_on) WHERE operationid = ?1"),
+                        rusqlite::params![op.hyphenated().to_string(), status, ended_on.map(|d| format_datetime(&d))],
                     )?;
                     Ok(())
                 })
@@ -532,8 +511,8 @@ impl Store {
                 let client = pg(url).await?;
                 client
                     .execute(
-                        &format!("UPDATE {OPERATION_TABLE} SET status = $2 WHERE operationid = $1"),
-                        &[&op, &status],
+                        &format!("UPDATE {OPERATION_TABLE} SET status = $2, ended_on = COALESCE($3, ended_on) WHERE operationid = $1"),
+                        &[&op, &status, &ended_on],
                     )
                     .await?;
                 Ok(())
