@@ -229,3 +229,77 @@ async fn killed_retention_commands_complete_after_a_restart() {
     assert_eq!(child.wait().unwrap().code(), Some(0));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Five `kill -9` at random points of a sustained stream, restarting each
+/// time: every valid event is exactly one row, every invalid one reaches the
+/// DLQ (at least once: a dead letter acknowledged just before a kill, whose
+/// offset was not yet committed, is sent again), offsets end at the log end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_kill_9_loses_and_duplicates_no_row() {
+    let Some(db) = PgDb::create().await else { return };
+    let kafka = TestKafka::new(4);
+    let batches: Vec<Workload> = (0..10).map(|i| Workload::generate(90 + i, 800, 0.05)).collect();
+    let valid: i64 = batches.iter().map(|w| w.valid() as i64).sum();
+    let invalid: usize = batches.iter().map(Workload::invalid).sum();
+    let rows = || async {
+        let client = db.client().await;
+        client
+            .query_one("SELECT count(*) FROM msdyn_copilotinteraction", &[])
+            .await
+            .map(|r| r.get::<_, i64>(0))
+            .unwrap_or(0)
+    };
+    let mut rng = copilot_ingest::generator::Rng::new(std::process::id() as u64);
+    let mut child = kafka.run_binary(&db.url).spawn().unwrap();
+    let mut kills = 0;
+    let mut rows_at_start = 0;
+    for (i, w) in batches.iter().enumerate() {
+        kafka.produce(&w.messages).await;
+        if i % 2 == 1 && kills < 5 {
+            // Kill it without warning while it is writing: once this process
+            // has written something, after a random few milliseconds more.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while rows().await <= rows_at_start {
+                assert!(Instant::now() < deadline, "no progress after restart {kills}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(rng.below(300))).await;
+            Command::new("kill").args(["-KILL", &child.id().to_string()]).status().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+            rows_at_start = rows().await;
+            child = kafka.run_binary(&db.url).spawn().unwrap();
+        }
+    }
+    assert_eq!(kills, 5);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while rows().await < valid {
+        assert!(Instant::now() < deadline, "rows stuck at {} of {valid}", rows().await);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_for("offsets at the log end", Duration::from_secs(60), || kafka.committed() == kafka.log_end()).await;
+    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+
+    let client = db.client().await;
+    let count: i64 = client.query_one("SELECT count(*) FROM msdyn_copilotinteraction", &[]).await.unwrap().get(0);
+    let distinct: i64 = client
+        .query_one("SELECT count(DISTINCT msdyn_copilotinteractionid) FROM msdyn_copilotinteraction", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!((count, distinct), (valid, valid), "exactly one row per valid event");
+    let dlq = kafka.read_dlq(invalid);
+    let mut sources: Vec<(String, String)> = dlq
+        .iter()
+        .map(|m| (header(m, "x-ingest-source-partition").unwrap(), header(m, "x-ingest-source-offset").unwrap()))
+        .collect();
+    sources.sort();
+    sources.dedup();
+    assert_eq!(sources.len(), invalid, "every invalid event dead-lettered");
+    eprintln!(
+        "{kills} kills: {valid} rows, {invalid} invalid events, {} dead letters ({} re-sent after a kill)",
+        dlq.len(),
+        dlq.len() - invalid
+    );
+}
