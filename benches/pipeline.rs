@@ -43,7 +43,7 @@ fn large_event() -> Vec<u8> {
 fn normalize(c: &mut Criterion) {
     let n = Normalizer::default();
     let now = Utc::now();
-    let origin = Origin { topic: "copilot.interactions".into(), partition: 3, offset: 123_456 };
+    let origin = Origin { topic: "copilot.interactions", partition: 3, offset: 123_456 };
     let mut group = c.benchmark_group("normalize");
     for (name, payload) in [("typical_json", typical_event()), ("context_16k_json", large_event())] {
         group.throughput(Throughput::Elements(1));

@@ -803,13 +803,13 @@ mod tests {
 
     #[test]
     fn identity_is_deterministic_and_content_based() {
-        let origin = Origin { topic: "t".into(), partition: 1, offset: 7 };
+        let origin = Origin { topic: "t", partition: 1, offset: 7 };
         let n = Normalizer::default();
         let a = n.normalize_json(base().to_string().as_bytes(), Some(&origin), now()).unwrap();
         // Same event at another position and time, fields in another order and spelling: same id.
         let resend = r#"{"msdyn_clienttimestamp":"2024-05-01T12:00:00+02:00","msdyn_scenariotype":100230205,
             "msdyn_interactiontype":"COPY","msdyn_scenariorequestid":"req-1","msdyn_name":"Copy - Case summary"}"#;
-        let other = Origin { topic: "t".into(), partition: 3, offset: 99 };
+        let other = Origin { topic: "t", partition: 3, offset: 99 };
         let b = n.normalize_json(resend.as_bytes(), Some(&other), now() + chrono::Duration::hours(1)).unwrap();
         assert_eq!(a.id(), b.id());
         assert_eq!(a.content_hash(), b.content_hash());
@@ -899,8 +899,8 @@ mod tests {
         fn identity_is_stable(name in "[a-zA-Z0-9 ]{1,50}", req in "[a-z0-9-]{1,40}", offset in 0i64..1_000_000) {
             let e = json!({"msdyn_name": name, "msdyn_scenariorequestid": req, "msdyn_interactiontype": 100230301,
                            "msdyn_scenariotype": 100230201, "msdyn_clienttimestamp": 1_700_000_000_000i64});
-            let o1 = Origin { topic: "a".into(), partition: 0, offset };
-            let o2 = Origin { topic: "a".into(), partition: 1, offset: offset + 1 };
+            let o1 = Origin { topic: "a", partition: 0, offset };
+            let o2 = Origin { topic: "a", partition: 1, offset: offset + 1 };
             let n = Normalizer::default();
             let a = n.normalize_json(e.to_string().as_bytes(), Some(&o1), now()).unwrap();
             let b = n.normalize_json(e.to_string().as_bytes(), Some(&o2), now()).unwrap();

@@ -133,7 +133,10 @@ struct State {
     dead_letters_in_flight: usize,
     assigned: HashSet<i32>,
     touched: HashSet<i32>,
+    topic: Arc<str>,
     received: prometheus::IntCounter,
+    replays: prometheus::IntCounter,
+    purged_replays: prometheus::IntCounter,
     written: prometheus::IntCounter,
 }
 
@@ -142,9 +145,10 @@ impl State {
         let now = Utc::now();
         let mut full = Vec::new();
         let mut received = 0u64;
+        // One shared handle per chunk, not a String per message.
+        let topic = Arc::clone(&self.topic);
         for message in messages {
-            let origin =
-                Origin { topic: self.config.kafka.topic.clone(), partition: message.partition, offset: message.offset };
+            let origin = Origin { topic: &topic, partition: message.partition, offset: message.offset };
             let decoded = loop {
                 let decoded = match &message.payload {
                     Some(payload) => self.decoder.decode(payload, Some(&origin), now),
@@ -250,10 +254,8 @@ impl State {
                                 self.metrics.end_to_end_seconds.observe(((now_ms - ts).max(0) as f64) / 1000.0);
                             }
                         }
-                        Outcome::Replay => self.metrics.records_skipped_total.with_label_values(&["replay"]).inc(),
-                        Outcome::PurgedReplay => {
-                            self.metrics.records_skipped_total.with_label_values(&["purged_replay"]).inc()
-                        }
+                        Outcome::Replay => self.replays.inc(),
+                        Outcome::PurgedReplay => self.purged_replays.inc(),
                         Outcome::Rejected(rejection) => {
                             tracing::warn!(partition = m.partition, offset = m.offset, reason = %rejection.reason, "record refused by the sink; dead-lettering");
                             self.spawn_dead_letter(m.clone(), rejection);
@@ -344,6 +346,9 @@ pub async fn run(
 
     let received = metrics.events_received_total.with_label_values(&[&config.kafka.topic]);
     let written = metrics.records_written_total.with_label_values(&[sink.kind()]);
+    let replays = metrics.records_skipped_total.with_label_values(&["replay"]);
+    let purged_replays = metrics.records_skipped_total.with_label_values(&["purged_replay"]);
+    let topic: Arc<str> = Arc::from(config.kafka.topic.as_str());
     let mut state = State {
         decoder: Decoder {
             normalizer: Normalizer { unknown_fields: config.validation.unknown_fields, ..Normalizer::default() },
@@ -366,6 +371,9 @@ pub async fn run(
         dead_letters_in_flight: 0,
         assigned: HashSet::new(),
         touched: HashSet::new(),
+        topic,
+        replays,
+        purged_replays,
         received,
         written,
     };

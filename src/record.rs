@@ -26,10 +26,10 @@ impl Value {
     }
 }
 
-/// Where a record came from in Kafka.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    pub topic: String,
+/// Where a record came from in Kafka (borrowed: built for every message).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin<'a> {
+    pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
 }
@@ -172,7 +172,7 @@ pub(crate) fn content_hash(canonical: &[u8]) -> Uuid {
 /// client's resend maps to the same id. Without one, two identical events may
 /// be two real interactions, so the Kafka coordinates are mixed in: the same
 /// message still always yields the same id.
-pub(crate) fn derived_id(content_hash: &Uuid, has_client_timestamp: bool, origin: Option<&Origin>) -> Uuid {
+pub(crate) fn derived_id(content_hash: &Uuid, has_client_timestamp: bool, origin: Option<&Origin<'_>>) -> Uuid {
     let mut name = Vec::with_capacity(64);
     name.extend_from_slice(content_hash.as_bytes());
     if !has_client_timestamp && let Some(o) = origin {
