@@ -24,20 +24,11 @@ impl EmbeddedBroker {
         Ok(broker)
     }
 
-    /// A broker with no topics yet.
-    pub fn bare() -> Result<EmbeddedBroker, KafkaError> {
-        Ok(EmbeddedBroker { cluster: MockCluster::new(1)? })
-    }
-
     pub fn create_topic(&self, name: &str, partitions: i32) -> Result<(), KafkaError> {
         self.cluster.create_topic(name, partitions, 1)
     }
 
     pub fn bootstrap_servers(&self) -> String {
         self.cluster.bootstrap_servers()
-    }
-
-    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
-        &self.cluster
     }
 }

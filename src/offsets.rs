@@ -73,12 +73,6 @@ impl OffsetTracker {
         advanced
     }
 
-    /// The position to commit for each partition: one past the highest offset
-    /// below which everything is done.
-    pub fn committable(&self) -> impl Iterator<Item = ((u32, i32), i64)> + '_ {
-        self.partitions.iter().filter_map(|(k, s)| s.released.map(|r| (*k, r)))
-    }
-
     pub fn committable_for(&self, topic: u32, partition: i32) -> Option<i64> {
         self.partitions.get(&(topic, partition)).and_then(|s| s.released)
     }

@@ -41,9 +41,6 @@ impl ColumnType {
     pub fn is_option_set(self) -> bool {
         matches!(self, ColumnType::Picklist | ColumnType::State | ColumnType::Status)
     }
-    pub fn is_guid(self) -> bool {
-        matches!(self, ColumnType::Uniqueidentifier | ColumnType::Lookup)
-    }
     pub fn is_text(self) -> bool {
         matches!(self, ColumnType::String | ColumnType::Memo)
     }
