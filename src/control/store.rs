@@ -125,28 +125,11 @@ impl Store {
         let Some(id) = reply.command_id.clone() else { return Ok(()) };
         let text = serde_json::to_string(reply).map_err(|e| StoreError::Permanent(e.to_string()))?;
         let message = reply.message.clone();
-        match self {
-            Store::Sqlite(path) => {
-                sqlite(path, move |conn| {
-                    conn.execute(
-                        &format!("INSERT INTO {REPLY_TABLE} (command_id, message, reply, created_on) VALUES (?1, ?2, ?3, ?4) ON CONFLICT(command_id) DO NOTHING"),
-                        rusqlite::params![id, message, text, format_datetime(&Utc::now())],
-                    )?;
-                    Ok(())
-                })
-                .await
-            }
-            Store::Postgres(url) => {
-                let client = pg(url).await?;
-                client
-                    .execute(
-                        &format!("INSERT INTO {REPLY_TABLE} (command_id, message, reply, created_on) VALUES ($1, $2, $3, now()) ON CONFLICT (command_id) DO NOTHING"),
-                        &[&id, &message, &text],
-                    )
-                    .await?;
-                Ok(())
-            }
-        }
+        self.statement(
+            &format!("INSERT INTO {REPLY_TABLE} (command_id, message, reply, created_on) VALUES (?1, ?2, ?3, ?4) ON CONFLICT (command_id) DO NOTHING"),
+            vec![Bind::Text(Some(id)), Bind::Text(message), Bind::Text(Some(text)), Bind::Time(Some(Utc::now()))],
+        )
+        .await
     }
 
     /// Executes a validated command. Permanent problems become a Failed reply;
@@ -180,25 +163,24 @@ impl Store {
         let op = command.operation_id();
         let (id, message, criteria) =
             (command.command_id.clone(), command.message.name().to_owned(), criteria.map(str::to_owned));
+        self.statement(
+            &format!("INSERT INTO {OPERATION_TABLE} (operationid, command_id, message, criteria, status, started_on) VALUES (?1, ?2, ?3, ?4, 'Marking', ?5) ON CONFLICT (operationid) DO NOTHING"),
+            vec![Bind::Guid(op), Bind::Text(Some(id)), Bind::Text(Some(message)), Bind::Text(criteria), Bind::Time(Some(Utc::now()))],
+        )
+        .await?;
         match self {
             Store::Sqlite(path) => {
                 sqlite(path, move |conn| {
-                    conn.execute(
-                        &format!("INSERT INTO {OPERATION_TABLE} (operationid, command_id, message, criteria, status, started_on) VALUES (?1, ?2, ?3, ?4, 'Marking', ?5) ON CONFLICT(operationid) DO NOTHING"),
-                        rusqlite::params![op.hyphenated().to_string(), id, message, criteria, format_datetime(&Utc::now())],
-                    )?;
-                    Ok(conn.query_row(&format!("SELECT total FROM {OPERATION_TABLE} WHERE operationid = ?1"), [op.hyphenated().to_string()], |r| r.get(0))?)
+                    Ok(conn.query_row(
+                        &format!("SELECT total FROM {OPERATION_TABLE} WHERE operationid = ?1"),
+                        [op.hyphenated().to_string()],
+                        |r| r.get(0),
+                    )?)
                 })
                 .await
             }
             Store::Postgres(url) => {
                 let client = pg(url).await?;
-                client
-                    .execute(
-                        &format!("INSERT INTO {OPERATION_TABLE} (operationid, command_id, message, criteria, status, started_on) VALUES ($1, $2, $3, $4, 'Marking', now()) ON CONFLICT (operationid) DO NOTHING"),
-                        &[&op, &id, &message, &criteria],
-                    )
-                    .await?;
                 Ok(client
                     .query_one(&format!("SELECT total FROM {OPERATION_TABLE} WHERE operationid = $1"), &[&op])
                     .await?
@@ -494,27 +476,32 @@ impl Store {
 
     /// Sets an operation's status; `ended` also stamps its end time.
     async fn set_operation_status(&self, op: Uuid, status: &str, ended: bool) -> Result<(), StoreError> {
-        let status = status.to_owned();
-        let ended_on = ended.then(Utc::now);
+        self.statement(
+            &format!(
+                "UPDATE {OPERATION_TABLE} SET status = ?2, ended_on = COALESCE(?3, ended_on) WHERE operationid = ?1"
+            ),
+            vec![Bind::Guid(op), Bind::Text(Some(status.to_owned())), Bind::Time(ended.then(Utc::now))],
+        )
+        .await
+    }
+
+    /// Runs one statement outside any transaction. `sql` uses `?N`
+    /// placeholders; PostgreSQL gets them as `$N`.
+    async fn statement(&self, sql: &str, binds: Vec<Bind>) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(path) => {
+                let sql = sql.to_owned();
                 sqlite(path, move |conn| {
-                    conn.execute(
-                        &format!("UPDATE {OPERATION_TABLE} SET status = ?2, ended_on = COALESCE(?3, ended_on) WHERE operationid = ?1"),
-                        rusqlite::params![op.hyphenated().to_string(), status, ended_on.map(|d| format_datetime(&d))],
-                    )?;
+                    conn.execute(&sql, rusqlite::params_from_iter(binds.iter().map(Bind::sqlite)))?;
                     Ok(())
                 })
                 .await
             }
             Store::Postgres(url) => {
-                let client = pg(url).await?;
-                client
-                    .execute(
-                        &format!("UPDATE {OPERATION_TABLE} SET status = $2, ended_on = COALESCE($3, ended_on) WHERE operationid = $1"),
-                        &[&op, &status, &ended_on],
-                    )
-                    .await?;
+                let sql = question_to_dollar(sql);
+                let params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> =
+                    binds.into_iter().map(Bind::postgres).collect();
+                pg(url).await?.execute(&sql, &refs(&params)).await?;
                 Ok(())
             }
         }
@@ -557,6 +544,36 @@ impl Store {
             (None, false) => RecordState::Missing,
         })
     }
+}
+
+/// A value bound in a statement written once for both dialects.
+enum Bind {
+    Text(Option<String>),
+    Guid(Uuid),
+    Time(Option<DateTime<Utc>>),
+}
+
+impl Bind {
+    fn sqlite(&self) -> rusqlite::types::Value {
+        match self {
+            Bind::Text(t) => t.clone().into(),
+            Bind::Guid(g) => g.hyphenated().to_string().into(),
+            Bind::Time(t) => t.map(|d| format_datetime(&d)).into(),
+        }
+    }
+
+    fn postgres(self) -> Box<dyn tokio_postgres::types::ToSql + Sync + Send> {
+        match self {
+            Bind::Text(t) => Box::new(t),
+            Bind::Guid(g) => Box::new(g),
+            Bind::Time(t) => Box::new(t),
+        }
+    }
+}
+
+/// `?1` → `$1` (the statements here contain no other question marks).
+fn question_to_dollar(sql: &str) -> String {
+    sql.replace('?', "$")
 }
 
 enum RecordState {
