@@ -12,13 +12,6 @@ fn bin() -> Command {
 
 #[test]
 fn validate_prints_records_and_reasons_and_exits_1_on_rejection() {
-    let mut child = bin()
-        .args(["validate", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     let input = concat!(
         r#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":"ThumbsUp","msdyn_scenariotype":"Copilot","msdyn_clienttimestamp":0}"#,
         "\n",
@@ -26,8 +19,7 @@ fn validate_prints_records_and_reasons_and_exits_1_on_rejection() {
         "\n\n",
         "not json\n"
     );
-    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = validate_stdin(input.as_bytes());
     assert_eq!(out.status.code(), Some(1));
     let lines: Vec<serde_json::Value> =
         String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
@@ -41,28 +33,28 @@ fn validate_prints_records_and_reasons_and_exits_1_on_rejection() {
     assert_eq!(lines[2]["line"], 4);
 }
 
+/// `copilot-ingest validate -` on `input`.
+fn validate_stdin(input: &[u8]) -> std::process::Output {
+    let mut child = bin()
+        .args(["validate", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn validate_exits_0_when_everything_is_valid() {
-    let mut child =
-        bin().args(["validate"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(br#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":1,"msdyn_scenariotype":100230201}"#)
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
     // 1 is not an option value: rejected.
-    assert_eq!(out.status.code(), Some(1));
-    let mut child =
-        bin().args(["validate"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(br#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":100230301,"msdyn_scenariotype":100230201}"#)
-        .unwrap();
-    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(0));
+    let rejected = validate_stdin(
+        br#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":1,"msdyn_scenariotype":100230201}"#,
+    );
+    assert_eq!(rejected.status.code(), Some(1));
+    let valid = validate_stdin(br#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":100230301,"msdyn_scenariotype":100230201}"#);
+    assert_eq!(valid.status.code(), Some(0));
 }
 
 #[test]

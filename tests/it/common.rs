@@ -302,6 +302,29 @@ impl PgDb {
         copilot_ingest::sink::postgres::connect(&self.url).await.expect("connect to test database")
     }
 
+    /// Takes the database away: new connections are refused and open ones are
+    /// terminated, as in an outage.
+    pub async fn refuse_connections(&self) {
+        let admin = Self::admin().await;
+        admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", self.name)).await.unwrap();
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&self.name],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Ends the outage started by [`PgDb::refuse_connections`].
+    pub async fn allow_connections(&self) {
+        Self::admin()
+            .await
+            .batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", self.name))
+            .await
+            .unwrap();
+    }
+
     pub async fn admin() -> tokio_postgres::Client {
         copilot_ingest::sink::postgres::connect(PG_ADMIN_URL).await.expect("connect as admin")
     }

@@ -146,15 +146,7 @@ async fn readyz_follows_the_sink() {
     }
     assert_eq!(ready, 200);
 
-    let admin = PgDb::admin().await;
-    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", db.name)).await.unwrap();
-    admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&db.name],
-        )
-        .await
-        .unwrap();
+    db.refuse_connections().await;
     wait_for("sink unreachable", Duration::from_secs(20), || {
         !pipeline.readiness.sink_reachable.load(Ordering::Relaxed)
     })
@@ -164,7 +156,7 @@ async fn readyz_follows_the_sink() {
     assert!(body.contains("sink_reachable=false"), "{body}");
     assert_eq!(http_get(addr, "/healthz").await.0, 200, "liveness does not depend on the sink");
 
-    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name)).await.unwrap();
+    db.allow_connections().await;
     wait_for("sink reachable again", Duration::from_secs(20), || {
         pipeline.readiness.sink_reachable.load(Ordering::Relaxed)
     })

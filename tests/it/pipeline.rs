@@ -353,15 +353,7 @@ async fn postgres_outage_pauses_without_loss_or_early_commits() {
     let (_, pipeline) = run_workload(config, &before, &kafka).await;
     wait_for("offsets committed before the outage", LONG, || kafka.committed().values().sum::<i64>() == 1000).await;
 
-    let admin = PgDb::admin().await;
-    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", db.name)).await.unwrap();
-    admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&db.name],
-        )
-        .await
-        .unwrap();
+    db.refuse_connections().await;
     let during = Workload::generate(16, 1000, 0.0);
     kafka.produce(&during.messages).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -370,7 +362,7 @@ async fn postgres_outage_pauses_without_loss_or_early_commits() {
     assert_eq!(committed, 1000, "offsets stay at the last durable record during the outage");
     assert!(pipeline.metrics.batches_total.with_label_values(&["retried"]).get() > 0);
 
-    admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS true", db.name)).await.unwrap();
+    db.allow_connections().await;
     pipeline.wait_handled(2000, LONG).await;
     pipeline.stop().await;
     assert_eq!(pg_count(&db, "SELECT count(*) FROM msdyn_copilotinteraction").await, 2000);
