@@ -11,7 +11,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::time::Duration;
 
 use apache_avro::Schema;
@@ -19,6 +19,7 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::types::Value as AvroValue;
 
 use crate::config::AvroConfig;
+use crate::http_client::{Endpoint, HttpClient, base64};
 use crate::normalize::FieldValue;
 use crate::reason::{Reason, Rejection};
 
@@ -245,120 +246,54 @@ fn to_json(value: AvroValue) -> serde_json::Value {
     }
 }
 
-/// A Confluent-compatible Schema Registry over HTTP or HTTPS (OpenSSL, with
-/// the system's trust store; `SSL_CERT_FILE` adds a private CA), with
-/// optional basic auth from the URL's user info.
-#[derive(Debug, Clone)]
+/// A Confluent-compatible Schema Registry over HTTP or HTTPS, with optional
+/// basic auth from the URL's user info.
+#[derive(Clone)]
 pub struct Registry {
-    tls: bool,
-    host: String,
-    port: u16,
-    base_path: String,
+    client: std::sync::Arc<HttpClient>,
     authorization: Option<String>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The endpoint's origin only: the user info may hold a password.
+        f.debug_struct("Registry").field("origin", &self.client.endpoint().origin()).finish()
+    }
 }
 
 impl Registry {
     pub fn parse(url: &str) -> Result<Registry, String> {
-        let (tls, rest) = if let Some(rest) = url.strip_prefix("http://") {
-            (false, rest)
-        } else if let Some(rest) = url.strip_prefix("https://") {
-            (true, rest)
-        } else {
-            return Err("must be an http:// or https:// URL".into());
-        };
-        let (authority, path) = rest
-            .split_once('/')
-            .map(|(a, p)| (a, format!("/{}", p.trim_end_matches('/'))))
-            .unwrap_or((rest, String::new()));
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (h.to_owned(), p.parse::<u16>().map_err(|_| "bad port".to_owned())?),
-            None => (hostport.to_owned(), if tls { 443 } else { 80 }),
-        };
-        if host.is_empty() {
-            return Err("no host".into());
-        }
-        let authorization = userinfo.map(|u| format!("Basic {}", base64(u.as_bytes())));
-        Ok(Registry { tls, host, port, base_path: if path == "/" { String::new() } else { path }, authorization })
+        let endpoint = Endpoint::parse(url)?;
+        let authorization = endpoint.userinfo.as_ref().map(|u| format!("Basic {}", base64(u.as_bytes())));
+        let client = HttpClient::new(endpoint, Duration::from_secs(10))?;
+        Ok(Registry { client: std::sync::Arc::new(client), authorization })
     }
 
     /// `Ok(Some(schema text))`, `Ok(None)` for an id the registry does not
     /// have (404), `Err` for anything transient.
     pub fn schema(&self, id: u32) -> Result<Option<String>, String> {
-        use std::net::ToSocketAddrs;
-        let addr = (self.host.as_str(), self.port)
-            .to_socket_addrs()
-            .map_err(|e| format!("resolving {}: {e}", self.host))?
-            .next()
-            .ok_or("no address")?;
-        let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| format!("connecting to the registry: {e}"))?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-        stream.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
-        // HTTP/1.0: the response is delimited by the connection close, never chunked.
-        let mut request = format!(
-            "GET {}/schemas/ids/{id} HTTP/1.0\r\nHost: {}:{}\r\nAccept: application/vnd.schemaregistry.v1+json, application/json\r\n",
-            self.base_path, self.host, self.port
-        );
+        let mut headers = vec![("Accept", "application/vnd.schemaregistry.v1+json, application/json")];
         if let Some(auth) = &self.authorization {
-            request.push_str(&format!("Authorization: {auth}\r\n"));
+            headers.push(("Authorization", auth));
         }
-        request.push_str("\r\n");
-        let response = if self.tls {
-            let connector = openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client())
-                .map_err(|e| format!("TLS setup: {e}"))?
-                .build();
-            let mut tls =
-                connector.connect(&self.host, stream).map_err(|e| format!("TLS handshake with the registry: {e}"))?;
-            exchange(&mut tls, &request)?
-        } else {
-            exchange(&mut stream, &request)?
-        };
-        let text = String::from_utf8_lossy(&response);
-        let status: u16 =
-            text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).ok_or("malformed registry response")?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        match status {
+        let response = self
+            .client
+            .request("GET", &format!("/schemas/ids/{id}"), &headers, b"")
+            .map_err(|e| format!("registry: {e}"))?;
+        match response.status {
             200 => {
-                let json: serde_json::Value = serde_json::from_str(body).map_err(|e| format!("registry body: {e}"))?;
+                let json: serde_json::Value =
+                    serde_json::from_slice(&response.body).map_err(|e| format!("registry body: {e}"))?;
                 json.get("schema")
                     .and_then(|s| s.as_str())
                     .map(|s| Some(s.to_owned()))
                     .ok_or_else(|| "registry body has no schema".into())
             }
             404 => Ok(None),
-            401 | 403 => Err(format!("registry refused the credentials ({status})")),
+            401 | 403 => Err(format!("registry refused the credentials ({})", response.status)),
             other => Err(format!("registry answered {other}")),
         }
     }
-}
-
-/// Sends an HTTP/1.0 request and reads the response to the end (4 MiB at most).
-fn exchange(stream: &mut (impl Read + Write), request: &str) -> Result<Vec<u8>, String> {
-    stream.write_all(request.as_bytes()).map_err(|e| format!("registry request: {e}"))?;
-    let mut response = Vec::new();
-    stream.take(4 * 1024 * 1024).read_to_end(&mut response).map_err(|e| format!("registry response: {e}"))?;
-    Ok(response)
-}
-
-fn base64(input: &[u8]) -> String {
-    const TABLE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(TABLE[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Encodes a JSON event with an Avro record schema (for `produce --format avro`
@@ -409,21 +344,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_rfc4648() {
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
-        assert_eq!(base64(b"a"), "YQ==");
-        assert_eq!(base64(b"ab"), "YWI=");
-        assert_eq!(base64(b""), "");
-    }
-
-    #[test]
-    fn registry_urls_parse() {
+    fn registry_urls_parse_and_carry_basic_auth() {
         let r = Registry::parse("http://u:p@registry:8081/base/").unwrap();
-        assert_eq!((r.host.as_str(), r.port, r.base_path.as_str()), ("registry", 8081, "/base"));
+        assert_eq!(r.client.endpoint().base_path, "/base");
         assert_eq!(r.authorization.as_deref(), Some("Basic dTpw"));
-        let tls = Registry::parse("https://registry.example.com").unwrap();
-        assert!(tls.tls);
-        assert_eq!(tls.port, 443);
+        assert!(!format!("{r:?}").contains("u:p"));
         assert!(Registry::parse("ftp://x").is_err());
     }
 

@@ -218,6 +218,10 @@ pub fn main() -> i32 {
     runtime.shutdown_timeout(Duration::from_secs(2));
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<crate::sink::SinkConfigError>().is_some() => {
+            eprintln!("error: {e:#}");
+            EXIT_CONFIG
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             EXIT_REJECTED
@@ -464,7 +468,7 @@ async fn control_cmd(
 
 async fn migrate(config: Config) -> anyhow::Result<i32> {
     let (_tx, mut rx) = watch::channel(false);
-    let sink = pipeline::open_sink(&config, &mut rx).await?;
+    let sink = pipeline::open_sink(&config, &Arc::new(Metrics::new()), &mut rx).await?;
     println!("{} sink migrated", sink.kind());
     Ok(EXIT_OK)
 }

@@ -106,14 +106,69 @@ impl Default for BatchConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SinkConfig {
-    /// `sqlite://PATH`, `postgres://…`. May carry a password: never logged whole.
+    /// `sqlite://PATH`, `postgres://…`, `dataverse://ORG HOST`. May carry a
+    /// password: never logged whole.
     pub url: Secret,
+    /// Used when `url` is `dataverse://…`.
+    pub dataverse: DataverseConfig,
 }
 
 impl Default for SinkConfig {
     fn default() -> Self {
-        SinkConfig { url: Secret::new("sqlite://./data/copilot-ingest.db") }
+        SinkConfig { url: Secret::new("sqlite://./data/copilot-ingest.db"), dataverse: DataverseConfig::default() }
     }
+}
+
+/// The Dataverse Web API sink: an Entra ID app registration (client
+/// credentials) that is an application user of the environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataverseConfig {
+    pub tenant_id: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    /// The token issuer: `{authority}/{tenant_id}/oauth2/v2.0/token`.
+    pub authority: String,
+    /// Overrides `https://<org host>` (the Web API origin), e.g. for a local emulator.
+    pub api_url: String,
+    /// Overrides the token scope, `https://<org host>/.default`.
+    pub scope: String,
+    pub api_version: String,
+    /// Upper bound of concurrent CreateMultiple requests (the service allows 52 per user).
+    pub max_in_flight: usize,
+    pub request_timeout_ms: u64,
+    /// Sends `MSCRM.BypassCustomPluginExecution: true` (needs the prvBypassCustomPlugins privilege).
+    pub bypass_custom_plugins: bool,
+    /// Case-sensitive single-valued navigation property of `msdyn_interactiondataid`.
+    pub interactiondata_navigation_property: String,
+}
+
+impl Default for DataverseConfig {
+    fn default() -> Self {
+        DataverseConfig {
+            tenant_id: String::new(),
+            client_id: String::new(),
+            client_secret: Secret::default(),
+            authority: "https://login.microsoftonline.com".into(),
+            api_url: String::new(),
+            scope: String::new(),
+            api_version: "v9.2".into(),
+            max_in_flight: 16,
+            request_timeout_ms: 120_000,
+            bypass_custom_plugins: false,
+            interactiondata_navigation_property: "msdyn_InteractionDataId".into(),
+        }
+    }
+}
+
+/// The Dataverse sink's settings, resolved from `sink.url` and `[sink.dataverse]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataverseTarget {
+    /// The Web API origin, e.g. `https://contoso.crm.dynamics.com`.
+    pub api_url: String,
+    pub token_url: String,
+    pub scope: String,
+    pub settings: DataverseConfig,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -195,6 +250,7 @@ impl std::error::Error for ConfigErrors {}
 pub enum SinkUrl {
     Sqlite(PathBuf),
     Postgres(String),
+    Dataverse(Box<DataverseTarget>),
 }
 
 impl Config {
@@ -316,10 +372,72 @@ impl Config {
             Ok(SinkUrl::Sqlite(PathBuf::from(path)))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Ok(SinkUrl::Postgres(url.to_owned()))
-        } else if url.starts_with("dataverse://") {
-            Err("the dataverse:// sink is not available in this build; use sqlite:// or postgres://".into())
+        } else if let Some(host) = url.strip_prefix("dataverse://") {
+            self.dataverse_target(host.trim_end_matches('/')).map(|t| SinkUrl::Dataverse(Box::new(t)))
         } else {
             Err(format!("'{}' is not a sqlite://, postgres:// or dataverse:// URL", redact_url(url)))
+        }
+    }
+}
+
+impl Config {
+    /// Checks `[sink.dataverse]` for the org host of `dataverse://HOST`; every problem in one message.
+    fn dataverse_target(&self, host: &str) -> Result<DataverseTarget, String> {
+        let d = &self.sink.dataverse;
+        let mut problems = Vec::new();
+        if host.is_empty() || host.contains('/') || host.contains('@') {
+            problems.push("dataverse:// needs the environment host, e.g. dataverse://contoso.crm.dynamics.com".into());
+        }
+        for (key, value) in [("tenant_id", &d.tenant_id), ("client_id", &d.client_id)] {
+            if value.trim().is_empty() {
+                problems.push(format!("sink.dataverse.{key}: required for a dataverse:// sink"));
+            }
+        }
+        if d.client_secret.is_empty() {
+            problems.push("sink.dataverse.client_secret: required for a dataverse:// sink".into());
+        }
+        if !(1..=52).contains(&d.max_in_flight) {
+            problems.push(
+                "sink.dataverse.max_in_flight: must be between 1 and 52 (the service's concurrency limit)".into(),
+            );
+        }
+        if !(1000..=600_000).contains(&d.request_timeout_ms) {
+            problems.push("sink.dataverse.request_timeout_ms: must be between 1000 and 600000".into());
+        }
+        if d.api_version.is_empty() || !d.api_version.starts_with('v') {
+            problems.push(format!("sink.dataverse.api_version: '{}' is not like v9.2", d.api_version));
+        }
+        let navigation = &d.interactiondata_navigation_property;
+        if navigation.is_empty() || !navigation.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            problems.push("sink.dataverse.interactiondata_navigation_property: must be a property name".into());
+        }
+        let api_url =
+            if d.api_url.is_empty() { format!("https://{host}") } else { d.api_url.trim_end_matches('/').to_owned() };
+        for (key, url) in [("api_url", &api_url), ("authority", &d.authority)] {
+            if let Err(e) = crate::http_client::Endpoint::parse(url) {
+                problems.push(format!("sink.dataverse.{key}: '{}' {e}", redact_url(url)));
+            }
+        }
+        if !problems.is_empty() {
+            return Err(problems.join("; "));
+        }
+        Ok(DataverseTarget {
+            token_url: format!(
+                "{}/{}/oauth2/v2.0/token",
+                d.authority.trim_end_matches('/'),
+                crate::http_client::percent_encode(d.tenant_id.trim())
+            ),
+            scope: if d.scope.is_empty() { format!("https://{host}/.default") } else { d.scope.clone() },
+            api_url,
+            settings: d.clone(),
+        })
+    }
+
+    /// Batches written at once: the Dataverse sink's request concurrency, or `batch.max_in_flight`.
+    pub fn batches_in_flight(&self) -> usize {
+        match self.sink_url() {
+            Ok(SinkUrl::Dataverse(t)) => t.settings.max_in_flight,
+            _ => self.batch.max_in_flight,
         }
     }
 }
@@ -384,12 +502,14 @@ fn apply_env(root: &mut toml::Table, defaults: &toml::Table, env: &[(String, Str
             continue;
         };
         if parts.len() == 3 {
-            // Map-valued keys: kafka.options (librdkafka names use dots) and avro.schemas.
+            // Map-valued keys (kafka.options: librdkafka names use dots; avro.schemas)
+            // and sub-sections (sink.dataverse).
             let sub =
                 if section == "kafka" && key == "options" { parts[2].replace('_', ".") } else { parts[2].clone() };
+            let sub_default = default.and_then(|d| d.get(&sub));
             let map = section_table.entry(key.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
             if let toml::Value::Table(m) = map {
-                m.insert(sub, toml::Value::String(raw.clone()));
+                m.insert(sub, typed_like(sub_default, raw));
             }
             continue;
         }
@@ -397,14 +517,18 @@ fn apply_env(root: &mut toml::Table, defaults: &toml::Table, env: &[(String, Str
             errors.push(format!("{name}: too many __ separators"));
             continue;
         }
-        let value = match default {
-            Some(toml::Value::String(_)) | None => toml::Value::String(raw.clone()),
-            Some(_) => match format!("v = {raw}").parse::<toml::Table>() {
-                Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.clone())),
-                Err(_) => toml::Value::String(raw.clone()),
-            },
-        };
-        section_table.insert(key.clone(), value);
+        section_table.insert(key.clone(), typed_like(default, raw));
+    }
+}
+
+/// An environment value as TOML of the default's type (strings stay verbatim).
+fn typed_like(default: Option<&toml::Value>, raw: &str) -> toml::Value {
+    match default {
+        Some(toml::Value::String(_)) | None => toml::Value::String(raw.to_owned()),
+        Some(_) => match format!("v = {raw}").parse::<toml::Table>() {
+            Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+            Err(_) => toml::Value::String(raw.to_owned()),
+        },
     }
 }
 

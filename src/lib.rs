@@ -28,6 +28,7 @@ pub mod dlq;
 pub mod embedded;
 pub mod generator;
 pub mod http;
+pub mod http_client;
 pub mod metrics;
 pub mod normalize;
 pub mod offsets;

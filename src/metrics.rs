@@ -18,6 +18,11 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub control_commands_total: IntCounterVec,
     pub retention_records_total: IntCounterVec,
+    /// Dataverse sink: HTTP responses by status class and throttling (429).
+    pub dataverse_responses_total: IntCounterVec,
+    pub dataverse_token_renewals_total: IntCounterVec,
+    /// Dataverse sink: the adaptive limit of concurrent requests.
+    pub dataverse_concurrency_limit: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
 
@@ -66,6 +71,15 @@ impl Metrics {
         registry.register(Box::new(sink_write_seconds.clone())).unwrap_or_else(|e| panic!("{e}"));
         registry.register(Box::new(end_to_end_seconds.clone())).unwrap_or_else(|e| panic!("{e}"));
         registry.register(Box::new(consumer_lag.clone())).unwrap_or_else(|e| panic!("{e}"));
+        let dataverse_concurrency_limit = IntGaugeVec::new(
+            Opts::new(
+                "copilot_ingest_dataverse_concurrency_limit",
+                "Concurrent CreateMultiple requests the Dataverse sink currently allows (halved on 429).",
+            ),
+            &["sink"],
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        registry.register(Box::new(dataverse_concurrency_limit.clone())).unwrap_or_else(|e| panic!("{e}"));
         registry.register(Box::new(build_info.clone())).unwrap_or_else(|e| panic!("{e}"));
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         Metrics {
@@ -117,6 +131,19 @@ impl Metrics {
                 "Records changed by control commands, by action (retained, rolled_back, purged).",
                 &["action"],
             ),
+            dataverse_responses_total: counter(
+                &registry,
+                "copilot_ingest_dataverse_responses_total",
+                "Dataverse Web API responses by request (create, lookup, whoami) and status code; 429 = throttled.",
+                &["request", "status"],
+            ),
+            dataverse_token_renewals_total: counter(
+                &registry,
+                "copilot_ingest_dataverse_token_renewals_total",
+                "OAuth2 access tokens acquired, by outcome (ok, failed).",
+                &["outcome"],
+            ),
+            dataverse_concurrency_limit,
             batch_records,
             sink_write_seconds,
             end_to_end_seconds,
@@ -136,8 +163,11 @@ impl Metrics {
     /// Every metric name this process exports.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 13] = [
+        let collectors: [&dyn Collector; 16] = [
             &self.retention_records_total,
+            &self.dataverse_responses_total,
+            &self.dataverse_token_renewals_total,
+            &self.dataverse_concurrency_limit,
             &self.events_received_total,
             &self.events_rejected_total,
             &self.records_written_total,

@@ -85,12 +85,21 @@ impl Summary {
 }
 
 /// Opens the configured sink, retrying while it is unreachable.
-pub async fn open_sink(config: &Config, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Arc<Sink>> {
+/// A configuration the sink refuses (credentials, permissions) ends it with
+/// [`crate::sink::SinkConfigError`].
+pub async fn open_sink(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<Arc<Sink>> {
     let url: SinkUrl = config.sink_url().map_err(anyhow::Error::msg)?;
     let mut backoff = Backoff::default();
     loop {
-        match Sink::open(&url, &config.kafka.topic, config.batch.max_in_flight).await {
+        match Sink::open(&url, &config.kafka.topic, config.batch.max_in_flight, metrics).await {
             Ok(s) => return Ok(Arc::new(s)),
+            Err(crate::sink::SinkError::Fatal(message)) => {
+                return Err(crate::sink::SinkConfigError(message).into());
+            }
             Err(e) => {
                 let delay = backoff.next_delay();
                 tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "sink unavailable at start; retrying");
@@ -129,6 +138,7 @@ struct State {
     tracker: OffsetTracker,
     batcher: Batcher,
     tasks: JoinSet<Completion>,
+    max_batches_in_flight: usize,
     batches_in_flight: usize,
     dead_letters_in_flight: usize,
     assigned: HashSet<i32>,
@@ -302,7 +312,7 @@ impl State {
     }
 
     fn can_take(&self) -> bool {
-        self.batches_in_flight < self.config.batch.max_in_flight && self.dead_letters_in_flight < MAX_DLQ_IN_FLIGHT
+        self.batches_in_flight < self.max_batches_in_flight && self.dead_letters_in_flight < MAX_DLQ_IN_FLIGHT
     }
 }
 
@@ -315,7 +325,8 @@ pub async fn run(
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let sink = open_sink(&config, &mut shutdown).await?;
+    let sink = open_sink(&config, &metrics, &mut shutdown).await?;
+    let max_batches_in_flight = config.batches_in_flight();
     readiness.sink_reachable.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(sink = sink.kind(), "sink ready");
     let ping = {
@@ -367,6 +378,7 @@ pub async fn run(
         producer,
         tracker: OffsetTracker::new(),
         tasks: JoinSet::new(),
+        max_batches_in_flight,
         batches_in_flight: 0,
         dead_letters_in_flight: 0,
         assigned: HashSet::new(),

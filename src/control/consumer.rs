@@ -62,7 +62,8 @@ pub async fn run(
         let value = message.payload().unwrap_or_default();
         let signature =
             message.headers().and_then(|h| h.iter().find(|h| h.key == SIGNATURE_HEADER).and_then(|h| h.value));
-        let Some(reply) = handle(&store, hmac_key.expose(), value, signature, &mut shutdown, &metrics).await else {
+        let Some(reply) = handle(store.as_ref(), hmac_key.expose(), value, signature, &mut shutdown, &metrics).await
+        else {
             // Shutting down in the middle of a command: left uncommitted, it
             // resumes after the restart.
             break;
@@ -97,7 +98,7 @@ pub async fn run(
 /// Authenticates, deduplicates and executes one command. `None` when shutdown
 /// interrupted a retry.
 async fn handle(
-    store: &Store,
+    store: Option<&Store>,
     hmac_key: &str,
     value: &[u8],
     signature: Option<&[u8]>,
@@ -116,6 +117,15 @@ async fn handle(
     let command = match parse_command(value) {
         Ok(c) => c,
         Err(reply) => return Some(*reply),
+    };
+    let Some(store) = store else {
+        return Some(Reply::rejected(
+            Some(command.command_id.clone()),
+            Some(command.message.name().to_owned()),
+            "NotSupported",
+            "the dataverse:// sink does not execute retention commands: configure a long-term retention policy \
+             in the Dataverse environment instead",
+        ));
     };
     let mut backoff = Backoff::default();
     loop {

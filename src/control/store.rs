@@ -92,10 +92,12 @@ pub enum Store {
 }
 
 impl Store {
-    pub fn new(url: &SinkUrl) -> Store {
+    /// `None` for Dataverse, which runs retention itself (its long-term retention policies).
+    pub fn new(url: &SinkUrl) -> Option<Store> {
         match url {
-            SinkUrl::Sqlite(p) => Store::Sqlite(p.clone()),
-            SinkUrl::Postgres(u) => Store::Postgres(u.clone()),
+            SinkUrl::Sqlite(p) => Some(Store::Sqlite(p.clone())),
+            SinkUrl::Postgres(u) => Some(Store::Postgres(u.clone())),
+            SinkUrl::Dataverse(_) => None,
         }
     }
 

@@ -2,6 +2,7 @@
 //! replays are skipped; conflicting ids and records the store refuses are
 //! dead-lettered; transient failures are retried with backoff, forever.
 
+pub mod dataverse;
 pub mod postgres;
 pub mod sqlite;
 
@@ -33,18 +34,37 @@ pub enum SinkError {
     /// Caused by the data: retrying the same batch cannot succeed.
     #[error("permanent sink error: {0}")]
     Permanent(String),
+    /// The configuration is wrong (credentials refused, app not a user of the
+    /// environment): fatal at start-up; while running, retried like a
+    /// transient error so nothing is lost while an operator fixes it.
+    #[error("{0}")]
+    Fatal(String),
 }
+
+/// A sink that cannot work with this configuration; the process exits 2.
+#[derive(Debug, thiserror::Error)]
+#[error("sink configuration: {0}")]
+pub struct SinkConfigError(pub String);
 
 /// The configured sink.
 pub enum Sink {
     Sqlite(sqlite::SqliteSink),
     Postgres(postgres::PostgresSink),
+    Dataverse(Box<dataverse::DataverseSink>),
 }
 
 impl Sink {
     /// Connects and migrates (idempotent).
-    pub async fn open(url: &SinkUrl, topic: &str, connections: usize) -> Result<Sink, SinkError> {
+    pub async fn open(
+        url: &SinkUrl,
+        topic: &str,
+        connections: usize,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Sink, SinkError> {
         match url {
+            SinkUrl::Dataverse(target) => {
+                Ok(Sink::Dataverse(Box::new(dataverse::DataverseSink::open(target, Arc::clone(metrics)).await?)))
+            }
             SinkUrl::Sqlite(path) => Ok(Sink::Sqlite(sqlite::SqliteSink::open(path, topic)?)),
             SinkUrl::Postgres(url) => Ok(Sink::Postgres(postgres::PostgresSink::open(url, topic, connections).await?)),
         }
@@ -55,6 +75,7 @@ impl Sink {
         match self {
             Sink::Sqlite(_) => "sqlite",
             Sink::Postgres(_) => "postgres",
+            Sink::Dataverse(_) => "dataverse",
         }
     }
 
@@ -64,6 +85,7 @@ impl Sink {
         match self {
             Sink::Sqlite(s) => s.write(batch, indices).await,
             Sink::Postgres(s) => s.write(batch, indices).await,
+            Sink::Dataverse(s) => s.write(batch, indices).await,
         }
     }
 
@@ -72,6 +94,7 @@ impl Sink {
         match self {
             Sink::Sqlite(s) => s.ping().await,
             Sink::Postgres(s) => s.ping().await,
+            Sink::Dataverse(s) => s.ping().await,
         }
     }
 }
@@ -131,7 +154,7 @@ pub async fn write_batch(sink: &Sink, batch: Arc<Batch>, metrics: &Metrics) -> V
                     }
                     break;
                 }
-                Err(SinkError::Transient(message)) => {
+                Err(SinkError::Transient(message) | SinkError::Fatal(message)) => {
                     metrics.batches_total.with_label_values(&["retried"]).inc();
                     let delay = backoff.next_delay();
                     if backoff.attempts() == 1 {
