@@ -4,5 +4,7 @@ mod avro;
 mod cli;
 mod common;
 mod control;
+mod dataverse;
+mod dataverse_emulator;
 mod observability;
 mod pipeline;
