@@ -41,6 +41,10 @@ const LOOKUP_CHUNK: usize = 50;
 /// The app registration is not an application user of the environment.
 const NOT_AN_APPLICATION_USER: &str = "0x80072560";
 const DUPLICATE_KEY: &str = "0x80040237";
+/// The payload does not fit the environment's metadata (e.g. a wrong
+/// navigation property name). Our payloads are built from validated records,
+/// so this is a configuration fault: retried, never dead-lettered record by record.
+const PAYLOAD_ERROR: &str = "0x80048d19";
 /// How often `/readyz` may cost a WhoAmI request.
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -546,6 +550,10 @@ impl DataverseSink {
                 Answer::Refused(403, error) if error.code.eq_ignore_ascii_case(NOT_AN_APPLICATION_USER) => {
                     tracing::error!(error = %error.describe(403), "the app is no longer an application user of the environment; writes are paused");
                     return Err(SinkError::Transient(error.describe(403)));
+                }
+                Answer::Refused(status, error) if error.code.eq_ignore_ascii_case(PAYLOAD_ERROR) => {
+                    tracing::error!(error = %error.describe(status), "Dataverse refused the request's shape; check [sink.dataverse] (e.g. interactiondata_navigation_property); writes are paused");
+                    return Err(SinkError::Transient(format!("Dataverse {}", error.describe(status))));
                 }
                 Answer::Refused(status @ (401 | 403 | 404 | 408 | 409), error) => {
                     // Authorization, a missing table or a conflict in the service: not the records' fault.
