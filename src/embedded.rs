@@ -31,4 +31,10 @@ impl EmbeddedBroker {
     pub fn bootstrap_servers(&self) -> String {
         self.cluster.bootstrap_servers()
     }
+
+    /// The mock cluster itself, for fault injection (request errors, broker
+    /// down and up, round-trip time). Its single broker has id 1.
+    pub fn cluster(&self) -> &MockCluster<'static, DefaultProducerContext> {
+        &self.cluster
+    }
 }

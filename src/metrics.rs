@@ -104,7 +104,7 @@ impl Metrics {
             records_skipped_total: counter(
                 &registry,
                 "copilot_ingest_records_skipped_total",
-                "Records not written because they were already there (replay) or purged (purged_replay).",
+                "Records not written because they were already there (replay) or purged (purged_replay), and redelivered invalid events already dead-lettered (dead_letter_replay).",
                 &["reason"],
             ),
             dlq_events_total: counter(

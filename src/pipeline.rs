@@ -34,8 +34,17 @@ const MAX_DLQ_IN_FLIGHT: usize = 10_000;
 const TOPIC: u32 = 0;
 
 enum Completion {
-    Batch { batch: Arc<Batch>, outcomes: Vec<Outcome> },
-    DeadLetter { partition: i32, offset: i64, reason: Reason },
+    Batch {
+        batch: Arc<Batch>,
+        outcomes: Vec<Outcome>,
+    },
+    /// `resent`: the ledger says it was dead-lettered before (a redelivery); not sent again.
+    DeadLetter {
+        partition: i32,
+        offset: i64,
+        reason: Reason,
+        resent: bool,
+    },
 }
 
 /// How often the INFO summary line is logged (instead of per-event logs).
@@ -81,6 +90,27 @@ impl Summary {
             "progress"
         );
         *self = now;
+    }
+}
+
+/// Runs a sink call until it succeeds, with backoff: the ledger is as
+/// necessary as the write itself, and its outage pauses like the sink's.
+async fn retry<T, F, Fut>(mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, crate::sink::SinkError>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) => {
+                if backoff.attempts() == 0 {
+                    tracing::warn!(error = %e, "dead-letter ledger unavailable; retrying");
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
     }
 }
 
@@ -242,10 +272,19 @@ impl State {
         let producer = Arc::clone(&self.producer);
         let dlq_topic = self.config.kafka.dlq_topic.clone();
         let topic = self.config.kafka.topic.clone();
+        let sink = Arc::clone(&self.sink);
         self.dead_letters_in_flight += 1;
         self.tasks.spawn(async move {
-            dlq::dead_letter(&producer, &dlq_topic, &topic, &message, &rejection).await;
-            Completion::DeadLetter { partition: message.partition, offset: message.offset, reason: rejection.reason }
+            let (partition, offset) = (message.partition, message.offset);
+            // The ledger makes a redelivered invalid message (after a crash or a
+            // lost session) not a second dead letter. A crash between the
+            // broker's ack and the ledger write can still repeat one.
+            let resent = retry(|| sink.dead_letter_sent(&topic, partition, offset)).await;
+            if !resent {
+                dlq::dead_letter(&producer, &dlq_topic, &topic, &message, &rejection).await;
+                retry(|| sink.record_dead_letter(&topic, partition, offset)).await;
+            }
+            Completion::DeadLetter { partition, offset, reason: rejection.reason, resent }
         });
     }
 
@@ -278,9 +317,13 @@ impl State {
                 }
                 self.written.inc_by(written);
             }
-            Completion::DeadLetter { partition, offset, reason } => {
+            Completion::DeadLetter { partition, offset, reason, resent } => {
                 self.dead_letters_in_flight -= 1;
-                self.metrics.dlq_events_total.with_label_values(&[reason.code()]).inc();
+                if resent {
+                    self.metrics.records_skipped_total.with_label_values(&["dead_letter_replay"]).inc();
+                } else {
+                    self.metrics.dlq_events_total.with_label_values(&[reason.code()]).inc();
+                }
                 if self.tracker.done(TOPIC, partition, offset) {
                     self.touched.insert(partition);
                 }

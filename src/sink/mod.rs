@@ -89,6 +89,26 @@ impl Sink {
         }
     }
 
+    /// Whether the message at these coordinates was already dead-lettered
+    /// (then a redelivery must not send it again). Dataverse keeps no such
+    /// ledger: always `false` there, so its dead letters are at-least-once.
+    pub async fn dead_letter_sent(&self, topic: &str, partition: i32, offset: i64) -> Result<bool, SinkError> {
+        match self {
+            Sink::Sqlite(s) => s.dead_letter(DeadLetterOp::Check, topic, partition, offset).await,
+            Sink::Postgres(s) => s.dead_letter(DeadLetterOp::Check, topic, partition, offset).await,
+            Sink::Dataverse(_) => Ok(false),
+        }
+    }
+
+    /// Records that the broker acknowledged the dead letter of these coordinates.
+    pub async fn record_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<(), SinkError> {
+        match self {
+            Sink::Sqlite(s) => s.dead_letter(DeadLetterOp::Record, topic, partition, offset).await.map(drop),
+            Sink::Postgres(s) => s.dead_letter(DeadLetterOp::Record, topic, partition, offset).await.map(drop),
+            Sink::Dataverse(_) => Ok(()),
+        }
+    }
+
     /// Cheap reachability check for `/readyz`.
     pub async fn ping(&self) -> bool {
         match self {
@@ -96,6 +116,47 @@ impl Sink {
             Sink::Postgres(s) => s.ping().await,
             Sink::Dataverse(s) => s.ping().await,
         }
+    }
+}
+
+/// The dead-letter ledger: source coordinates of every acknowledged dead letter.
+pub const DEAD_LETTER_TABLE: &str = "copilot_ingest_dead_letters";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterOp {
+    /// `true` if recorded.
+    Check,
+    /// Records (idempotent); returns `true`.
+    Record,
+}
+
+impl DeadLetterOp {
+    /// The statement, with `$1`/`?1` topic, partition, offset placeholders in the sink's dialect.
+    fn sql(self, postgres: bool) -> String {
+        let p = |n: usize| if postgres { format!("${n}") } else { format!("?{n}") };
+        match self {
+            DeadLetterOp::Check => format!(
+                "SELECT count(*) FROM {DEAD_LETTER_TABLE} WHERE ingest_topic = {} AND ingest_partition = {} AND ingest_offset = {}",
+                p(1),
+                p(2),
+                p(3)
+            ),
+            DeadLetterOp::Record => format!(
+                "INSERT INTO {DEAD_LETTER_TABLE} (ingest_topic, ingest_partition, ingest_offset) VALUES ({}, {}, {}) \
+                 ON CONFLICT DO NOTHING",
+                p(1),
+                p(2),
+                p(3)
+            ),
+        }
+    }
+
+    pub fn sqlite_sql(self) -> String {
+        self.sql(false)
+    }
+
+    pub fn postgres_sql(self) -> String {
+        self.sql(true)
     }
 }
 

@@ -88,8 +88,12 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
                  CREATE TABLE IF NOT EXISTS {name} ({});
                  CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} uuid PRIMARY KEY, purgedon timestamptz NOT NULL, versionnumber bigint,
                      retention_operationid uuid);
-                 CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);",
-                defs.join(", ")
+                 CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);
+                 CREATE TABLE IF NOT EXISTS {ledger} (ingest_topic text NOT NULL, ingest_partition integer NOT NULL,
+                     ingest_offset bigint NOT NULL, sent_at timestamptz NOT NULL DEFAULT now(),
+                     PRIMARY KEY (ingest_topic, ingest_partition, ingest_offset));",
+                defs.join(", "),
+                ledger = super::DEAD_LETTER_TABLE
             ))
             .await?;
         for def in defs.iter().skip(1) {
@@ -210,6 +214,30 @@ impl PostgresSink {
         if !client.client.is_closed() {
             self.idle.lock().await.push(client);
         }
+    }
+
+    pub async fn dead_letter(
+        &self,
+        op: super::DeadLetterOp,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<bool, SinkError> {
+        // Same connection budget as the writes: dead letters never open more.
+        let _permit = self.permits.acquire().await.map_err(|e| SinkError::Transient(e.to_string()))?;
+        let pooled = self.client().await?;
+        let result = match op {
+            super::DeadLetterOp::Check => pooled
+                .client
+                .query_one(&op.postgres_sql(), &[&topic, &partition, &offset])
+                .await
+                .map(|row| row.get::<_, i64>(0) > 0),
+            super::DeadLetterOp::Record => {
+                pooled.client.execute(&op.postgres_sql(), &[&topic, &partition, &offset]).await.map(|_| true)
+            }
+        };
+        self.release(pooled).await;
+        result.map_err(classify)
     }
 
     pub async fn ping(&self) -> bool {

@@ -11,14 +11,27 @@ use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, pa
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{Outcome, SinkError, classify_existing};
+use super::{DEAD_LETTER_TABLE, DeadLetterOp, Outcome, SinkError, classify_existing};
 use crate::batch::Batch;
 use crate::record::{Value, create_columns, format_datetime};
 use crate::table::{ColumnType, table};
 
 enum Job {
-    Write { batch: Arc<Batch>, indices: Vec<usize>, reply: oneshot::Sender<Result<Vec<Outcome>, SinkError>> },
-    Ping { reply: oneshot::Sender<bool> },
+    Write {
+        batch: Arc<Batch>,
+        indices: Vec<usize>,
+        reply: oneshot::Sender<Result<Vec<Outcome>, SinkError>>,
+    },
+    Ping {
+        reply: oneshot::Sender<bool>,
+    },
+    DeadLetter {
+        op: DeadLetterOp,
+        topic: String,
+        partition: i32,
+        offset: i64,
+        reply: oneshot::Sender<Result<bool, SinkError>>,
+    },
 }
 
 pub struct SqliteSink {
@@ -75,6 +88,9 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
          CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} TEXT PRIMARY KEY NOT NULL, purgedon TEXT NOT NULL, versionnumber INTEGER,
              retention_operationid TEXT);
          CREATE TABLE IF NOT EXISTS copilot_ingest_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (ingest_topic TEXT NOT NULL, ingest_partition INTEGER NOT NULL,
+             ingest_offset INTEGER NOT NULL, sent_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+             PRIMARY KEY (ingest_topic, ingest_partition, ingest_offset)) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);",
         defs.join(", "),
         id = t.primary_id_attribute
@@ -142,6 +158,23 @@ impl SqliteSink {
         rx.await.map_err(|_| SinkError::Transient("SQLite writer stopped".into()))?
     }
 
+    pub async fn dead_letter(
+        &self,
+        op: DeadLetterOp,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+    ) -> Result<bool, SinkError> {
+        let (reply, rx) = oneshot::channel();
+        let job = Job::DeadLetter { op, topic: topic.to_owned(), partition, offset, reply };
+        let jobs = self.jobs.clone();
+        tokio::task::spawn_blocking(move || jobs.send(job))
+            .await
+            .map_err(|e| SinkError::Transient(e.to_string()))?
+            .map_err(|_| SinkError::Transient("SQLite writer stopped".into()))?;
+        rx.await.map_err(|_| SinkError::Transient("SQLite writer stopped".into()))?
+    }
+
     pub async fn ping(&self) -> bool {
         let (reply, rx) = oneshot::channel();
         if self.jobs.try_send(Job::Ping { reply }).is_err() {
@@ -170,6 +203,19 @@ fn writer_thread(mut conn: Connection, rx: mpsc::Receiver<Job>, topic: String, p
             Job::Ping { reply } => {
                 let ok = conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok();
                 let _ = reply.send(ok);
+            }
+            Job::DeadLetter { op, topic, partition, offset, reply } => {
+                let params = rusqlite::params![topic, partition, offset];
+                let result = match op {
+                    DeadLetterOp::Check => conn
+                        .prepare_cached(&op.sqlite_sql())
+                        .and_then(|mut s| s.query_row(params, |r| r.get::<_, i64>(0)))
+                        .map(|n| n > 0),
+                    DeadLetterOp::Record => {
+                        conn.prepare_cached(&op.sqlite_sql()).and_then(|mut s| s.execute(params)).map(|_| true)
+                    }
+                };
+                let _ = reply.send(result.map_err(|e| SinkError::Transient(e.to_string())));
             }
         }
     }

@@ -281,6 +281,8 @@ fn https_registry_is_verified_against_the_trust_store() {
     std::fs::write(&ca_file, ca.to_pem().unwrap()).unwrap();
     // SAFETY: nextest runs each test in its own process; nothing else reads the environment concurrently here.
     unsafe { std::env::set_var("SSL_CERT_FILE", &ca_file) };
+    // The trust store is read when the client is built (at start-up).
+    let registry = copilot_ingest::avro::Registry::parse(&format!("https://127.0.0.1:{port}")).unwrap();
     let fetched = registry.schema(1).unwrap().expect("schema 1");
     assert!(fetched.contains("CopilotInteractionEvent"));
 }

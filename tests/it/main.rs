@@ -6,5 +6,6 @@ mod common;
 mod control;
 mod dataverse;
 mod dataverse_emulator;
+mod faults;
 mod observability;
 mod pipeline;
