@@ -218,7 +218,7 @@ pub fn main() -> i32 {
     runtime.shutdown_timeout(Duration::from_secs(2));
     match result {
         Ok(code) => code,
-        Err(e) if e.downcast_ref::<crate::sink::SinkConfigError>().is_some() => {
+        Err(e) if e.downcast_ref::<crate::config::FatalConfig>().is_some() => {
             eprintln!("error: {e:#}");
             EXIT_CONFIG
         }

@@ -442,6 +442,12 @@ impl Config {
     }
 }
 
+/// A configuration the outside world refuses at start-up (credentials,
+/// certificates, permissions): the process exits 2 instead of retrying.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct FatalConfig(pub String);
+
 /// A URL with any password replaced, for messages and logs.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else { return url.to_owned() };

@@ -11,6 +11,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
+use crate::kafka_log::QuietContext;
 use crate::reason::Rejection;
 use crate::sink::Backoff;
 use crate::source::Inbound;
@@ -29,8 +30,11 @@ pub fn producer_config(brokers: &str, options: &[(String, String)]) -> ClientCon
     c
 }
 
-pub fn create_producer(config: &ClientConfig) -> Result<FutureProducer, KafkaError> {
-    config.create()
+/// The product's producer: its logs go through [`QuietContext`].
+pub type Producer = FutureProducer<QuietContext>;
+
+pub fn create_producer(config: &ClientConfig, client: &'static str) -> Result<Producer, KafkaError> {
+    config.create_with_context(QuietContext::new(client))
 }
 
 /// How much of the original value a dead letter keeps when the whole message
@@ -42,7 +46,7 @@ const TRUNCATED_VALUE_BYTES: usize = 64 * 1024;
 /// `x-ingest-value-truncated` gives the original size), so a poison message
 /// can never stall its partition.
 pub async fn dead_letter(
-    producer: &FutureProducer,
+    producer: &Producer,
     dlq_topic: &str,
     source_topic: &str,
     message: &Inbound,

@@ -29,6 +29,7 @@ pub mod embedded;
 pub mod generator;
 pub mod http;
 pub mod http_client;
+pub mod kafka_log;
 pub mod metrics;
 pub mod normalize;
 pub mod offsets;

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::consumer::{CommitMode, Consumer};
-use rdkafka::producer::FutureProducer;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -116,7 +115,7 @@ where
 
 /// Opens the configured sink, retrying while it is unreachable.
 /// A configuration the sink refuses (credentials, permissions) ends it with
-/// [`crate::sink::SinkConfigError`].
+/// [`crate::config::FatalConfig`].
 pub async fn open_sink(
     config: &Config,
     metrics: &Arc<Metrics>,
@@ -128,7 +127,7 @@ pub async fn open_sink(
         match Sink::open(&url, &config.kafka.topic, config.batch.max_in_flight, metrics).await {
             Ok(s) => return Ok(Arc::new(s)),
             Err(crate::sink::SinkError::Fatal(message)) => {
-                return Err(crate::sink::SinkConfigError(message).into());
+                return Err(crate::config::FatalConfig(format!("sink configuration: {message}")).into());
             }
             Err(e) => {
                 let delay = backoff.next_delay();
@@ -162,7 +161,7 @@ struct State {
     config: Config,
     metrics: Arc<Metrics>,
     sink: Arc<Sink>,
-    producer: Arc<FutureProducer>,
+    producer: Arc<dlq::Producer>,
     decoder: Decoder,
     shutdown: watch::Receiver<bool>,
     tracker: OffsetTracker,
@@ -385,7 +384,7 @@ pub async fn run(
     };
 
     let options = kafka_options(&config);
-    let producer = Arc::new(dlq::create_producer(&dlq::producer_config(brokers, &options))?);
+    let producer = Arc::new(dlq::create_producer(&dlq::producer_config(brokers, &options), "dead-letter producer")?);
     let (events_tx, mut events) = mpsc::channel::<SourceEvent>(4);
     let drain_timeout = Duration::from_millis(config.shutdown.drain_timeout_ms);
     let mut source = Source::start(
@@ -454,6 +453,14 @@ pub async fn run(
             event = events.recv(), if taking => match event {
                 Some(SourceEvent::Messages(m)) => state.handle_messages(m),
                 Some(SourceEvent::Assigned(ps)) => state.assigned.extend(ps),
+                Some(SourceEvent::Fatal(reason)) => {
+                    ping.abort();
+                    return Err(crate::config::FatalConfig(format!(
+                        "Kafka refused the connection's security settings ({reason}); check [kafka.options] \
+                         (ssl.ca.location, sasl.username, sasl.password, security.protocol)"
+                    ))
+                    .into());
+                }
                 Some(SourceEvent::Revoked { partitions, done }) => {
                     // Finish everything received so far before the partitions go.
                     state.flush();
@@ -481,6 +488,7 @@ pub async fn run(
             SourceEvent::Messages(m) => state.handle_messages(m),
             SourceEvent::Assigned(ps) => state.assigned.extend(ps),
             SourceEvent::Revoked { done, .. } => drop(done),
+            SourceEvent::Fatal(_) => {}
         }
     }
     state.flush();

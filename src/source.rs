@@ -69,6 +69,9 @@ pub enum SourceEvent {
         partitions: Vec<i32>,
         done: std::sync::mpsc::SyncSender<()>,
     },
+    /// The brokers refused the connection's security settings (TLS
+    /// verification, SASL authentication) before it ever worked.
+    Fatal(String),
 }
 
 /// Messages per chunk sent over the channel: one channel send per chunk
@@ -93,6 +96,10 @@ pub struct SourceContext {
     closing: AtomicBool,
     /// Messages polled but not yet accepted by the channel.
     pending: Mutex<Vec<Inbound>>,
+    throttle: crate::kafka_log::Throttle,
+    /// A broker answered at least once: later security errors are retried.
+    connected: AtomicBool,
+    fatal: Mutex<Option<String>>,
 }
 
 impl SourceContext {
@@ -115,15 +122,7 @@ impl SourceContext {
 
 impl ClientContext for SourceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                tracing::warn!(facility = fac, "librdkafka: {log_message}")
-            }
-            RDKafkaLogLevel::Warning | RDKafkaLogLevel::Notice => {
-                tracing::info!(facility = fac, "librdkafka: {log_message}")
-            }
-            _ => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
-        }
+        crate::kafka_log::log(&self.throttle, "consumer", level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -131,14 +130,21 @@ impl ClientContext for SourceContext {
         if let Some(RDKafkaErrorCode::AllBrokersDown) = error.rdkafka_error_code() {
             self.readiness.broker_reachable.store(false, Ordering::Relaxed);
         }
-        tracing::warn!(error = %error, "kafka consumer: {reason}");
+        if !self.connected.load(Ordering::Relaxed)
+            && crate::kafka_log::is_fatal(&error, reason)
+            && let Ok(mut fatal) = self.fatal.lock()
+        {
+            fatal.get_or_insert_with(|| reason.to_owned());
+        }
+        crate::kafka_log::error(&self.throttle, "consumer", &error, reason);
     }
 
     fn stats(&self, statistics: Statistics) {
-        self.readiness.broker_reachable.store(
-            statistics.brokers.values().any(|b| b.state == "UP") || statistics.brokers.is_empty(),
-            Ordering::Relaxed,
-        );
+        let up = statistics.brokers.values().any(|b| b.state == "UP");
+        if up {
+            self.connected.store(true, Ordering::Relaxed);
+        }
+        self.readiness.broker_reachable.store(up || statistics.brokers.is_empty(), Ordering::Relaxed);
         if let Some(topic) = statistics.topics.get(&self.topic) {
             for (partition, p) in &topic.partitions {
                 if *partition < 0 || p.fetch_state == "none" {
@@ -163,6 +169,7 @@ impl ConsumerContext for SourceContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                self.connected.store(true, Ordering::Relaxed);
                 self.readiness.assigned.store(true, Ordering::Relaxed);
                 self.readiness.broker_reachable.store(true, Ordering::Relaxed);
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -270,6 +277,9 @@ impl Source {
             revoke_timeout,
             closing: AtomicBool::new(false),
             pending: Mutex::new(Vec::new()),
+            throttle: crate::kafka_log::Throttle::default(),
+            connected: AtomicBool::new(false),
+            fatal: Mutex::new(None),
         };
         let consumer: Arc<IngestConsumer> = Arc::new(config.create_with_context(context)?);
         consumer.subscribe(&[topic])?;
@@ -376,7 +386,7 @@ fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop
             match result {
                 Ok(m) => polled.push(Inbound::from_message(&m)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "kafka consume error");
+                    crate::kafka_log::error(&ctx.throttle, "consumer", &e, "consume");
                     break;
                 }
             }
@@ -385,7 +395,13 @@ fn poll_loop(consumer: &IngestConsumer, events: &mpsc::Sender<SourceEvent>, stop
             }
             next = consumer.poll(Duration::ZERO);
         }
+        let fatal = ctx.fatal.lock().ok().and_then(|mut f| f.take());
+        if let Some(reason) = fatal {
+            let _ = send_within(events, SourceEvent::Fatal(reason), Duration::from_secs(5), stop);
+            return;
+        }
         if !polled.is_empty() {
+            ctx.connected.store(true, Ordering::Relaxed);
             ctx.readiness.broker_reachable.store(true, Ordering::Relaxed);
             if let Ok(mut p) = ctx.pending.lock() {
                 p.extend(polled);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message as _};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use serde_json::Value as Json;
 use tokio::sync::watch;
@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use super::store::{Store, StoreError};
 use super::{Reply, SIGNATURE_HEADER, Status, parse_command, verify_signature};
 use crate::config::Config;
+use crate::kafka_log::QuietContext;
 use crate::metrics::Metrics;
 use crate::sink::Backoff;
 
@@ -39,11 +40,13 @@ pub async fn run(
     for (k, v) in &options {
         consumer_config.set(k, v);
     }
-    let consumer: StreamConsumer = consumer_config.create()?;
+    let consumer: StreamConsumer<QuietContext> =
+        consumer_config.create_with_context(QuietContext::new("control consumer"))?;
     consumer.subscribe(&[&config.kafka.control_topic])?;
-    let producer: FutureProducer = crate::dlq::producer_config(&brokers, &options).create()?;
+    let producer = crate::dlq::create_producer(&crate::dlq::producer_config(&brokers, &options), "control producer")?;
     tracing::info!(topic = %config.kafka.control_topic, "control commands: consuming");
     let hmac_key = config.control.hmac_key.clone();
+    let consume_errors = crate::kafka_log::Throttle::default();
 
     loop {
         let message = tokio::select! {
@@ -54,7 +57,7 @@ pub async fn run(
         let message = match message {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(error = %e, "control topic consume error");
+                crate::kafka_log::error(&consume_errors, "control consumer", &e, "consume");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }

@@ -41,11 +41,6 @@ pub enum SinkError {
     Fatal(String),
 }
 
-/// A sink that cannot work with this configuration; the process exits 2.
-#[derive(Debug, thiserror::Error)]
-#[error("sink configuration: {0}")]
-pub struct SinkConfigError(pub String);
-
 /// The configured sink.
 pub enum Sink {
     Sqlite(sqlite::SqliteSink),

@@ -204,3 +204,38 @@ async fn a_slow_sink_under_a_large_backlog_keeps_memory_bounded() {
     // 16 MB prefetch cap, in-flight batches), far below the 40,000-event backlog.
     assert!(rss < 256.0, "peak RSS {rss:.0} MB");
 }
+
+/// An unreachable broker at start is retried with one clear log line and
+/// `/readyz` 503 (no crash loop); a topic that does not exist is named in the
+/// log. SIGTERM still ends either cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_brokers_and_missing_topics_are_waited_for_and_reported() {
+    let kafka = TestKafka::new(1);
+    let (_dir, url) = temp_sqlite();
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    for (brokers, topic, expected) in [
+        (format!("127.0.0.1:{closed_port}"), kafka.config.kafka.topic.clone(), "cannot reach the Kafka brokers"),
+        (kafka.bootstrap.clone(), unique("no_such_topic"), "a topic does not exist"),
+    ] {
+        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let log = std::env::temp_dir().join(unique("edge-log"));
+        let mut command = kafka.run_binary(&url);
+        command
+            .env("COPILOT_INGEST__KAFKA__BROKERS", &brokers)
+            .env("COPILOT_INGEST__KAFKA__TOPIC", &topic)
+            .env("COPILOT_INGEST__METRICS__LISTEN", format!("127.0.0.1:{metrics_port}"))
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut service = Service::spawn(&mut command);
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        let running = service.0.as_mut().map(|c| c.try_wait().unwrap().is_none()).unwrap_or(false);
+        assert!(running, "still running and retrying after 6 s");
+        let addr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
+        let (status, _) = crate::observability::http_get(addr, "/readyz").await;
+        assert_eq!(status, 503, "not ready while it cannot consume");
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.contains(expected), "{expected:?} missing from the log:\n{text}");
+        let lines = text.lines().count();
+        assert!(lines < 60, "{lines} log lines in 6 s: repeats must be throttled\n{text}");
+        terminate(service);
+    }
+}
