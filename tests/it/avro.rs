@@ -204,7 +204,7 @@ async fn registry_schemas_are_fetched_once_and_an_outage_only_pauses() {
 use copilot_ingest::metrics::Metrics;
 
 /// A certificate authority and a server certificate it signs for 127.0.0.1.
-fn test_pki() -> (openssl::x509::X509, openssl::pkey::PKey<openssl::pkey::Private>, openssl::x509::X509) {
+pub fn test_pki() -> (openssl::x509::X509, openssl::pkey::PKey<openssl::pkey::Private>, openssl::x509::X509) {
     use openssl::asn1::Asn1Time;
     use openssl::bn::BigNum;
     use openssl::hash::MessageDigest;

@@ -7,5 +7,6 @@ mod control;
 mod dataverse;
 mod dataverse_emulator;
 mod faults;
+mod interop;
 mod observability;
 mod pipeline;
