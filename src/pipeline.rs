@@ -278,10 +278,17 @@ impl State {
             // The ledger makes a redelivered invalid message (after a crash or a
             // lost session) not a second dead letter. A crash between the
             // broker's ack and the ledger write can still repeat one.
-            let resent = retry(|| sink.dead_letter_sent(&topic, partition, offset)).await;
+            let letter = crate::sink::DeadLetterKey::new(
+                &topic,
+                partition,
+                offset,
+                message.key.as_deref(),
+                message.payload.as_deref(),
+            );
+            let resent = retry(|| sink.dead_letter_sent(&letter)).await;
             if !resent {
                 dlq::dead_letter(&producer, &dlq_topic, &topic, &message, &rejection).await;
-                retry(|| sink.record_dead_letter(&topic, partition, offset)).await;
+                retry(|| sink.record_dead_letter(&letter)).await;
             }
             Completion::DeadLetter { partition, offset, reason: rejection.reason, resent }
         });

@@ -87,19 +87,19 @@ impl Sink {
     /// Whether the message at these coordinates was already dead-lettered
     /// (then a redelivery must not send it again). Dataverse keeps no such
     /// ledger: always `false` there, so its dead letters are at-least-once.
-    pub async fn dead_letter_sent(&self, topic: &str, partition: i32, offset: i64) -> Result<bool, SinkError> {
+    pub async fn dead_letter_sent(&self, letter: &DeadLetterKey<'_>) -> Result<bool, SinkError> {
         match self {
-            Sink::Sqlite(s) => s.dead_letter(DeadLetterOp::Check, topic, partition, offset).await,
-            Sink::Postgres(s) => s.dead_letter(DeadLetterOp::Check, topic, partition, offset).await,
+            Sink::Sqlite(s) => s.dead_letter(DeadLetterOp::Check, letter).await,
+            Sink::Postgres(s) => s.dead_letter(DeadLetterOp::Check, letter).await,
             Sink::Dataverse(_) => Ok(false),
         }
     }
 
     /// Records that the broker acknowledged the dead letter of these coordinates.
-    pub async fn record_dead_letter(&self, topic: &str, partition: i32, offset: i64) -> Result<(), SinkError> {
+    pub async fn record_dead_letter(&self, letter: &DeadLetterKey<'_>) -> Result<(), SinkError> {
         match self {
-            Sink::Sqlite(s) => s.dead_letter(DeadLetterOp::Record, topic, partition, offset).await.map(drop),
-            Sink::Postgres(s) => s.dead_letter(DeadLetterOp::Record, topic, partition, offset).await.map(drop),
+            Sink::Sqlite(s) => s.dead_letter(DeadLetterOp::Record, letter).await.map(drop),
+            Sink::Postgres(s) => s.dead_letter(DeadLetterOp::Record, letter).await.map(drop),
             Sink::Dataverse(_) => Ok(()),
         }
     }
@@ -117,6 +117,29 @@ impl Sink {
 /// The dead-letter ledger: source coordinates of every acknowledged dead letter.
 pub const DEAD_LETTER_TABLE: &str = "copilot_ingest_dead_letters";
 
+/// A dead letter in the ledger: its source coordinates and a digest of the
+/// message (so a topic deleted and re-created, whose offsets start over, is
+/// not mistaken for a redelivery).
+#[derive(Debug, Clone)]
+pub struct DeadLetterKey<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub digest: String,
+}
+
+impl<'a> DeadLetterKey<'a> {
+    pub fn new(topic: &'a str, partition: i32, offset: i64, key: Option<&[u8]>, value: Option<&[u8]>) -> Self {
+        const NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x6f0b_4c1e_2a57_4d0e_9b1c_0c0b_71c5_7a03);
+        let mut bytes = Vec::with_capacity(16 + key.map_or(0, <[u8]>::len) + value.map_or(0, <[u8]>::len));
+        for part in [key, value] {
+            bytes.extend_from_slice(&part.map_or(u64::MAX, |p| p.len() as u64).to_be_bytes());
+            bytes.extend_from_slice(part.unwrap_or_default());
+        }
+        DeadLetterKey { topic, partition, offset, digest: uuid::Uuid::new_v5(&NAMESPACE, &bytes).to_string() }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeadLetterOp {
     /// `true` if recorded.
@@ -131,17 +154,20 @@ impl DeadLetterOp {
         let p = |n: usize| if postgres { format!("${n}") } else { format!("?{n}") };
         match self {
             DeadLetterOp::Check => format!(
-                "SELECT count(*) FROM {DEAD_LETTER_TABLE} WHERE ingest_topic = {} AND ingest_partition = {} AND ingest_offset = {}",
+                "SELECT count(*) FROM {DEAD_LETTER_TABLE} WHERE ingest_topic = {} AND ingest_partition = {} \
+                 AND ingest_offset = {} AND message_digest = {}",
                 p(1),
                 p(2),
-                p(3)
+                p(3),
+                p(4)
             ),
             DeadLetterOp::Record => format!(
-                "INSERT INTO {DEAD_LETTER_TABLE} (ingest_topic, ingest_partition, ingest_offset) VALUES ({}, {}, {}) \
-                 ON CONFLICT DO NOTHING",
+                "INSERT INTO {DEAD_LETTER_TABLE} (ingest_topic, ingest_partition, ingest_offset, message_digest) \
+                 VALUES ({}, {}, {}, {}) ON CONFLICT DO NOTHING",
                 p(1),
                 p(2),
-                p(3)
+                p(3),
+                p(4)
             ),
         }
     }
@@ -253,5 +279,19 @@ pub(crate) fn classify_existing(record_hash: uuid::Uuid, stored_hash: Option<uui
             Some("msdyn_copilotinteractionid"),
             format!("record {id} already exists with different content"),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_digests_tell_messages_apart() {
+        let d = |k: Option<&[u8]>, v: Option<&[u8]>| DeadLetterKey::new("t", 0, 7, k, v).digest;
+        assert_eq!(d(Some(b"k"), Some(b"v")), d(Some(b"k"), Some(b"v")));
+        assert_ne!(d(Some(b"k"), Some(b"v")), d(Some(b"kv"), Some(b"")));
+        assert_ne!(d(None, Some(b"v")), d(Some(b""), Some(b"v")));
+        assert_ne!(d(Some(b"k"), None), d(Some(b"k"), Some(b"")));
     }
 }

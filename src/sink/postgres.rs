@@ -90,8 +90,8 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
                      retention_operationid uuid);
                  CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);
                  CREATE TABLE IF NOT EXISTS {ledger} (ingest_topic text NOT NULL, ingest_partition integer NOT NULL,
-                     ingest_offset bigint NOT NULL, sent_at timestamptz NOT NULL DEFAULT now(),
-                     PRIMARY KEY (ingest_topic, ingest_partition, ingest_offset));",
+                     ingest_offset bigint NOT NULL, message_digest text NOT NULL, sent_at timestamptz NOT NULL DEFAULT now(),
+                     PRIMARY KEY (ingest_topic, ingest_partition, ingest_offset, message_digest));",
                 defs.join(", "),
                 ledger = super::DEAD_LETTER_TABLE
             ))
@@ -219,22 +219,18 @@ impl PostgresSink {
     pub async fn dead_letter(
         &self,
         op: super::DeadLetterOp,
-        topic: &str,
-        partition: i32,
-        offset: i64,
+        letter: &super::DeadLetterKey<'_>,
     ) -> Result<bool, SinkError> {
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+            [&letter.topic, &letter.partition, &letter.offset, &letter.digest];
         // Same connection budget as the writes: dead letters never open more.
         let _permit = self.permits.acquire().await.map_err(|e| SinkError::Transient(e.to_string()))?;
         let pooled = self.client().await?;
         let result = match op {
-            super::DeadLetterOp::Check => pooled
-                .client
-                .query_one(&op.postgres_sql(), &[&topic, &partition, &offset])
-                .await
-                .map(|row| row.get::<_, i64>(0) > 0),
-            super::DeadLetterOp::Record => {
-                pooled.client.execute(&op.postgres_sql(), &[&topic, &partition, &offset]).await.map(|_| true)
+            super::DeadLetterOp::Check => {
+                pooled.client.query_one(&op.postgres_sql(), &params).await.map(|row| row.get::<_, i64>(0) > 0)
             }
+            super::DeadLetterOp::Record => pooled.client.execute(&op.postgres_sql(), &params).await.map(|_| true),
         };
         self.release(pooled).await;
         result.map_err(classify)

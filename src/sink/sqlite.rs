@@ -6,12 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use rusqlite::types::Value as SqlValue;
+use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params_from_iter};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
-use super::{DEAD_LETTER_TABLE, DeadLetterOp, Outcome, SinkError, classify_existing};
+use super::{DEAD_LETTER_TABLE, DeadLetterKey, DeadLetterOp, Outcome, SinkError, classify_existing};
 use crate::batch::Batch;
 use crate::record::{Value, create_columns, format_datetime};
 use crate::table::{ColumnType, table};
@@ -30,6 +30,7 @@ enum Job {
         topic: String,
         partition: i32,
         offset: i64,
+        digest: String,
         reply: oneshot::Sender<Result<bool, SinkError>>,
     },
 }
@@ -89,8 +90,9 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              retention_operationid TEXT);
          CREATE TABLE IF NOT EXISTS copilot_ingest_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (ingest_topic TEXT NOT NULL, ingest_partition INTEGER NOT NULL,
-             ingest_offset INTEGER NOT NULL, sent_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
-             PRIMARY KEY (ingest_topic, ingest_partition, ingest_offset)) WITHOUT ROWID;
+             ingest_offset INTEGER NOT NULL, message_digest TEXT NOT NULL,
+             sent_at TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
+             PRIMARY KEY (ingest_topic, ingest_partition, ingest_offset, message_digest)) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);",
         defs.join(", "),
         id = t.primary_id_attribute
@@ -158,15 +160,16 @@ impl SqliteSink {
         rx.await.map_err(|_| SinkError::Transient("SQLite writer stopped".into()))?
     }
 
-    pub async fn dead_letter(
-        &self,
-        op: DeadLetterOp,
-        topic: &str,
-        partition: i32,
-        offset: i64,
-    ) -> Result<bool, SinkError> {
+    pub async fn dead_letter(&self, op: DeadLetterOp, letter: &DeadLetterKey<'_>) -> Result<bool, SinkError> {
         let (reply, rx) = oneshot::channel();
-        let job = Job::DeadLetter { op, topic: topic.to_owned(), partition, offset, reply };
+        let job = Job::DeadLetter {
+            op,
+            topic: letter.topic.to_owned(),
+            partition: letter.partition,
+            offset: letter.offset,
+            digest: letter.digest.clone(),
+            reply,
+        };
         let jobs = self.jobs.clone();
         tokio::task::spawn_blocking(move || jobs.send(job))
             .await
@@ -204,8 +207,8 @@ fn writer_thread(mut conn: Connection, rx: mpsc::Receiver<Job>, topic: String, p
                 let ok = conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok();
                 let _ = reply.send(ok);
             }
-            Job::DeadLetter { op, topic, partition, offset, reply } => {
-                let params = rusqlite::params![topic, partition, offset];
+            Job::DeadLetter { op, topic, partition, offset, digest, reply } => {
+                let params = rusqlite::params![topic, partition, offset, digest];
                 let result = match op {
                     DeadLetterOp::Check => conn
                         .prepare_cached(&op.sqlite_sql())
@@ -221,13 +224,14 @@ fn writer_thread(mut conn: Connection, rx: mpsc::Receiver<Job>, topic: String, p
     }
 }
 
-fn to_sql(value: &Value) -> SqlValue {
+/// A column value as a statement parameter; text is borrowed, not copied.
+fn to_sql(value: &Value) -> ToSqlOutput<'_> {
     match value {
-        Value::Null => SqlValue::Null,
-        Value::Text(s) => SqlValue::Text(s.clone()),
-        Value::Int(i) => SqlValue::Integer(i64::from(*i)),
-        Value::Guid(g) => SqlValue::Text(g.hyphenated().to_string()),
-        Value::DateTime(d) => SqlValue::Text(format_datetime(d)),
+        Value::Null => ToSqlOutput::Owned(SqlValue::Null),
+        Value::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
+        Value::Int(i) => ToSqlOutput::Owned(SqlValue::Integer(i64::from(*i))),
+        Value::Guid(g) => ToSqlOutput::Owned(SqlValue::Text(g.hyphenated().to_string())),
+        Value::DateTime(d) => ToSqlOutput::Owned(SqlValue::Text(format_datetime(d))),
     }
 }
 
@@ -271,8 +275,12 @@ fn write_tx(conn: &mut Connection, batch: &Batch, indices: &[usize], topic: &str
         let mut insert_stmt = tx.prepare_cached(&insert).map_err(classify)?;
         let mut tombstone_stmt = tx.prepare_cached(&tombstone_sql).map_err(classify)?;
         let mut existing_stmt = tx.prepare_cached(&existing_sql).map_err(classify)?;
+        // Nothing was ever purged (the usual case): no per-row tombstone probe.
+        let any_tombstone: bool = tx
+            .query_row(&format!("SELECT EXISTS (SELECT 1 FROM {}_tombstone)", t.logical_name), [], |r| r.get(0))
+            .map_err(classify)?;
         let mut seen: std::collections::HashMap<Uuid, Uuid> = std::collections::HashMap::with_capacity(indices.len());
-        let mut params: Vec<SqlValue> = Vec::with_capacity(create_columns().len() + 7);
+        let mut params: Vec<ToSqlOutput<'_>> = Vec::with_capacity(create_columns().len() + 7);
         for &i in indices {
             let entry = &batch[i];
             let record = &entry.record;
@@ -283,22 +291,21 @@ fn write_tx(conn: &mut Connection, batch: &Batch, indices: &[usize], topic: &str
                 continue;
             }
             seen.insert(id, record.content_hash());
-            let purged = tombstone_stmt.exists([&id_text]).map_err(classify)?;
-            if purged {
+            if any_tombstone && tombstone_stmt.exists([&id_text]).map_err(classify)? {
                 outcomes.push(Outcome::PurgedReplay);
                 continue;
             }
             version += 1;
             params.clear();
             params.extend(record.values().iter().map(to_sql));
-            params.push(SqlValue::Integer(i64::from(record.state_code())));
-            params.push(SqlValue::Text(format_datetime(&record.created_on())));
-            params.push(SqlValue::Integer(version));
-            params.push(SqlValue::Text(topic.to_owned()));
-            params.push(SqlValue::Integer(i64::from(entry.message.partition)));
-            params.push(SqlValue::Integer(entry.message.offset));
-            params.push(SqlValue::Text(record.content_hash().hyphenated().to_string()));
-            let inserted = insert_stmt.execute(params_from_iter(params.drain(..))).map_err(classify)?;
+            params.push(ToSqlOutput::Owned(SqlValue::Integer(i64::from(record.state_code()))));
+            params.push(ToSqlOutput::Owned(SqlValue::Text(format_datetime(&record.created_on()))));
+            params.push(ToSqlOutput::Owned(SqlValue::Integer(version)));
+            params.push(ToSqlOutput::Borrowed(ValueRef::Text(topic.as_bytes())));
+            params.push(ToSqlOutput::Owned(SqlValue::Integer(i64::from(entry.message.partition))));
+            params.push(ToSqlOutput::Owned(SqlValue::Integer(entry.message.offset)));
+            params.push(ToSqlOutput::Owned(SqlValue::Text(record.content_hash().hyphenated().to_string())));
+            let inserted = insert_stmt.execute(params_from_iter(params.iter())).map_err(classify)?;
             if inserted == 1 {
                 outcomes.push(Outcome::Written);
             } else {
