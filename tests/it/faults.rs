@@ -239,3 +239,63 @@ async fn unreachable_brokers_and_missing_topics_are_waited_for_and_reported() {
         terminate(service);
     }
 }
+
+/// PostgreSQL refuses every connection for 30 s mid-stream while a second
+/// instance joins; then the database returns and the second instance leaves
+/// with SIGTERM. Both write to one database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_30_s_database_outage_and_a_rebalance_lose_and_duplicate_nothing() {
+    let Some(db) = PgDb::create().await else { return };
+    let kafka = TestKafka::new(4);
+    let parts: Vec<Workload> = (0..4).map(|i| Workload::generate(400 + i, 1500, 0.1)).collect();
+    let valid: usize = parts.iter().map(Workload::valid).sum();
+    let invalid: usize = parts.iter().map(Workload::invalid).sum();
+    let produced: usize = parts.iter().map(|w| w.messages.len()).sum();
+    let counts = || async {
+        let Ok(client) = tokio::time::timeout(Duration::from_secs(5), db.client()).await else { return (0, 0) };
+        client
+            .query_one("SELECT count(*), count(DISTINCT msdyn_copilotinteractionid) FROM msdyn_copilotinteraction", &[])
+            .await
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .unwrap_or((0, 0))
+    };
+    let first = Service::spawn(&mut kafka.run_binary(&db.url));
+    kafka.produce(&parts[0].messages).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while counts().await.0 == 0 {
+        assert!(Instant::now() < deadline, "no rows");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.refuse_connections().await;
+    kafka.produce(&parts[1].messages).await;
+    let second = Service::spawn(&mut kafka.run_binary(&db.url));
+    kafka.produce(&parts[2].messages).await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let committed_during_outage = kafka.committed();
+    db.allow_connections().await;
+    let back = Instant::now();
+    kafka.produce(&parts[3].messages).await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while counts().await.0 < valid as i64 {
+        assert!(Instant::now() < deadline, "rows stuck at {:?} of {valid}", counts().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let recovery = back.elapsed();
+    let rss = peak_rss_mb(first.id()).max(peak_rss_mb(second.id()));
+    // The second instance leaves; the first takes its partitions back.
+    terminate(second);
+    wait_for("offsets at the log end", Duration::from_secs(60), || kafka.committed() == kafka.log_end()).await;
+    terminate(first);
+
+    let (rows, distinct) = counts().await;
+    assert_eq!((rows, distinct), (valid as i64, valid as i64), "exactly one row per valid event");
+    let end = kafka.log_end();
+    assert!(
+        committed_during_outage.iter().all(|(p, &c)| c < end[p]),
+        "nothing past an unwritten record was committed during the outage: {committed_during_outage:?} vs {end:?}"
+    );
+    let dlq = kafka.read_dlq(invalid);
+    assert_eq!(dlq.len(), invalid, "exactly one dead letter per invalid event");
+    Report { produced, valid, rows, distinct, dead_letters: dlq.len(), recovery, peak_rss_mb: rss }
+        .print("postgres-outage-30s+rebalance");
+}
