@@ -148,29 +148,27 @@ impl SqliteSink {
     }
 
     pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, SinkError> {
-        let (reply, rx) = oneshot::channel();
-        let job = Job::Write { batch: Arc::clone(batch), indices: indices.to_vec(), reply };
-        let jobs = self.jobs.clone();
-        // The queue is small and the writer fast; a blocking send would stall a
-        // runtime thread, so it goes through spawn_blocking.
-        tokio::task::spawn_blocking(move || jobs.send(job))
-            .await
-            .map_err(|e| SinkError::Transient(e.to_string()))?
-            .map_err(|_| SinkError::Transient("SQLite writer stopped".into()))?;
-        rx.await.map_err(|_| SinkError::Transient("SQLite writer stopped".into()))?
+        let batch = Arc::clone(batch);
+        let indices = indices.to_vec();
+        self.submit(move |reply| Job::Write { batch, indices, reply }).await
     }
 
     pub async fn dead_letter(&self, op: DeadLetterOp, letter: &DeadLetterKey<'_>) -> Result<bool, SinkError> {
+        let (topic, partition, offset, digest) =
+            (letter.topic.to_owned(), letter.partition, letter.offset, letter.digest.clone());
+        self.submit(move |reply| Job::DeadLetter { op, topic, partition, offset, digest, reply }).await
+    }
+
+    /// Hands a job to the writer thread and waits for its answer.
+    async fn submit<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, SinkError>>) -> Job + Send + 'static,
+    ) -> Result<T, SinkError> {
         let (reply, rx) = oneshot::channel();
-        let job = Job::DeadLetter {
-            op,
-            topic: letter.topic.to_owned(),
-            partition: letter.partition,
-            offset: letter.offset,
-            digest: letter.digest.clone(),
-            reply,
-        };
+        let job = job(reply);
         let jobs = self.jobs.clone();
+        // The queue is small and the writer fast; a blocking send would stall a
+        // runtime thread, so it goes through spawn_blocking.
         tokio::task::spawn_blocking(move || jobs.send(job))
             .await
             .map_err(|e| SinkError::Transient(e.to_string()))?

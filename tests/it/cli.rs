@@ -282,13 +282,7 @@ async fn repeated_kill_9_loses_and_duplicates_no_row() {
         .get(0);
     assert_eq!((count, distinct), (valid, valid), "exactly one row per valid event");
     let dlq = kafka.read_dlq(invalid);
-    let mut sources: Vec<(String, String)> = dlq
-        .iter()
-        .map(|m| (header(m, "x-ingest-source-partition").unwrap(), header(m, "x-ingest-source-offset").unwrap()))
-        .collect();
-    sources.sort();
-    sources.dedup();
-    assert_eq!(sources.len(), invalid, "every invalid event dead-lettered");
+    assert_eq!(dead_letter_sources(&dlq), invalid, "every invalid event dead-lettered");
     eprintln!(
         "{kills} kills: {valid} rows, {invalid} invalid events, {} dead letters ({} re-sent after a kill)",
         dlq.len(),

@@ -185,6 +185,17 @@ impl TestKafka {
     }
 }
 
+/// Distinct source messages (partition, offset) among dead letters.
+pub fn dead_letter_sources(dlq: &[OwnedMessage]) -> usize {
+    let mut sources: Vec<(String, String)> = dlq
+        .iter()
+        .map(|m| (header(m, "x-ingest-source-partition").unwrap(), header(m, "x-ingest-source-offset").unwrap()))
+        .collect();
+    sources.sort();
+    sources.dedup();
+    sources.len()
+}
+
 pub fn header(m: &OwnedMessage, name: &str) -> Option<String> {
     m.headers()?.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
 }
@@ -304,6 +315,25 @@ impl PgDb {
 
     /// Takes the database away: new connections are refused and open ones are
     /// terminated, as in an outage.
+    /// (rows, distinct ids) of the table; (0, 0) while the database refuses connections.
+    pub async fn row_counts(&self) -> (i64, i64) {
+        let Ok(client) = tokio::time::timeout(Duration::from_secs(5), self.client()).await else { return (0, 0) };
+        client
+            .query_one("SELECT count(*), count(DISTINCT msdyn_copilotinteractionid) FROM msdyn_copilotinteraction", &[])
+            .await
+            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+            .unwrap_or((0, 0))
+    }
+
+    /// Waits until the table holds at least `rows` rows; panics with the counts after `timeout`.
+    pub async fn wait_rows(&self, rows: i64, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.row_counts().await.0 < rows {
+            assert!(Instant::now() < deadline, "rows stuck at {:?} of {rows}", self.row_counts().await);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn refuse_connections(&self) {
         let admin = Self::admin().await;
         admin.batch_execute(&format!("ALTER DATABASE {} ALLOW_CONNECTIONS false", self.name)).await.unwrap();

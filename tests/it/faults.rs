@@ -86,21 +86,10 @@ async fn broker_errors_outage_and_latency_lose_and_duplicate_nothing() {
     let valid: usize = parts.iter().map(Workload::valid).sum();
     let invalid: usize = parts.iter().map(Workload::invalid).sum();
     let produced: usize = parts.iter().map(|w| w.messages.len()).sum();
-    let counts = || async {
-        let client = db.client().await;
-        let row = client
-            .query_one("SELECT count(*), count(DISTINCT msdyn_copilotinteractionid) FROM msdyn_copilotinteraction", &[])
-            .await;
-        row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1))).unwrap_or((0, 0))
-    };
     let child = Service::spawn(&mut kafka.run_binary(&db.url));
 
     kafka.produce(&parts[0].messages).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while counts().await.0 == 0 {
-        assert!(Instant::now() < deadline, "no rows");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_rows(1, Duration::from_secs(60)).await;
     // Fetch and commit requests fail (retriable errors a real cluster gives
     // during leader moves and coordinator changes).
     use RDKafkaRespErr::*;
@@ -127,27 +116,17 @@ async fn broker_errors_outage_and_latency_lose_and_duplicate_nothing() {
     let up = Instant::now();
     cluster.broker_round_trip_time(1, Duration::from_millis(150)).unwrap();
     kafka.produce(&parts[3].messages).await;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while counts().await.0 < valid as i64 {
-        assert!(Instant::now() < deadline, "rows stuck at {:?} of {valid}", counts().await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    db.wait_rows(valid as i64, Duration::from_secs(180)).await;
     let recovery = up.elapsed();
     cluster.broker_round_trip_time(1, Duration::ZERO).unwrap();
     wait_for("offsets at the log end", Duration::from_secs(60), || kafka.committed() == kafka.log_end()).await;
     let rss = peak_rss_mb(child.id());
     terminate(child);
 
-    let (rows, distinct) = counts().await;
+    let (rows, distinct) = db.row_counts().await;
     assert_eq!((rows, distinct), (valid as i64, valid as i64), "exactly one row per valid event");
     let dlq = kafka.read_dlq(invalid);
-    let mut sources: Vec<(String, String)> = dlq
-        .iter()
-        .map(|m| (header(m, "x-ingest-source-partition").unwrap(), header(m, "x-ingest-source-offset").unwrap()))
-        .collect();
-    sources.sort();
-    sources.dedup();
-    assert_eq!(sources.len(), invalid, "every invalid event dead-lettered");
+    assert_eq!(dead_letter_sources(&dlq), invalid, "every invalid event dead-lettered");
     assert_eq!(dlq.len(), invalid, "exactly one dead letter per invalid event (idempotent producer, ledger)");
     Report { produced, valid, rows, distinct, dead_letters: dlq.len(), recovery, peak_rss_mb: rss }
         .print("broker-faults");
@@ -251,21 +230,9 @@ async fn a_30_s_database_outage_and_a_rebalance_lose_and_duplicate_nothing() {
     let valid: usize = parts.iter().map(Workload::valid).sum();
     let invalid: usize = parts.iter().map(Workload::invalid).sum();
     let produced: usize = parts.iter().map(|w| w.messages.len()).sum();
-    let counts = || async {
-        let Ok(client) = tokio::time::timeout(Duration::from_secs(5), db.client()).await else { return (0, 0) };
-        client
-            .query_one("SELECT count(*), count(DISTINCT msdyn_copilotinteractionid) FROM msdyn_copilotinteraction", &[])
-            .await
-            .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
-            .unwrap_or((0, 0))
-    };
     let first = Service::spawn(&mut kafka.run_binary(&db.url));
     kafka.produce(&parts[0].messages).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while counts().await.0 == 0 {
-        assert!(Instant::now() < deadline, "no rows");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    db.wait_rows(1, Duration::from_secs(60)).await;
     db.refuse_connections().await;
     kafka.produce(&parts[1].messages).await;
     let second = Service::spawn(&mut kafka.run_binary(&db.url));
@@ -275,11 +242,7 @@ async fn a_30_s_database_outage_and_a_rebalance_lose_and_duplicate_nothing() {
     db.allow_connections().await;
     let back = Instant::now();
     kafka.produce(&parts[3].messages).await;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while counts().await.0 < valid as i64 {
-        assert!(Instant::now() < deadline, "rows stuck at {:?} of {valid}", counts().await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    db.wait_rows(valid as i64, Duration::from_secs(180)).await;
     let recovery = back.elapsed();
     let rss = peak_rss_mb(first.id()).max(peak_rss_mb(second.id()));
     // The second instance leaves; the first takes its partitions back.
@@ -287,7 +250,7 @@ async fn a_30_s_database_outage_and_a_rebalance_lose_and_duplicate_nothing() {
     wait_for("offsets at the log end", Duration::from_secs(60), || kafka.committed() == kafka.log_end()).await;
     terminate(first);
 
-    let (rows, distinct) = counts().await;
+    let (rows, distinct) = db.row_counts().await;
     assert_eq!((rows, distinct), (valid as i64, valid as i64), "exactly one row per valid event");
     let end = kafka.log_end();
     assert!(

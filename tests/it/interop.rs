@@ -144,23 +144,6 @@ impl Topics {
     }
 }
 
-async fn pg_counts(db: &PgDb) -> (i64, i64) {
-    let row = db
-        .client()
-        .await
-        .query_one("SELECT count(*), count(DISTINCT msdyn_copilotinteractionid) FROM msdyn_copilotinteraction", &[])
-        .await;
-    row.map(|r| (r.get(0), r.get(1))).unwrap_or((0, 0))
-}
-
-async fn wait_rows(db: &PgDb, expected: i64) {
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while pg_counts(db).await.0 < expected {
-        assert!(Instant::now() < deadline, "rows stuck at {:?} of {expected}", pg_counts(db).await);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 fn sigterm(mut child: Child) {
     Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM ends with exit 0");
@@ -188,18 +171,18 @@ async fn produce_ingest_restart(bootstrap: &str, topics: &Topics, partitions: i3
     produce(&first);
     let service = topics.service(bootstrap, &db.url, tls_ca).spawn().unwrap();
     let mut guard = Children(vec![service]);
-    wait_rows(&db, first.valid() as i64).await;
+    db.wait_rows(first.valid() as i64, Duration::from_secs(180)).await;
     sigterm(guard.0.remove(0));
-    assert_eq!(pg_counts(&db).await, (first.valid() as i64, first.valid() as i64));
+    assert_eq!(db.row_counts().await, (first.valid() as i64, first.valid() as i64));
 
     produce(&second);
     guard.0.push(topics.service(bootstrap, &db.url, tls_ca).spawn().unwrap());
     let valid = (first.valid() + second.valid()) as i64;
-    wait_rows(&db, valid).await;
+    db.wait_rows(valid, Duration::from_secs(180)).await;
     // Let the last commits land, then stop; a third run must find nothing to do.
     tokio::time::sleep(Duration::from_secs(2)).await;
     sigterm(guard.0.remove(0));
-    assert_eq!(pg_counts(&db).await, (valid, valid), "every valid event exactly one row across the restart");
+    assert_eq!(db.row_counts().await, (valid, valid), "every valid event exactly one row across the restart");
 
     let mut args = vec!["count", bootstrap, topics.dlq.as_str()];
     if let Some(ca) = &ca {
