@@ -104,8 +104,13 @@ where
         match call().await {
             Ok(v) => return v,
             Err(e) => {
-                if backoff.attempts() == 0 {
-                    tracing::warn!(error = %e, "dead-letter ledger unavailable; retrying");
+                // Every waiting dead letter retries on its own: one warning for all of them.
+                static WARNINGS: std::sync::LazyLock<crate::kafka_log::Throttle> =
+                    std::sync::LazyLock::new(crate::kafka_log::Throttle::default);
+                if backoff.attempts() == 0
+                    && let Some(suppressed) = WARNINGS.allow("ledger")
+                {
+                    tracing::warn!(error = %e, suppressed, "dead-letter ledger unavailable; retrying");
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
             }
@@ -438,13 +443,14 @@ pub async fn run(
         received,
         written,
     };
-    let mut revoking: Option<(Vec<i32>, std::sync::mpsc::SyncSender<()>)> = None;
+    let mut revoking: Option<(Vec<i32>, std::sync::mpsc::SyncSender<()>, tokio::time::Instant)> = None;
     let mut summary = Summary::new(&state.metrics);
     let mut summary_tick = tokio::time::interval_at(tokio::time::Instant::now() + SUMMARY_EVERY, SUMMARY_EVERY);
 
     loop {
         let linger = state.batcher.deadline();
         let taking = revoking.is_none() && state.can_take();
+        let revoke_deadline = revoking.as_ref().map(|(_, _, deadline)| *deadline);
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
@@ -457,6 +463,18 @@ pub async fn run(
             }
             _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => state.flush(),
             _ = summary_tick.tick() => summary.log(&state.metrics, state.batches_in_flight),
+            // The consumer thread stopped waiting for the hand-off: stop too, or
+            // the events behind the revocation (the next assignment) would wait
+            // for writes that may retry for a long time.
+            _ = tokio::time::sleep_until(revoke_deadline.unwrap_or_else(tokio::time::Instant::now)), if revoke_deadline.is_some() => {
+                if let Some((partitions, _done, _)) = revoking.take() {
+                    state.store_offsets(&source);
+                    for p in &partitions {
+                        state.tracker.forget(TOPIC, *p);
+                        state.assigned.remove(p);
+                    }
+                }
+            }
             event = events.recv(), if taking => match event {
                 Some(SourceEvent::Messages(m)) => state.handle_messages(m),
                 Some(SourceEvent::Assigned(ps)) => state.assigned.extend(ps),
@@ -468,16 +486,16 @@ pub async fn run(
                     ))
                     .into());
                 }
-                Some(SourceEvent::Revoked { partitions, done }) => {
+                Some(SourceEvent::Revoked { partitions, done, deadline }) => {
                     // Finish everything received so far before the partitions go.
                     state.flush();
-                    revoking = Some((partitions, done));
+                    revoking = Some((partitions, done, tokio::time::Instant::from_std(deadline)));
                 }
                 None => break,
             },
         }
         if state.tasks.is_empty()
-            && let Some((partitions, done)) = revoking.take()
+            && let Some((partitions, done, _)) = revoking.take()
         {
             state.store_offsets(&source);
             for p in &partitions {

@@ -61,13 +61,15 @@ impl Inbound {
 pub enum SourceEvent {
     Messages(Vec<Inbound>),
     Assigned(Vec<i32>),
-    /// The partitions are being taken away. The pipeline finishes (or gives
-    /// up on) their in-flight records, stores their offsets and then answers
-    /// on `done`; the consumer thread commits synchronously before letting the
-    /// rebalance proceed.
+    /// The partitions are being taken away. The pipeline finishes their
+    /// in-flight records, stores their offsets and then answers on `done`;
+    /// the consumer thread commits synchronously before letting the rebalance
+    /// proceed. At `deadline` the consumer thread stops waiting, and so does
+    /// the pipeline: what is still in flight is redelivered to the new owner.
     Revoked {
         partitions: Vec<i32>,
         done: std::sync::mpsc::SyncSender<()>,
+        deadline: Instant,
     },
     /// The brokers refused the connection's security settings (TLS
     /// verification, SASL authentication) before it ever worked.
@@ -187,7 +189,10 @@ impl ConsumerContext for SourceContext {
                 if !self.closing.load(Ordering::Relaxed) {
                     let deadline = Instant::now() + self.revoke_timeout;
                     let (done, wait) = std::sync::mpsc::sync_channel(1);
-                    if self.send_blocking(SourceEvent::Revoked { partitions: partitions.clone(), done }, deadline) {
+                    if self.send_blocking(
+                        SourceEvent::Revoked { partitions: partitions.clone(), done, deadline },
+                        deadline,
+                    ) {
                         let left = deadline.saturating_duration_since(Instant::now());
                         if wait.recv_timeout(left).is_err() {
                             tracing::warn!(

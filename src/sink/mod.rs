@@ -181,7 +181,8 @@ impl DeadLetterOp {
     }
 }
 
-/// Exponential backoff with jitter: 100 ms doubling to 30 s.
+/// Exponential backoff with jitter: 100 ms doubling to 10 s, so a recovered
+/// sink is used again within seconds.
 pub struct Backoff {
     attempt: u32,
     seed: u64,
@@ -199,7 +200,7 @@ impl Default for Backoff {
 
 impl Backoff {
     pub fn next_delay(&mut self) -> Duration {
-        let base_ms = 100u64.saturating_mul(1 << self.attempt.min(9)).min(30_000);
+        let base_ms = 100u64.saturating_mul(1 << self.attempt.min(9)).min(10_000);
         self.attempt += 1;
         // xorshift: jitter needs no cryptographic randomness.
         self.seed ^= self.seed << 13;
@@ -285,6 +286,16 @@ pub(crate) fn classify_existing(record_hash: uuid::Uuid, stored_hash: Option<uui
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_stays_below_ten_seconds() {
+        let mut b = Backoff::default();
+        let delays: Vec<Duration> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        assert!(delays[5] > delays[0]);
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(10)));
+        assert!(delays[19] >= Duration::from_secs(5), "half of the cap at least, once grown");
+    }
 
     #[test]
     fn dead_letter_digests_tell_messages_apart() {
