@@ -267,12 +267,7 @@ impl Store {
                         vec![version.into(), op.hyphenated().to_string().into(), limit.into()];
                     params.extend(predicate.params.iter().map(sqlite_param));
                     let n = tx.execute(&sql, rusqlite::params_from_iter(params))? as i64;
-                    tx.execute(
-                        &format!("UPDATE {OPERATION_TABLE} SET total = total + ?2 WHERE operationid = ?1"),
-                        rusqlite::params![op.hyphenated().to_string(), n],
-                    )?;
-                    tx.commit()?;
-                    Ok(n)
+                    commit_sqlite_page(tx, op, n)
                 })
                 .await
             }
@@ -429,12 +424,7 @@ impl Store {
                         }
                     }
                     let n = ids.len() as i64;
-                    tx.execute(
-                        &format!("UPDATE {OPERATION_TABLE} SET total = total + ?2 WHERE operationid = ?1"),
-                        rusqlite::params![op.hyphenated().to_string(), n],
-                    )?;
-                    tx.commit()?;
-                    Ok(n)
+                    commit_sqlite_page(tx, op, n)
                 })
                 .await
             }
@@ -650,6 +640,17 @@ async fn pg_page(
     let n = tx.execute(sql, &refs(&params)).await? as i64;
     tx.execute(&format!("UPDATE {OPERATION_TABLE} SET total = total + $2 WHERE operationid = $1"), &[&op, &n]).await?;
     tx.commit().await?;
+    Ok(n)
+}
+
+/// Adds a page's count to its operation's total and commits: the change and
+/// its count land together or not at all.
+fn commit_sqlite_page(tx: rusqlite::Transaction<'_>, op: Uuid, n: i64) -> Result<i64, StoreError> {
+    tx.execute(
+        &format!("UPDATE {OPERATION_TABLE} SET total = total + ?2 WHERE operationid = ?1"),
+        rusqlite::params![op.hyphenated().to_string(), n],
+    )?;
+    tx.commit()?;
     Ok(n)
 }
 
