@@ -160,10 +160,7 @@ impl TokenSource {
                     .and_then(|b| b.get("expires_in"))
                     .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
                     .unwrap_or(3600);
-                // Renew ahead of expiry: 5 minutes before, or at 80% of a short lifetime.
-                let ahead = (lifetime / 5).min(300);
-                let renew_at = Instant::now() + Duration::from_secs(lifetime.saturating_sub(ahead));
-                Ok(Token { value: value.to_owned(), renew_at })
+                Ok(Token { value: value.to_owned(), renew_at: Instant::now() + renew_after(lifetime) })
             }
             400 | 401 | 403 => Err(TokenError::Refused(format!(
                 "the token endpoint refused the client credentials (HTTP {}): {} {}",
@@ -174,6 +171,13 @@ impl TokenSource {
             status => Err(TokenError::Transient(format!("token endpoint answered HTTP {status}"))),
         }
     }
+}
+
+/// When to renew a token that lives `lifetime_secs`: 5 minutes before it
+/// expires, or at 80% of a short lifetime.
+fn renew_after(lifetime_secs: u64) -> Duration {
+    let lifetime = Duration::from_secs(lifetime_secs);
+    lifetime - (lifetime / 5).min(Duration::from_secs(300))
 }
 
 // ---------------------------------------------------------------------------
@@ -775,6 +779,13 @@ mod tests {
             headers: headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             body: body.as_bytes().to_vec(),
         }
+    }
+
+    #[test]
+    fn tokens_are_renewed_ahead_of_expiry() {
+        assert_eq!(renew_after(3599), Duration::from_secs(3299));
+        assert_eq!(renew_after(4), Duration::from_millis(3200));
+        assert_eq!(renew_after(0), Duration::ZERO);
     }
 
     #[test]

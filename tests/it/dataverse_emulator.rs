@@ -241,6 +241,8 @@ fn read_request(reader: &mut BufReader<TcpStream>) -> Option<Request> {
 }
 
 fn handle(request: Request, state: &Mutex<State>) -> Answer {
+    // When the request arrived, before any emulated latency: what Retry-After is checked against.
+    let arrived = Instant::now();
     let token_path = format!("/{TENANT}/oauth2/v2.0/token");
     if request.method == "POST" && request.target == token_path {
         return token(&request, state);
@@ -291,7 +293,7 @@ fn handle(request: Request, state: &Mutex<State>) -> Answer {
         )
     } else if request.method == "POST" && resource == "msdyn_copilotinteractions/Microsoft.Dynamics.CRM.CreateMultiple"
     {
-        create_multiple(&request, state)
+        create_multiple(&request, arrived, state)
     } else if request.method == "GET" && resource.starts_with("msdyn_copilotinteractions?") {
         query(&resource, state)
     } else {
@@ -344,11 +346,11 @@ fn token(request: &Request, state: &Mutex<State>) -> Answer {
 /// CreateMultiple on a standard table: one transaction, any failing target
 /// rolls back all; answers `{"Ids":[…]}` in target order.
 /// https://learn.microsoft.com/power-apps/developer/data-platform/bulk-operations
-fn create_multiple(request: &Request, state: &Mutex<State>) -> Answer {
+fn create_multiple(request: &Request, arrived: Instant, state: &Mutex<State>) -> Answer {
     {
         let mut s = state.lock().unwrap();
         s.observed.create_requests += 1;
-        s.observed.create_arrivals.push(Instant::now());
+        s.observed.create_arrivals.push(arrived);
         s.observed.concurrent_creates += 1;
         s.observed.max_concurrent_creates = s.observed.max_concurrent_creates.max(s.observed.concurrent_creates);
     }
