@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::DateTime;
 use serde_json::{Map, Value as Json};
 use uuid::Uuid;
 
@@ -31,7 +31,7 @@ use crate::batch::Batch;
 use crate::config::{DataverseTarget, Secret};
 use crate::http_client::{Endpoint, HttpClient, Response, percent_encode};
 use crate::metrics::Metrics;
-use crate::record::{Record, Value};
+use crate::record::{Record, Value, format_datetime};
 use crate::table::{ColumnType, table};
 
 /// The service's per-user concurrency limit (service protection API limits).
@@ -328,11 +328,8 @@ impl DataverseSink {
             last_ping: Mutex::new(None),
             metrics,
         };
-        match sink.who_am_i().await {
-            Ok(()) => Ok(sink),
-            Err(SinkError::Fatal(m)) => Err(SinkError::Fatal(m)),
-            Err(e) => Err(e),
-        }
+        sink.who_am_i().await?;
+        Ok(sink)
     }
 
     /// `GET WhoAmI`: proves the token works in this environment.
@@ -691,10 +688,6 @@ fn check_ids(response: &Response, sent: &[Uuid]) -> Result<(), SinkError> {
         );
         Err(SinkError::Transient("CreateMultiple answered different ids than sent".into()))
     }
-}
-
-fn format_datetime(d: &DateTime<Utc>) -> String {
-    d.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// Whether a stored row holds what we would have written. Dataverse keeps

@@ -29,6 +29,67 @@ pub fn binary() -> std::process::Command {
     c
 }
 
+/// A TCP port nothing listens on (for a moment).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process (the service, a broker, a proxy), killed if the test ends
+/// before it does.
+pub struct Service(Option<std::process::Child>);
+
+impl Service {
+    pub fn spawn(command: &mut std::process::Command) -> Service {
+        Service(Some(command.spawn().unwrap_or_else(|e| panic!("starting {command:?}: {e}"))))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map(std::process::Child::id).unwrap_or(0)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.0.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// SIGTERM; the service must drain and exit 0.
+    pub fn terminate(mut self) {
+        let Some(mut child) = self.0.take() else { return };
+        std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+        assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM ends with exit 0");
+    }
+
+    /// Waits for the process to end by itself (stderr piped): its exit code and
+    /// stderr. Panics if it still runs after `limit`.
+    pub fn exit_within(mut self, limit: Duration) -> (Option<i32>, String) {
+        use std::io::Read;
+        let mut child = self.0.take().expect("a running child");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut stderr = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    e.read_to_string(&mut stderr).unwrap();
+                }
+                return (status.code(), stderr);
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                panic!("still running after {limit:?}: this failure must end the process, not retry forever");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
@@ -223,6 +284,27 @@ impl Workload {
     }
     pub fn invalid(&self) -> usize {
         self.expected.len() - self.valid()
+    }
+}
+
+/// A stream produced in parts (faults are injected between them), with its totals.
+pub struct Stream {
+    pub parts: Vec<Workload>,
+    pub valid: usize,
+    pub invalid: usize,
+    pub produced: usize,
+}
+
+impl Stream {
+    pub fn generate(first_seed: u64, parts: u64, per_part: usize, invalid_ratio: f64) -> Stream {
+        let parts: Vec<Workload> =
+            (0..parts).map(|i| Workload::generate(first_seed + i, per_part, invalid_ratio)).collect();
+        Stream {
+            valid: parts.iter().map(Workload::valid).sum(),
+            invalid: parts.iter().map(Workload::invalid).sum(),
+            produced: parts.iter().map(|w| w.messages.len()).sum(),
+            parts,
+        }
     }
 }
 

@@ -168,38 +168,21 @@ fn run_against(kafka: &TestKafka, emulator: &Emulator, secret: &str) -> std::pro
     c
 }
 
-fn exit_within(mut child: std::process::Child, limit: Duration) -> (Option<i32>, String) {
-    use std::io::Read;
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            let mut stderr = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-            return (status.code(), stderr);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("still running after {limit:?}: a configuration error must end the process");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn dataverse_misconfiguration_exits_2_with_a_clear_reason() {
     let kafka = TestKafka::new(1);
     let emulator = Emulator::start(Behaviour::default());
 
     let wrong_secret = "wrong-secret-must-not-be-printed";
-    let child = run_against(&kafka, &emulator, wrong_secret).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let (code, stderr) = exit_within(child, Duration::from_secs(60));
+    let child = Service::spawn(run_against(&kafka, &emulator, wrong_secret).stderr(std::process::Stdio::piped()));
+    let (code, stderr) = child.exit_within(Duration::from_secs(60));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("refused the client credentials"), "{stderr}");
     assert!(!stderr.contains(wrong_secret) && !stderr.contains(CLIENT_SECRET));
 
     emulator.change(|b| b.application_user = false);
-    let child = run_against(&kafka, &emulator, CLIENT_SECRET).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let (code, stderr) = exit_within(child, Duration::from_secs(60));
+    let child = Service::spawn(run_against(&kafka, &emulator, CLIENT_SECRET).stderr(std::process::Stdio::piped()));
+    let (code, stderr) = child.exit_within(Duration::from_secs(60));
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("0x80072560") && stderr.contains("application user"), "{stderr}");
 

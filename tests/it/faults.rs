@@ -5,7 +5,6 @@
 //! and prints one report line (events, rows, duplicates, lost, DLQ, recovery
 //! time, peak RSS of the child).
 
-use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -50,42 +49,12 @@ impl Report {
     }
 }
 
-/// The service child, killed if the test fails before it ends it.
-struct Service(Option<Child>);
-
-impl Service {
-    fn spawn(command: &mut Command) -> Service {
-        Service(Some(command.spawn().unwrap()))
-    }
-    fn id(&self) -> u32 {
-        self.0.as_ref().map(Child::id).unwrap_or(0)
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn terminate(mut service: Service) {
-    let Some(mut child) = service.0.take() else { return };
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM ends with exit 0");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_errors_outage_and_latency_lose_and_duplicate_nothing() {
     let Some(db) = PgDb::create().await else { return };
     let kafka = TestKafka::new(4);
     let cluster = kafka._broker.cluster();
-    let parts: Vec<Workload> = (0..4).map(|i| Workload::generate(300 + i, 1500, 0.1)).collect();
-    let valid: usize = parts.iter().map(Workload::valid).sum();
-    let invalid: usize = parts.iter().map(Workload::invalid).sum();
-    let produced: usize = parts.iter().map(|w| w.messages.len()).sum();
+    let Stream { parts, valid, invalid, produced } = Stream::generate(300, 4, 1500, 0.1);
     let child = Service::spawn(&mut kafka.run_binary(&db.url));
 
     kafka.produce(&parts[0].messages).await;
@@ -121,7 +90,7 @@ async fn broker_errors_outage_and_latency_lose_and_duplicate_nothing() {
     cluster.broker_round_trip_time(1, Duration::ZERO).unwrap();
     wait_for("offsets at the log end", Duration::from_secs(60), || kafka.committed() == kafka.log_end()).await;
     let rss = peak_rss_mb(child.id());
-    terminate(child);
+    child.terminate();
 
     let (rows, distinct) = db.row_counts().await;
     assert_eq!((rows, distinct), (valid as i64, valid as i64), "exactly one row per valid event");
@@ -161,7 +130,7 @@ async fn a_slow_sink_under_a_large_backlog_keeps_memory_bounded() {
     let recovery = fast.elapsed();
     wait_for("offsets at the log end", Duration::from_secs(60), || kafka.committed() == kafka.log_end()).await;
     let rss = peak_rss_mb(child.id());
-    terminate(child);
+    child.terminate();
 
     assert_eq!(emulator.row_count(), workload.valid());
     let dlq = kafka.read_dlq(workload.invalid());
@@ -191,12 +160,12 @@ async fn a_slow_sink_under_a_large_backlog_keeps_memory_bounded() {
 async fn unreachable_brokers_and_missing_topics_are_waited_for_and_reported() {
     let kafka = TestKafka::new(1);
     let (_dir, url) = temp_sqlite();
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let closed_port = free_port();
     for (brokers, topic, expected) in [
         (format!("127.0.0.1:{closed_port}"), kafka.config.kafka.topic.clone(), "cannot reach the Kafka brokers"),
         (kafka.bootstrap.clone(), unique("no_such_topic"), "a topic does not exist"),
     ] {
-        let metrics_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let metrics_port = free_port();
         let log = std::env::temp_dir().join(unique("edge-log"));
         let mut command = kafka.run_binary(&url);
         command
@@ -206,8 +175,7 @@ async fn unreachable_brokers_and_missing_topics_are_waited_for_and_reported() {
             .stderr(std::fs::File::create(&log).unwrap());
         let mut service = Service::spawn(&mut command);
         tokio::time::sleep(Duration::from_secs(6)).await;
-        let running = service.0.as_mut().map(|c| c.try_wait().unwrap().is_none()).unwrap_or(false);
-        assert!(running, "still running and retrying after 6 s");
+        assert!(service.is_running(), "still running and retrying after 6 s");
         let addr = format!("127.0.0.1:{metrics_port}").parse().unwrap();
         let (status, _) = crate::observability::http_get(addr, "/readyz").await;
         assert_eq!(status, 503, "not ready while it cannot consume");
@@ -215,7 +183,7 @@ async fn unreachable_brokers_and_missing_topics_are_waited_for_and_reported() {
         assert!(text.contains(expected), "{expected:?} missing from the log:\n{text}");
         let lines = text.lines().count();
         assert!(lines < 60, "{lines} log lines in 6 s: repeats must be throttled\n{text}");
-        terminate(service);
+        service.terminate();
     }
 }
 
@@ -226,10 +194,7 @@ async fn unreachable_brokers_and_missing_topics_are_waited_for_and_reported() {
 async fn a_30_s_database_outage_and_a_rebalance_lose_and_duplicate_nothing() {
     let Some(db) = PgDb::create().await else { return };
     let kafka = TestKafka::new(4);
-    let parts: Vec<Workload> = (0..4).map(|i| Workload::generate(400 + i, 1500, 0.1)).collect();
-    let valid: usize = parts.iter().map(Workload::valid).sum();
-    let invalid: usize = parts.iter().map(Workload::invalid).sum();
-    let produced: usize = parts.iter().map(|w| w.messages.len()).sum();
+    let Stream { parts, valid, invalid, produced } = Stream::generate(400, 4, 1500, 0.1);
     let first = Service::spawn(&mut kafka.run_binary(&db.url));
     kafka.produce(&parts[0].messages).await;
     db.wait_rows(1, Duration::from_secs(60)).await;
@@ -246,9 +211,9 @@ async fn a_30_s_database_outage_and_a_rebalance_lose_and_duplicate_nothing() {
     let recovery = back.elapsed();
     let rss = peak_rss_mb(first.id()).max(peak_rss_mb(second.id()));
     // The second instance leaves; the first takes its partitions back.
-    terminate(second);
+    second.terminate();
     wait_for("offsets at the log end", Duration::from_secs(60), || kafka.committed() == kafka.log_end()).await;
-    terminate(first);
+    first.terminate();
 
     let (rows, distinct) = db.row_counts().await;
     assert_eq!((rows, distinct), (valid as i64, valid as i64), "exactly one row per valid event");

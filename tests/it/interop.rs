@@ -6,7 +6,7 @@
 //! tests fail under `CI=true` and are skipped elsewhere.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -28,10 +28,6 @@ fn tansu_binary() -> Option<PathBuf> {
     found
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn wait_for_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -40,22 +36,16 @@ fn wait_for_port(port: u16) {
     }
 }
 
-/// Kills the child processes (broker, TLS proxy, service) when a test ends.
-struct Children(Vec<Child>);
-
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// Starts a quiet helper process (broker, TLS proxy) and waits until it listens on `port`.
+fn start_listening(command: &mut Command, port: u16, children: &mut Vec<Service>) {
+    children.push(Service::spawn(command.stdout(Stdio::null()).stderr(Stdio::null())));
+    wait_for_port(port);
 }
 
 /// tansu on `port`, advertising `advertised` (the TLS port when a proxy fronts it).
-fn start_tansu(tansu: &Path, port: u16, advertised: u16, children: &mut Children) {
-    let child = Command::new(tansu)
-        .args([
+fn start_tansu(tansu: &Path, port: u16, advertised: u16, children: &mut Vec<Service>) {
+    start_listening(
+        Command::new(tansu).args([
             "broker",
             "--listener-url",
             &format!("tcp://127.0.0.1:{port}"),
@@ -63,13 +53,10 @@ fn start_tansu(tansu: &Path, port: u16, advertised: u16, children: &mut Children
             &format!("tcp://127.0.0.1:{advertised}"),
             "--storage-engine",
             "memory://tansu/",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start tansu");
-    children.0.push(child);
-    wait_for_port(port);
+        ]),
+        port,
+        children,
+    );
 }
 
 fn create_topic(tansu: &Path, port: u16, name: &str, partitions: i32) {
@@ -144,11 +131,6 @@ impl Topics {
     }
 }
 
-fn sigterm(mut child: Child) {
-    Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert_eq!(child.wait().unwrap().code(), Some(0), "SIGTERM ends with exit 0");
-}
-
 /// The end-to-end run: two produce-ingest rounds with a restart between.
 async fn produce_ingest_restart(bootstrap: &str, topics: &Topics, partitions: i32, tls_ca: Option<&Path>) {
     let Some(db) = PgDb::create().await else { return };
@@ -169,19 +151,18 @@ async fn produce_ingest_restart(bootstrap: &str, topics: &Topics, partitions: i3
     };
 
     produce(&first);
-    let service = topics.service(bootstrap, &db.url, tls_ca).spawn().unwrap();
-    let mut guard = Children(vec![service]);
+    let service = Service::spawn(&mut topics.service(bootstrap, &db.url, tls_ca));
     db.wait_rows(first.valid() as i64, Duration::from_secs(180)).await;
-    sigterm(guard.0.remove(0));
+    service.terminate();
     assert_eq!(db.row_counts().await, (first.valid() as i64, first.valid() as i64));
 
     produce(&second);
-    guard.0.push(topics.service(bootstrap, &db.url, tls_ca).spawn().unwrap());
+    let service = Service::spawn(&mut topics.service(bootstrap, &db.url, tls_ca));
     let valid = (first.valid() + second.valid()) as i64;
     db.wait_rows(valid, Duration::from_secs(180)).await;
     // Let the last commits land, then stop; a third run must find nothing to do.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    sigterm(guard.0.remove(0));
+    service.terminate();
     assert_eq!(db.row_counts().await, (valid, valid), "every valid event exactly one row across the restart");
 
     let mut args = vec!["count", bootstrap, topics.dlq.as_str()];
@@ -198,7 +179,7 @@ async fn produce_ingest_restart(bootstrap: &str, topics: &Topics, partitions: i3
 async fn tansu_with_a_third_party_producer_loses_and_duplicates_nothing_across_a_restart() {
     let Some(tansu) = tansu_binary() else { return };
     let port = free_port();
-    let mut children = Children(Vec::new());
+    let mut children = Vec::new();
     start_tansu(&tansu, port, port, &mut children);
     let topics = Topics::create(&tansu, port, 3);
     produce_ingest_restart(&format!("127.0.0.1:{port}"), &topics, 3, None).await;
@@ -221,21 +202,19 @@ async fn tansu_over_tls_and_a_wrong_ca_is_a_clear_exit_2() {
     std::fs::write(&key_file, key.private_key_to_pem_pkcs8().unwrap()).unwrap();
 
     let (port, tls_port) = (free_port(), free_port());
-    let mut children = Children(Vec::new());
+    let mut children = Vec::new();
     start_tansu(&tansu, port, tls_port, &mut children);
-    let proxy = Command::new("socat")
-        .arg(format!(
-            "OPENSSL-LISTEN:{tls_port},cert={},key={},verify=0,fork,reuseaddr,bind=127.0.0.1",
-            cert_file.display(),
-            key_file.display()
-        ))
-        .arg(format!("TCP:127.0.0.1:{port}"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("socat (apt-get install socat)");
-    children.0.push(proxy);
-    wait_for_port(tls_port);
+    start_listening(
+        Command::new("socat")
+            .arg(format!(
+                "OPENSSL-LISTEN:{tls_port},cert={},key={},verify=0,fork,reuseaddr,bind=127.0.0.1",
+                cert_file.display(),
+                key_file.display()
+            ))
+            .arg(format!("TCP:127.0.0.1:{port}")),
+        tls_port,
+        &mut children,
+    );
     let topics = Topics::create(&tansu, port, 2);
     let bootstrap = format!("127.0.0.1:{tls_port}");
     produce_ingest_restart(&bootstrap, &topics, 2, Some(&ca_file)).await;
@@ -245,19 +224,8 @@ async fn tansu_over_tls_and_a_wrong_ca_is_a_clear_exit_2() {
     let other_file = dir.join("other-ca.pem");
     std::fs::write(&other_file, other_ca.to_pem().unwrap()).unwrap();
     let (_dir, url) = temp_sqlite();
-    let child = topics.service(&bootstrap, &url, Some(&other_file)).stderr(Stdio::piped()).spawn().unwrap();
-    let started = Instant::now();
-    let mut child = Children(vec![child]);
-    let status = loop {
-        if let Some(status) = child.0[0].try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(60), "a wrong CA must end the process, not retry forever");
-        std::thread::sleep(Duration::from_millis(200));
-    };
-    let mut stderr = String::new();
-    use std::io::Read;
-    child.0[0].stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    assert_eq!(status.code(), Some(2), "{stderr}");
+    let child = Service::spawn(topics.service(&bootstrap, &url, Some(&other_file)).stderr(Stdio::piped()));
+    let (code, stderr) = child.exit_within(Duration::from_secs(60));
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("certificate"), "{stderr}");
 }

@@ -39,10 +39,6 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 /// A real Prometheus server scrapes a running pipeline; its query API reports
 /// the number of records written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -505,13 +505,7 @@ async fn a_rebalance_loses_and_duplicates_nothing() {
         valid as i64
     );
     let dlq = kafka.read_dlq(total - valid);
-    let mut positions: Vec<(String, String)> = dlq
-        .iter()
-        .map(|m| (header(m, "x-ingest-source-partition").unwrap(), header(m, "x-ingest-source-offset").unwrap()))
-        .collect();
-    positions.sort();
-    positions.dedup();
-    assert_eq!(positions.len(), total - valid, "every invalid event dead-lettered");
+    assert_eq!(dead_letter_sources(&dlq), total - valid, "every invalid event dead-lettered");
     assert_eq!(dlq.len(), total - valid, "and only once");
     assert_eq!(kafka.committed(), kafka.log_end());
 }
