@@ -468,7 +468,9 @@ async fn control_cmd(
 
 async fn migrate(config: Config) -> anyhow::Result<i32> {
     let (_tx, mut rx) = watch::channel(false);
-    let sink = pipeline::open_sink(&config, &Arc::new(Metrics::new()), &mut rx).await?;
+    let Some(sink) = pipeline::open_sink(&config, &Arc::new(Metrics::new()), &mut rx).await? else {
+        return Ok(EXIT_REJECTED);
+    };
     println!("{} sink migrated", sink.kind());
     Ok(EXIT_OK)
 }

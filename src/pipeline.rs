@@ -120,17 +120,17 @@ where
 
 /// Opens the configured sink, retrying while it is unreachable.
 /// A configuration the sink refuses (credentials, permissions) ends it with
-/// [`crate::config::FatalConfig`].
+/// [`crate::config::FatalConfig`]. `None`: shutdown came first.
 pub async fn open_sink(
     config: &Config,
     metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
-) -> anyhow::Result<Arc<Sink>> {
+) -> anyhow::Result<Option<Arc<Sink>>> {
     let url: SinkUrl = config.sink_url().map_err(anyhow::Error::msg)?;
     let mut backoff = Backoff::default();
     loop {
         match Sink::open(&url, &config.kafka.topic, config.batch.max_in_flight, metrics).await {
-            Ok(s) => return Ok(Arc::new(s)),
+            Ok(s) => return Ok(Some(Arc::new(s))),
             Err(crate::sink::SinkError::Fatal(message)) => {
                 return Err(crate::config::FatalConfig(format!("sink configuration: {message}")).into());
             }
@@ -139,7 +139,9 @@ pub async fn open_sink(
                 tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "sink unavailable at start; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => anyhow::bail!("stopped before the sink became available"),
+                    // Nothing was consumed yet, so stopping here is as clean as
+                    // any other shutdown.
+                    _ = shutdown.changed() => return Ok(None),
                 }
             }
         }
@@ -379,7 +381,10 @@ pub async fn run(
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let sink = open_sink(&config, &metrics, &mut shutdown).await?;
+    let Some(sink) = open_sink(&config, &metrics, &mut shutdown).await? else {
+        tracing::info!("stopped while waiting for the sink; nothing was consumed");
+        return Ok(());
+    };
     let max_batches_in_flight = config.batches_in_flight();
     readiness.sink_reachable.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(sink = sink.kind(), "sink ready");

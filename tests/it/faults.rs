@@ -153,21 +153,24 @@ async fn a_slow_sink_under_a_large_backlog_keeps_memory_bounded() {
     assert!(rss < 256.0, "peak RSS {rss:.0} MB");
 }
 
-/// An unreachable broker at start is retried with one clear log line and
+/// An unreachable broker or sink at start is retried with a clear log line and
 /// `/readyz` 503 (no crash loop); a topic that does not exist is named in the
-/// log. SIGTERM still ends either cleanly.
+/// log. SIGTERM still ends each cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_brokers_and_missing_topics_are_waited_for_and_reported() {
     let kafka = TestKafka::new(1);
     let (_dir, url) = temp_sqlite();
     let closed_port = free_port();
-    for (brokers, topic, expected) in [
-        (format!("127.0.0.1:{closed_port}"), kafka.config.kafka.topic.clone(), "cannot reach the Kafka brokers"),
-        (kafka.bootstrap.clone(), unique("no_such_topic"), "a topic does not exist"),
+    let unreachable_database = format!("postgres://postgres@127.0.0.1:{closed_port}/copilot");
+    let topic = kafka.config.kafka.topic.clone();
+    for (brokers, topic, sink_url, expected) in [
+        (format!("127.0.0.1:{closed_port}"), topic.clone(), &url, "cannot reach the Kafka brokers"),
+        (kafka.bootstrap.clone(), unique("no_such_topic"), &url, "a topic does not exist"),
+        (kafka.bootstrap.clone(), topic, &unreachable_database, "sink unavailable at start; retrying"),
     ] {
         let metrics_port = free_port();
         let log = std::env::temp_dir().join(unique("edge-log"));
-        let mut command = kafka.run_binary(&url);
+        let mut command = kafka.run_binary(sink_url);
         command
             .env("COPILOT_INGEST__KAFKA__BROKERS", &brokers)
             .env("COPILOT_INGEST__KAFKA__TOPIC", &topic)
@@ -200,12 +203,16 @@ async fn a_30_s_database_outage_and_a_rebalance_lose_and_duplicate_nothing() {
     db.wait_rows(1, Duration::from_secs(60)).await;
     db.refuse_connections().await;
     kafka.produce(&parts[1].messages).await;
-    let second = Service::spawn(&mut kafka.run_binary(&db.url));
+    // The second instance waits for its sink before it joins the group, so it
+    // joins once the database is back, while the first still retries writes.
+    let second_metrics = format!("127.0.0.1:{}", free_port());
+    let second = Service::spawn(kafka.run_binary(&db.url).env("COPILOT_INGEST__METRICS__LISTEN", &second_metrics));
     kafka.produce(&parts[2].messages).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     let committed_during_outage = kafka.committed();
     db.allow_connections().await;
     let back = Instant::now();
+    wait_until_ready(&second_metrics, Duration::from_secs(60)).await;
     kafka.produce(&parts[3].messages).await;
     db.wait_rows(valid as i64, Duration::from_secs(180)).await;
     let recovery = back.elapsed();
@@ -226,4 +233,14 @@ async fn a_30_s_database_outage_and_a_rebalance_lose_and_duplicate_nothing() {
     assert_eq!(dlq.len(), invalid, "exactly one dead letter per invalid event");
     Report { produced, valid, rows, distinct, dead_letters: dlq.len(), recovery, peak_rss_mb: rss }
         .print("postgres-outage-30s+rebalance");
+}
+
+/// Waits for `/readyz` 200: sink and broker reachable, partitions assigned.
+async fn wait_until_ready(metrics_listen: &str, timeout: Duration) {
+    let addr = metrics_listen.parse().unwrap();
+    let start = Instant::now();
+    while crate::observability::http_get(addr, "/readyz").await.0 != 200 {
+        assert!(start.elapsed() < timeout, "{metrics_listen} not ready after {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
