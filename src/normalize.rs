@@ -50,6 +50,9 @@ pub enum FieldValue<'a> {
     Float(f64),
     Str(Cow<'a, str>),
     Object(serde_json::Value),
+    /// A JSON object for a memo column, as its text in the payload
+    /// (validated JSON, not yet compacted).
+    RawObject(&'a str),
     Array,
     /// A value of a type no column can hold (Avro bytes, fixed, …).
     Unsupported(&'static str),
@@ -62,7 +65,7 @@ impl FieldValue<'_> {
             FieldValue::Bool => "a boolean",
             FieldValue::Int(_) | FieldValue::UInt(_) | FieldValue::Float(_) => "a number",
             FieldValue::Str(_) => "a string",
-            FieldValue::Object(_) => "an object",
+            FieldValue::Object(_) | FieldValue::RawObject(_) => "an object",
             FieldValue::Array => "an array",
             FieldValue::Unsupported(kind) => kind,
         }
@@ -137,8 +140,15 @@ impl<'de> de::Deserialize<'de> for TopLevel<'de> {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut fields = Vec::with_capacity(16);
-                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-                    let value = map.next_value::<FieldValue<'de>>()?;
+                while let Some(FieldName(key)) = map.next_key::<FieldName<'de>>()? {
+                    let value = if is_memo_column(&key) {
+                        // Kept as text: building a map only to print it again
+                        // was the largest cost of a typical event.
+                        memo_value(map.next_value::<&'de serde_json::value::RawValue>()?.get())
+                            .map_err(de::Error::custom)?
+                    } else {
+                        map.next_value::<FieldValue<'de>>()?
+                    };
                     fields.push((key, value));
                 }
                 Ok(TopLevel::Object(fields))
@@ -170,6 +180,91 @@ impl<'de> de::Deserialize<'de> for TopLevel<'de> {
     }
 }
 
+/// A field name, borrowed from the payload unless it has escapes (serde's own
+/// `Cow<str>` always copies).
+struct FieldName<'a>(Cow<'a, str>);
+
+impl<'de> de::Deserialize<'de> for FieldName<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = FieldName<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(FieldName(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(FieldName(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(FieldName(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// Whether a field name (as [`lookup_column`] matches it) is a memo column.
+fn is_memo_column(key: &str) -> bool {
+    static MEMO_COLUMNS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+        table().columns.iter().filter(|c| c.column_type == ColumnType::Memo).map(|c| c.logical_name.as_str()).collect()
+    });
+    MEMO_COLUMNS.iter().any(|name| name.eq_ignore_ascii_case(key))
+}
+
+/// A memo column's value from its JSON text: objects stay text, anything else
+/// is decoded as usual.
+fn memo_value(raw: &str) -> Result<FieldValue<'_>, serde_json::Error> {
+    match raw.as_bytes().first() {
+        Some(b'{') => Ok(FieldValue::RawObject(raw)),
+        // Skipped without recursion (arrays are not accepted anyway).
+        Some(b'[') => Ok(FieldValue::Array),
+        _ => serde_json::from_str(raw),
+    }
+}
+
+/// Deepest nesting accepted in a JSON object stored as text (serde_json's own
+/// limit for parsed values).
+const MAX_JSON_DEPTH: usize = 128;
+
+/// The compact form of valid JSON text: whitespace between tokens removed,
+/// everything else (member order, numbers, escapes) exactly as sent. `None`
+/// when nested deeper than [`MAX_JSON_DEPTH`].
+fn compact_json(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut out = String::with_capacity(raw.len());
+    let (mut depth, mut start, mut i) = (0usize, 0usize, 0usize);
+    // Copies runs between whitespace in one go; only structural bytes and
+    // string boundaries are looked at one by one.
+    while i < bytes.len() {
+        match bytes[i] {
+            b' ' | b'\t' | b'\n' | b'\r' => {
+                out.push_str(&raw[start..i]);
+                start = i + 1;
+            }
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return None;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    out.push_str(&raw[start..]);
+    Some(out)
+}
+
 impl Normalizer {
     /// Decodes, validates and normalizes one JSON event.
     ///
@@ -191,7 +286,19 @@ impl Normalizer {
         if payload.iter().all(u8::is_ascii_whitespace) {
             return Err(Rejection::new(Reason::MalformedJson, None, "empty message"));
         }
-        let mut de = serde_json::Deserializer::from_slice(payload);
+        // One validation of the whole payload is cheaper than serde_json's
+        // per-string checks, which reading from a `str` skips.
+        let text = match std::str::from_utf8(payload) {
+            Ok(t) => t,
+            Err(e) => {
+                return Err(Rejection::new(
+                    Reason::MalformedJson,
+                    None,
+                    format!("not valid JSON: invalid UTF-8 at byte {}", e.valid_up_to()),
+                ));
+            }
+        };
+        let mut de = serde_json::Deserializer::from_str(text);
         let top = match <TopLevel as de::Deserialize>::deserialize(&mut de).and_then(|t| de.end().map(|_| t)) {
             Ok(t) => t,
             Err(e) => return Err(Rejection::new(Reason::MalformedJson, None, format!("not valid JSON: {e}"))),
@@ -219,7 +326,9 @@ impl Normalizer {
         let t = table();
         let layout = create_columns();
         let mut values = vec![Value::Null; layout.len()];
-        let mut seen = vec![false; layout.len()];
+        // One bit per layout position (the layout has fewer than 64 columns,
+        // checked by a test).
+        let mut seen = 0u64;
         for (key, raw) in fields {
             let Some(index) = lookup_column(&key) else {
                 match self.unknown_fields {
@@ -241,14 +350,14 @@ impl Normalizer {
                     format!("'{}' is not valid for create", column.logical_name),
                 ));
             };
-            if seen[pos] {
+            if seen & (1 << pos) != 0 {
                 return Err(Rejection::new(
                     Reason::MalformedJson,
                     Some(&column.logical_name),
                     format!("'{}' appears more than once", column.logical_name),
                 ));
             }
-            seen[pos] = true;
+            seen |= 1 << pos;
             values[pos] = parse_value(column, raw, now)?;
         }
 
@@ -288,9 +397,7 @@ impl Normalizer {
             }
         }
 
-        let mut canonical = Vec::with_capacity(512);
-        record::canonical_content(&values, &mut canonical);
-        let content_hash = record::content_hash(&canonical);
+        let content_hash = record::content_hash(&values);
 
         let positions = special_positions();
         let id = match values[positions.id] {
@@ -410,6 +517,13 @@ fn parse_value(column: &Column, raw: FieldValue<'_>, now: DateTime<Utc>) -> Resu
             let text = match raw {
                 FieldValue::Str(s) => s.into_owned(),
                 FieldValue::Object(v) => v.to_string(),
+                FieldValue::RawObject(raw) => compact_json(raw).ok_or_else(|| {
+                    Rejection::new(
+                        Reason::MalformedJson,
+                        Some(&column.logical_name),
+                        format!("'{}' is nested deeper than {MAX_JSON_DEPTH} levels", column.logical_name),
+                    )
+                })?,
                 other => return Err(invalid_type(column, "a string or a JSON object", &other)),
             };
             check_length(column, &text)?;
@@ -796,6 +910,26 @@ mod tests {
         let text = r.get("msdyn_interactioncontext").and_then(Value::as_text).unwrap();
         assert!(!text.contains(' ') || text.contains("x y"));
         assert_eq!(serde_json::from_str::<serde_json::Value>(text).unwrap(), json!({"b": [1, 2], "a": "x y"}));
+        // Member order, numbers and escapes as sent; only whitespace between
+        // tokens goes, in any spelling of the column name.
+        let payload = r#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":"Copy",
+            "msdyn_scenariotype":"Case summary","MSDYN_InteractionContext": { "z" : [1, 2.50, {"y":null}],
+            "a":"x \" y\\", "\u00e9" :true }}"#;
+        let r = Normalizer::default().normalize_json(payload.as_bytes(), None, now()).unwrap();
+        assert_eq!(
+            r.get("msdyn_interactioncontext").and_then(Value::as_text),
+            Some(r#"{"z":[1,2.50,{"y":null}],"a":"x \" y\\","\u00e9":true}"#)
+        );
+        let nested = |depth: usize| {
+            let context = format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth));
+            Normalizer::default().normalize_json(
+                with("msdyn_interactioncontext", json!(null)).to_string().replace("null", &context).as_bytes(),
+                None,
+                now(),
+            )
+        };
+        assert!(nested(128).is_ok());
+        assert_eq!(nested(129).unwrap_err().reason, Reason::MalformedJson);
         let pretty = "{\n  \"k\": 1\n}";
         let r = norm(&with("msdyn_interactioncontext", json!(pretty))).unwrap();
         assert_eq!(r.get("msdyn_interactioncontext"), Some(&Value::Text(pretty.into())), "strings are kept verbatim");
@@ -851,7 +985,31 @@ mod tests {
         assert_eq!(n.normalize_json(deep_arrays.as_bytes(), None, now()).unwrap_err().reason, Reason::InvalidType);
     }
 
+    fn json_values() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            (-1e9f64..1e9).prop_map(serde_json::Value::from),
+            "[ a-z\"\\\\\t\n{}\\[\\]:,é😀]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z \"]{0,6}", inner, 0..6)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
     proptest! {
+        /// Compacting pretty-printed JSON gives exactly the compact printing.
+        #[test]
+        fn compact_json_equals_compact_printing(value in json_values()) {
+            let pretty = serde_json::to_string_pretty(&value).unwrap();
+            prop_assert_eq!(compact_json(&pretty), Some(serde_json::to_string(&value).unwrap()));
+        }
+
         /// Arbitrary bytes never panic and always give a record or a reason.
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {

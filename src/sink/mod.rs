@@ -136,7 +136,7 @@ impl<'a> DeadLetterKey<'a> {
             bytes.extend_from_slice(&part.map_or(u64::MAX, |p| p.len() as u64).to_be_bytes());
             bytes.extend_from_slice(part.unwrap_or_default());
         }
-        DeadLetterKey { topic, partition, offset, digest: uuid::Uuid::new_v5(&NAMESPACE, &bytes).to_string() }
+        DeadLetterKey { topic, partition, offset, digest: crate::record::uuid_v5(&NAMESPACE, &bytes).to_string() }
     }
 }
 
