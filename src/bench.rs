@@ -1,7 +1,8 @@
 //! `copilot-ingest bench`: one data set of N events preloaded into the embedded
 //! broker running in its own process, then, in one run:
 //! - the raw consume limit (the product's consumer configuration, discarding),
-//! - the raw sink limits (PostgreSQL `COPY`, SQLite one prepared insert in one transaction),
+//! - the raw sink limits (PostgreSQL `COPY`, SQLite one prepared insert in one
+//!   transaction) for the same rows the sink stores, source columns included,
 //! - copilot-ingest end to end into each sink (its own process: events/s, CPU
 //!   seconds per million events, peak RSS),
 //! - end-to-end latency at half the measured throughput,
@@ -242,10 +243,11 @@ fn raw_sqlite(path: &std::path::Path, records: &[Record]) -> anyhow::Result<f64>
     let t = table();
     let cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
     let sql = format!(
-        "INSERT INTO {} ({}, statecode, createdon, versionnumber) VALUES ({})",
+        "INSERT INTO {} ({}, statecode, createdon, versionnumber, ingest_topic, ingest_partition, ingest_offset, \
+         ingest_content_hash) VALUES ({})",
         t.logical_name,
         cols.join(", "),
-        (1..=cols.len() + 3).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
+        (1..=cols.len() + 7).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
     );
     let started = Instant::now();
     let tx = conn.transaction()?;
@@ -266,11 +268,24 @@ fn raw_sqlite(path: &std::path::Path, records: &[Record]) -> anyhow::Result<f64>
             params.push(i64::from(r.state_code()).into());
             params.push(format_datetime(&r.created_on()).into());
             params.push((i as i64).into());
+            let (partition, offset) = source_position(i);
+            params.push(BENCH_TOPIC.to_owned().into());
+            params.push(partition.into());
+            params.push(offset.into());
+            params.push(r.content_hash().hyphenated().to_string().into());
             stmt.execute(rusqlite::params_from_iter(params))?;
         }
     }
     tx.commit()?;
     Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Stands in for the topic in the raw baselines' source columns.
+const BENCH_TOPIC: &str = "copilot.interactions.bench";
+
+/// A plausible Kafka position for the raw baselines' i-th row.
+fn source_position(i: usize) -> (i64, i64) {
+    ((i % 64) as i64, (i / 64) as i64)
 }
 
 /// COPY text-format escaping.
@@ -294,11 +309,16 @@ async fn raw_copy(url: &str, records: &[Record]) -> anyhow::Result<f64> {
     let cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
     let started = Instant::now();
     let sink = client
-        .copy_in(&format!("COPY {} ({}, statecode, createdon) FROM STDIN", t.logical_name, cols.join(", ")))
+        .copy_in(&format!(
+            "COPY {} ({}, statecode, createdon, ingest_topic, ingest_partition, ingest_offset, ingest_content_hash) \
+             FROM STDIN",
+            t.logical_name,
+            cols.join(", ")
+        ))
         .await?;
     let mut sink = std::pin::pin!(sink);
     let mut buf = String::with_capacity(8 << 20);
-    for r in records {
+    for (i, r) in records.iter().enumerate() {
         for v in r.values() {
             match v {
                 Value::Null => buf.push_str("\\N"),
@@ -312,7 +332,8 @@ async fn raw_copy(url: &str, records: &[Record]) -> anyhow::Result<f64> {
         buf.push_str(&r.state_code().to_string());
         buf.push('\t');
         buf.push_str(&format_datetime(&r.created_on()));
-        buf.push('\n');
+        let (partition, offset) = source_position(i);
+        buf.push_str(&format!("\t{BENCH_TOPIC}\t{partition}\t{offset}\t{}\n", r.content_hash().hyphenated()));
         if buf.len() > (4 << 20) {
             sink.send(bytes_of(&mut buf)).await?;
         }

@@ -93,13 +93,15 @@ pub struct BatchConfig {
     pub max_records: usize,
     pub max_bytes: usize,
     pub linger_ms: u64,
-    /// Batches being written at once (each on its own connection for PostgreSQL).
+    /// Batches being written at once: each on its own connection for
+    /// PostgreSQL; queued to the writer and committed together for SQLite.
+    /// 0: the sink's default (see [`Config::batches_in_flight`]).
     pub max_in_flight: usize,
 }
 
 impl Default for BatchConfig {
     fn default() -> Self {
-        BatchConfig { max_records: 1000, max_bytes: 4_194_304, linger_ms: 200, max_in_flight: 2 }
+        BatchConfig { max_records: 1000, max_bytes: 4_194_304, linger_ms: 200, max_in_flight: 0 }
     }
 }
 
@@ -344,8 +346,8 @@ impl Config {
         if b.linger_ms > 60_000 {
             errors.push("batch.linger_ms: must be at most 60000".into());
         }
-        if !(1..=64).contains(&b.max_in_flight) {
-            errors.push("batch.max_in_flight: must be between 1 and 64".into());
+        if b.max_in_flight > 64 {
+            errors.push("batch.max_in_flight: must be between 1 and 64 (0: the sink's default)".into());
         }
         if let Err(e) = self.sink_url() {
             errors.push(format!("sink.url: {e}"));
@@ -433,11 +435,19 @@ impl Config {
         })
     }
 
-    /// Batches written at once: the Dataverse sink's request concurrency, or `batch.max_in_flight`.
+    /// Batches written at once: the Dataverse sink's request concurrency, or
+    /// `batch.max_in_flight`, whose default depends on the sink. PostgreSQL: 4
+    /// connections keep the server busy while the pipeline prepares the next
+    /// batches (measured: 2 → 4 took a drain from 59% to 75% of raw COPY; 8
+    /// added nothing). SQLite: 16 batches may queue for the one writer, which
+    /// commits what queued in one transaction (measured: 4 → 16 took a drain
+    /// from 51% to 75% of the raw insert rate).
     pub fn batches_in_flight(&self) -> usize {
+        let explicit = (self.batch.max_in_flight > 0).then_some(self.batch.max_in_flight);
         match self.sink_url() {
             Ok(SinkUrl::Dataverse(t)) => t.settings.max_in_flight,
-            _ => self.batch.max_in_flight,
+            Ok(SinkUrl::Sqlite(_)) => explicit.unwrap_or(16),
+            _ => explicit.unwrap_or(4),
         }
     }
 }

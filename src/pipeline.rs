@@ -129,7 +129,7 @@ pub async fn open_sink(
     let url: SinkUrl = config.sink_url().map_err(anyhow::Error::msg)?;
     let mut backoff = Backoff::default();
     loop {
-        match Sink::open(&url, &config.kafka.topic, config.batch.max_in_flight, metrics).await {
+        match Sink::open(&url, &config.kafka.topic, config.batches_in_flight(), metrics).await {
             Ok(s) => return Ok(Some(Arc::new(s))),
             Err(crate::sink::SinkError::Fatal(message)) => {
                 return Err(crate::config::FatalConfig(format!("sink configuration: {message}")).into());
