@@ -40,6 +40,9 @@ pub struct BenchArgs {
     /// Seconds of the fixed-rate latency phase per sink (0 skips it).
     #[arg(long, default_value_t = 20)]
     latency_seconds: u64,
+    /// Event rate of the latency phase (0: half the sink's measured throughput).
+    #[arg(long, default_value_t = 0)]
+    latency_rate: u64,
 }
 
 struct KillOnDrop(Child);
@@ -160,7 +163,7 @@ pub async fn run(_config: Config, args: BenchArgs) -> anyhow::Result<i32> {
     let mut latency_lines = Vec::new();
     if args.latency_seconds > 0 {
         for (sink, rate) in &e2e_rows {
-            let half = (rate / 2.0).max(100.0) as u64;
+            let half = if args.latency_rate > 0 { args.latency_rate } else { (rate / 2.0).max(100.0) as u64 };
             let url = if sink == "sqlite" {
                 format!("sqlite://{}", dir.join("latency.db").display())
             } else {

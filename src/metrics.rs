@@ -20,6 +20,7 @@ pub struct Metrics {
     pub retention_records_total: IntCounterVec,
     /// Dataverse sink: HTTP responses by status class and throttling (429).
     pub dataverse_responses_total: IntCounterVec,
+    pub postgres_batches_total: IntCounterVec,
     pub dataverse_token_renewals_total: IntCounterVec,
     /// Dataverse sink: the adaptive limit of concurrent requests.
     pub dataverse_concurrency_limit: IntGaugeVec,
@@ -136,6 +137,13 @@ impl Metrics {
                 "copilot_ingest_dataverse_responses_total",
                 "Dataverse Web API responses by request (create, lookup, whoami) and status code; 429 = throttled.",
                 &["request", "status"],
+            ),
+            postgres_batches_total: counter(
+                &registry,
+                "copilot_ingest_postgres_batches_total",
+                "PostgreSQL batch writes by path: copy (bulk load, no replay in the batch) or insert \
+                 (INSERT … ON CONFLICT after COPY met an existing id or a refused value).",
+                &["path"],
             ),
             dataverse_token_renewals_total: counter(
                 &registry,

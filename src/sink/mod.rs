@@ -61,7 +61,9 @@ impl Sink {
                 Ok(Sink::Dataverse(Box::new(dataverse::DataverseSink::open(target, Arc::clone(metrics)).await?)))
             }
             SinkUrl::Sqlite(path) => Ok(Sink::Sqlite(sqlite::SqliteSink::open(path, topic)?)),
-            SinkUrl::Postgres(url) => Ok(Sink::Postgres(postgres::PostgresSink::open(url, topic, connections).await?)),
+            SinkUrl::Postgres(url) => {
+                Ok(Sink::Postgres(postgres::PostgresSink::open(url, topic, connections, Arc::clone(metrics)).await?))
+            }
         }
     }
 

@@ -241,6 +241,13 @@ async fn redelivered_events_are_skipped_as_replays_in_both_sinks() {
         let workload = Workload::generate(13, 1500, 0.05);
         let (_, first) = run_workload(config.clone(), &workload, &kafka).await;
         assert_eq!(first.written(), workload.valid() as u64);
+        let postgres_paths = |metrics: &Metrics| {
+            ["copy", "insert"].map(|path| metrics.postgres_batches_total.with_label_values(&[path]).get())
+        };
+        if !url.starts_with("sqlite") {
+            let [copy, insert] = postgres_paths(&first.metrics);
+            assert!(copy > 0 && insert == 0, "new rows go in with COPY: {copy} copy, {insert} insert batches");
+        }
         first.stop().await;
 
         // A new group id re-reads the topic from the start: every record is a replay.
@@ -254,6 +261,10 @@ async fn redelivered_events_are_skipped_as_replays_in_both_sinks() {
         // keeps the second from sending them again.
         assert_eq!(skipped("dead_letter_replay"), workload.invalid() as u64, "{url}");
         assert_eq!(Metrics::total(&second.metrics.dlq_events_total), 0, "{url}: no dead letter twice");
+        if !url.starts_with("sqlite") {
+            let [copy, insert] = postgres_paths(&second.metrics);
+            assert!(insert > 0 && copy == 0, "replays take the INSERT path: {copy} copy, {insert} insert batches");
+        }
         second.stop().await;
 
         let count = if url.starts_with("sqlite") {
