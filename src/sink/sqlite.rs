@@ -126,9 +126,13 @@ pub fn open_connection(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     // Random UUID keys touch pages all over the primary-key index: a larger
-    // page cache and less frequent checkpoints keep batch inserts in memory.
+    // page cache keeps batch inserts in memory, and a WAL of up to 256 MB
+    // between checkpoints lets one checkpoint copy each index page once for
+    // the many commits that rewrote it (measured with 60,000 events/s
+    // arriving: p99 end-to-end 1.0–2.4 s with 64 MB, 0.49 s with 256 MB).
+    // A checkpointing thread beside the writer was tried and made it worse.
     conn.pragma_update(None, "cache_size", -131_072)?;
-    conn.pragma_update(None, "wal_autocheckpoint", 16_384)?;
+    conn.pragma_update(None, "wal_autocheckpoint", 65_536)?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     Ok(conn)
 }
