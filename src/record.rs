@@ -115,7 +115,42 @@ impl Record {
 
 /// The stored text form of a datetime: RFC 3339, UTC, millisecond precision.
 pub fn format_datetime(d: &DateTime<Utc>) -> String {
-    d.to_rfc3339_opts(SecondsFormat::Millis, true)
+    let mut out = String::with_capacity(24);
+    write_datetime(&mut out, d);
+    out
+}
+
+/// Appends the stored text form of a datetime (`YYYY-MM-DDTHH:MM:SS.mmmZ`).
+/// Written digit by digit: the SQLite writer formats several per row.
+pub fn write_datetime(out: &mut String, d: &DateTime<Utc>) {
+    use chrono::{Datelike, Timelike};
+    let year = d.year();
+    if !(0..=9999).contains(&year) {
+        // Outside the table's range; never stored, but still printed correctly.
+        out.push_str(&d.to_rfc3339_opts(SecondsFormat::Millis, true));
+        return;
+    }
+    let digits = |out: &mut String, value: u32, width: u32| {
+        for place in (0..width).rev() {
+            out.push(char::from(b'0' + (value / 10u32.pow(place) % 10) as u8));
+        }
+    };
+    digits(out, year as u32, 4);
+    out.push('-');
+    digits(out, d.month(), 2);
+    out.push('-');
+    digits(out, d.day(), 2);
+    out.push('T');
+    digits(out, d.hour(), 2);
+    out.push(':');
+    digits(out, d.minute(), 2);
+    out.push(':');
+    // A leap second is kept in the nanoseconds (chrono prints it as :60).
+    let leap = d.nanosecond() >= 1_000_000_000;
+    digits(out, d.second() + u32::from(leap), 2);
+    out.push('.');
+    digits(out, d.nanosecond() % 1_000_000_000 / 1_000_000, 3);
+    out.push('Z');
 }
 
 /// Namespaces of the UUIDv5 digests. Fixed forever: changing either changes
@@ -227,6 +262,20 @@ pub(crate) fn derived_id(content_hash: &Uuid, has_client_timestamp: bool, origin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn datetimes_print_as_chrono_prints_them() {
+        use chrono::TimeZone;
+        let mut millis: i64 = -62_135_596_800_000; // 0001-01-01
+        while millis < 253_402_300_799_999 {
+            let d = Utc.timestamp_millis_opt(millis).unwrap();
+            assert_eq!(format_datetime(&d), d.to_rfc3339_opts(SecondsFormat::Millis, true));
+            millis += 9_876_543_217; // ~114 days: irregular steps through every field
+        }
+        let leap = chrono::NaiveDate::from_ymd_opt(2016, 12, 31).unwrap().and_hms_milli_opt(23, 59, 59, 1_500).unwrap();
+        let leap = Utc.from_utc_datetime(&leap);
+        assert_eq!(format_datetime(&leap), leap.to_rfc3339_opts(SecondsFormat::Millis, true));
+    }
 
     #[test]
     fn the_record_layout_fits_the_normalizers_field_bitmask() {

@@ -6,14 +6,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc;
 
-use rusqlite::types::{ToSqlOutput, Value as SqlValue, ValueRef};
-use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params_from_iter};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::{DEAD_LETTER_TABLE, DeadLetterKey, DeadLetterOp, Outcome, SinkError, classify_existing};
 use crate::batch::Batch;
-use crate::record::{Value, create_columns, format_datetime};
+use crate::record::{Value, create_columns, write_datetime};
 use crate::table::{ColumnType, table};
 
 enum Job {
@@ -258,28 +257,18 @@ fn writer_thread(mut conn: Connection, rx: mpsc::Receiver<Job>, topic: String, p
     }
 }
 
-/// A column value as a statement parameter; text is borrowed, not copied.
-fn to_sql(value: &Value) -> ToSqlOutput<'_> {
-    match value {
-        Value::Null => ToSqlOutput::Owned(SqlValue::Null),
-        Value::Text(s) => ToSqlOutput::Borrowed(ValueRef::Text(s.as_bytes())),
-        Value::Int(i) => ToSqlOutput::Owned(SqlValue::Integer(i64::from(*i))),
-        Value::Guid(g) => ToSqlOutput::Owned(SqlValue::Text(g.hyphenated().to_string())),
-        Value::DateTime(d) => ToSqlOutput::Owned(SqlValue::Text(format_datetime(d))),
-    }
-}
-
 fn insert_sql() -> String {
     let t = table();
     let mut cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
+    // In the order `write_rows` binds them.
     cols.extend([
         "statecode",
         "createdon",
+        "ingest_content_hash",
         "versionnumber",
-        "ingest_topic",
         "ingest_partition",
         "ingest_offset",
-        "ingest_content_hash",
+        "ingest_topic",
     ]);
     let placeholders: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
     format!(
@@ -356,7 +345,9 @@ fn write_rows(
         .query_row(&format!("SELECT EXISTS (SELECT 1 FROM {}_tombstone)", t.logical_name), [], |r| r.get(0))
         .map_err(classify)?;
     let mut seen: std::collections::HashMap<Uuid, Uuid> = std::collections::HashMap::with_capacity(indices.len());
-    let mut params: Vec<ToSqlOutput<'_>> = Vec::with_capacity(create_columns().len() + 7);
+    // Text forms of ids and datetimes are written here and bound from here
+    // (SQLite copies bound text), so a row costs no allocation.
+    let mut scratch = String::with_capacity(64);
     for &i in indices {
         let entry = &batch[i];
         let record = &entry.record;
@@ -373,16 +364,37 @@ fn write_rows(
             continue;
         }
         *version += 1;
-        params.clear();
-        params.extend(record.values().iter().map(to_sql));
-        params.push(ToSqlOutput::Owned(SqlValue::Integer(i64::from(record.state_code()))));
-        params.push(ToSqlOutput::Owned(SqlValue::Text(format_datetime(&record.created_on()))));
-        params.push(ToSqlOutput::Owned(SqlValue::Integer(*version)));
-        params.push(ToSqlOutput::Borrowed(ValueRef::Text(topic.as_bytes())));
-        params.push(ToSqlOutput::Owned(SqlValue::Integer(i64::from(entry.message.partition))));
-        params.push(ToSqlOutput::Owned(SqlValue::Integer(entry.message.offset)));
-        params.push(ToSqlOutput::Owned(SqlValue::Text(record.content_hash().hyphenated().to_string())));
-        let inserted = insert_stmt.execute(params_from_iter(params.iter())).map_err(classify)?;
+        let mut bind = |index: usize, value: &Value| match value {
+            Value::Null => insert_stmt.raw_bind_parameter(index, rusqlite::types::Null),
+            Value::Text(s) => insert_stmt.raw_bind_parameter(index, s.as_str()),
+            Value::Int(i) => insert_stmt.raw_bind_parameter(index, i64::from(*i)),
+            Value::Guid(g) => {
+                insert_stmt.raw_bind_parameter(index, &*g.hyphenated().encode_lower(&mut Uuid::encode_buffer()))
+            }
+            Value::DateTime(d) => {
+                scratch.clear();
+                write_datetime(&mut scratch, d);
+                insert_stmt.raw_bind_parameter(index, scratch.as_str())
+            }
+        };
+        let values = record.values();
+        let mut index = 0;
+        for value in values {
+            index += 1;
+            bind(index, value).map_err(classify)?;
+        }
+        for value in
+            [Value::Int(record.state_code()), Value::DateTime(record.created_on()), Value::Guid(record.content_hash())]
+        {
+            index += 1;
+            bind(index, &value).map_err(classify)?;
+        }
+        for number in [*version, i64::from(entry.message.partition), entry.message.offset] {
+            index += 1;
+            insert_stmt.raw_bind_parameter(index, number).map_err(classify)?;
+        }
+        insert_stmt.raw_bind_parameter(index + 1, topic).map_err(classify)?;
+        let inserted = insert_stmt.raw_execute().map_err(classify)?;
         if inserted == 1 {
             outcomes.push(Outcome::Written);
         } else {
@@ -438,6 +450,46 @@ mod tests {
         let results = write_group(&mut conn, &[(&a, &ia), (&c, &ic)], "t");
         assert!(results.iter().all(|r| matches!(r, Ok(o) if o.iter().all(|o| *o == Outcome::Written))));
         assert_eq!(names_in(&conn), ["a1", "a2", "c1"]);
+        // Every bound column landed in its own place.
+        let r = &a[1].record;
+        let stored: (String, String, i64, String, String, i64, String, i64, i64) = conn
+            .query_row(
+                "SELECT msdyn_copilotinteractionid, msdyn_name, msdyn_interactiontype, createdon, ingest_content_hash,
+                        versionnumber, ingest_topic, ingest_partition, ingest_offset
+                 FROM msdyn_copilotinteraction WHERE msdyn_name = 'a2'",
+                [],
+                |row| {
+                    Ok((
+                        row.get(0)?,
+                        row.get(1)?,
+                        row.get(2)?,
+                        row.get(3)?,
+                        row.get(4)?,
+                        row.get(5)?,
+                        row.get(6)?,
+                        row.get(7)?,
+                        row.get(8)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            stored,
+            (
+                r.id().hyphenated().to_string(),
+                "a2".to_owned(),
+                i64::from(table().column("msdyn_interactiontype").and_then(|c| c.option_by_label("Copy")).unwrap()),
+                crate::record::format_datetime(&r.created_on()),
+                r.content_hash().hyphenated().to_string(),
+                2,
+                "t".to_owned(),
+                0,
+                1
+            )
+        );
+        let statecode: i64 =
+            conn.query_row("SELECT statecode FROM msdyn_copilotinteraction LIMIT 1", [], |row| row.get(0)).unwrap();
+        assert_eq!(statecode, i64::from(r.state_code()));
 
         // The group fails on b; a and c are then written on their own (c as a replay).
         let d = batch(&["d1"]);
