@@ -1,5 +1,6 @@
 //! Per-event costs on one core: decode + validate + normalize (typical event
-//! and one with a 16 KB context), the offset tracker, and batch assembly.
+//! and one with a 16 KB context; JSON and Avro), the offset tracker, and
+//! batch assembly.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -75,6 +76,48 @@ fn offsets(c: &mut Criterion) {
     group.finish();
 }
 
+/// Batch assembly: 1000 normalized records with their messages into the
+/// batcher at the default limits (one batch comes out).
+fn batches(c: &mut Criterion) {
+    use copilot_ingest::batch::{Batcher, Entry};
+    use copilot_ingest::source::Inbound;
+
+    let payload = typical_event();
+    let record = Normalizer::default().normalize_json(&payload, None, Utc::now()).unwrap();
+    let entries = || -> Vec<Entry> {
+        (0..1000)
+            .map(|i| Entry {
+                record: record.clone(),
+                message: Inbound {
+                    partition: i % 64,
+                    offset: i64::from(i),
+                    timestamp_ms: Some(1_717_237_800_123),
+                    key: Some(b"user-7".to_vec()),
+                    payload: Some(payload.clone()),
+                    headers: Vec::new(),
+                },
+            })
+            .collect()
+    };
+    let mut group = c.benchmark_group("batch");
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("assemble_1000_records", |b| {
+        b.iter_batched(
+            entries,
+            |entries| {
+                let mut batcher = Batcher::new(1000, 4_194_304, Duration::from_millis(200));
+                let mut out = Vec::new();
+                for entry in entries {
+                    batcher.push(entry, &mut out);
+                }
+                black_box(out.len())
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
 fn avro(c: &mut Criterion) {
     use copilot_ingest::avro::{AvroSchemas, BUNDLED, encode_json, framed};
     use copilot_ingest::config::{AvroConfig, Format};
@@ -117,6 +160,6 @@ fn avro(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5));
-    targets = normalize, offsets, avro
+    targets = normalize, offsets, batches, avro
 }
 criterion_main!(benches);
