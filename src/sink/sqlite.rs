@@ -205,8 +205,8 @@ fn writer_thread(mut conn: Connection, rx: mpsc::Receiver<Job>, topic: String, p
         match job {
             Job::Write { batch, indices, reply } => {
                 // Group commit: batches that queued up while the last commit
-                // was syncing go into one transaction (each in its own
-                // savepoint), so one fsync covers them all.
+                // was syncing go into one transaction, so one fsync covers
+                // them all.
                 let mut group = vec![(batch, indices, reply)];
                 let mut rows = group[0].1.len();
                 while rows < GROUP_COMMIT_ROWS {
