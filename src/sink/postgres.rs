@@ -563,8 +563,9 @@ async fn copy_rows(
             Cell::Int8(entry.message.offset),
             Cell::Uuid(r.content_hash()),
         ]);
-        let refs: Vec<&(dyn ToSql + Sync)> = cells.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-        writer.as_mut().write(&refs).await?;
+        // One cell per COPY column by construction (the record layout plus
+        // the six columns above), which `write_raw` requires.
+        writer.as_mut().write_raw(cells.iter()).await?;
     }
     writer.finish().await?;
     Ok(())
