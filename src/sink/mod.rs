@@ -26,7 +26,7 @@ pub enum Outcome {
     Rejected(Rejection),
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SinkError {
     /// Worth retrying as is: connection lost, database unavailable, lock timeout.
     #[error("transient sink error: {0}")]

@@ -28,29 +28,44 @@ pub struct PostgresSink {
     idle: Mutex<Vec<Pooled>>,
     permits: Semaphore,
     insert_sql: String,
-    /// Batches left to write without trying `COPY` first, after one was
-    /// refused (replays after a restart come in runs).
-    copy_cooldown: std::sync::atomic::AtomicU32,
+    copy_cooldown: CopyCooldown,
     metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Batches written through `INSERT … ON CONFLICT` after a refused `COPY`.
 const COPY_COOLDOWN_BATCHES: u32 = 16;
 
-/// Errors caused by the data (SQLSTATE classes 22 data exception, 23
-/// integrity violation) are permanent; everything else — connection loss,
-/// shutdown, missing database, lock timeouts — is retried.
-fn classify(e: tokio_postgres::Error) -> SinkError {
-    classify_ref(&e)
+/// After a refused `COPY`, the next batches skip it: replays after a restart
+/// come in runs, and each refused COPY is work thrown away.
+#[derive(Debug, Default)]
+struct CopyCooldown(std::sync::atomic::AtomicU32);
+
+impl CopyCooldown {
+    fn refused(&self) {
+        self.0.store(COPY_COOLDOWN_BATCHES, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether this batch may try `COPY` (counts the cool-down down).
+    fn allows_copy(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err()
+    }
 }
 
-fn classify_ref(e: &tokio_postgres::Error) -> SinkError {
-    let permanent = e.code().map(|c| c.code().starts_with("22") || c.code().starts_with("23")).unwrap_or(false);
+/// SQLSTATE classes 22 (data exception) and 23 (integrity violation): the
+/// data's fault, so retrying the same rows cannot succeed.
+fn is_data_error(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
+}
+
+/// Errors caused by the data are permanent; everything else — connection
+/// loss, shutdown, missing database, lock timeouts — is retried.
+fn classify(e: tokio_postgres::Error) -> SinkError {
     let message = match e.as_db_error() {
         Some(db) => format!("{}: {}", db.code().code(), db.message()),
         None => e.to_string(),
     };
-    if permanent { SinkError::Permanent(message) } else { SinkError::Transient(message) }
+    if is_data_error(&e) { SinkError::Permanent(message) } else { SinkError::Transient(message) }
 }
 
 fn pg_type(c: &Column) -> String {
@@ -204,7 +219,7 @@ impl PostgresSink {
             idle: Mutex::new(vec![Pooled { client, insert }]),
             permits: Semaphore::new(connections.max(1)),
             insert_sql,
-            copy_cooldown: std::sync::atomic::AtomicU32::new(0),
+            copy_cooldown: CopyCooldown::default(),
             metrics,
         })
     }
@@ -329,7 +344,7 @@ impl PostgresSink {
         // Any refusal (a replay hits the primary key, a value the table
         // refuses) undoes it and the batch takes the INSERT … ON CONFLICT path,
         // which sorts replays from conflicts and yields the same errors.
-        if to_insert.len() == indices.len() && self.try_copy() {
+        if to_insert.len() == indices.len() && self.copy_cooldown.allows_copy() {
             let savepoint = tx.savepoint("copy_fast_path").await.map_err(classify)?;
             match copy_rows(&savepoint, &self.topic, batch, indices).await {
                 Ok(()) => {
@@ -338,8 +353,8 @@ impl PostgresSink {
                     self.metrics.postgres_batches_total.with_label_values(&["copy"]).inc();
                     return Ok(vec![Outcome::Written; indices.len()]);
                 }
-                Err(e) if e.as_db_error().is_some() && matches!(classify_ref(&e), SinkError::Permanent(_)) => {
-                    self.copy_cooldown.store(COPY_COOLDOWN_BATCHES, std::sync::atomic::Ordering::Relaxed);
+                Err(e) if is_data_error(&e) => {
+                    self.copy_cooldown.refused();
                     savepoint.rollback().await.map_err(classify)?;
                 }
                 Err(e) => return Err(classify(e)),
@@ -389,12 +404,6 @@ impl PostgresSink {
         tx.commit().await.map_err(classify)?;
         self.metrics.postgres_batches_total.with_label_values(&["insert"]).inc();
         Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Replay)).collect())
-    }
-
-    /// Whether to try `COPY` for this batch (counts the cool-down down).
-    fn try_copy(&self) -> bool {
-        use std::sync::atomic::Ordering;
-        self.copy_cooldown.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_err()
     }
 
     /// The bound parameters of the insert: one typed array per column.
@@ -569,4 +578,19 @@ async fn copy_rows(
     }
     writer.finish().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_copy_is_skipped_for_the_next_batches_then_tried_again() {
+        let cooldown = CopyCooldown::default();
+        assert!(cooldown.allows_copy() && cooldown.allows_copy(), "COPY first while nothing was refused");
+        cooldown.refused();
+        let skipped = std::iter::repeat_with(|| cooldown.allows_copy()).take_while(|allowed| !allowed).count();
+        assert_eq!(skipped, COPY_COOLDOWN_BATCHES as usize);
+        assert!(cooldown.allows_copy());
+    }
 }

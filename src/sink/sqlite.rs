@@ -280,25 +280,27 @@ fn insert_sql() -> String {
     )
 }
 
-/// Writes queued batches in one transaction (one sync for all). Should any
-/// batch fail, that transaction is rolled back and each batch is written in a
-/// transaction of its own, so one batch's failure never holds back the others.
-/// (Savepoints per batch would allow the same, but cost a sub-journal copy of
-/// every page they touch: about a tenth of the writer's time.)
+/// Writes queued batches in one transaction (one sync for all). Should a
+/// batch's data be refused, that transaction is rolled back and each batch is
+/// written in a transaction of its own, so one bad batch never holds back the
+/// others. Any other failure (locked, I/O) fails every batch at once: they
+/// are retried later with backoff, not once more each right away.
+/// (Savepoints per batch would isolate failures too, but cost a sub-journal
+/// copy of every page they touch: about a tenth of the writer's time.)
 fn write_group(
     conn: &mut Connection,
     writes: &[(&Batch, &[usize])],
     topic: &str,
 ) -> Vec<Result<Vec<Outcome>, SinkError>> {
-    if writes.len() > 1
-        && let Ok(outcomes) = write_tx(conn, writes, topic)
-    {
-        return outcomes.into_iter().map(Ok).collect();
+    let alone = |conn: &mut Connection, write| write_tx(conn, &[write], topic).map(|mut o| o.pop().unwrap_or_default());
+    if let [write] = writes {
+        return vec![alone(conn, *write)];
     }
-    writes
-        .iter()
-        .map(|&write| write_tx(conn, &[write], topic).map(|mut outcomes| outcomes.pop().unwrap_or_default()))
-        .collect()
+    match write_tx(conn, writes, topic) {
+        Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+        Err(SinkError::Permanent(_)) => writes.iter().map(|&write| alone(conn, write)).collect(),
+        Err(e) => writes.iter().map(|_| Err(e.clone())).collect(),
+    }
 }
 
 /// Batches in one transaction: outcomes per batch, or nothing committed.
@@ -507,6 +509,16 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(versions, [1, 2, 3, 4], "the rolled-back group used no version numbers");
+
+        // A failure that is not the data's (here: a read-only connection) fails
+        // every batch of the group as retryable, and writes nothing.
+        conn.pragma_update(None, "query_only", true).unwrap();
+        let e = batch(&["e1"]);
+        let ie = all(&e);
+        let results = write_group(&mut conn, &[(&e, &ie), (&d, &id)], "t");
+        assert!(results.iter().all(|r| matches!(r, Err(SinkError::Transient(_)))), "{results:?}");
+        conn.pragma_update(None, "query_only", false).unwrap();
+        assert_eq!(names_in(&conn), ["a1", "a2", "c1", "d1"]);
         drop(conn);
         let _ = std::fs::remove_dir_all(dir);
     }
