@@ -1,6 +1,7 @@
 //! Per-event costs on one core: decode + validate + normalize (typical event
 //! and one with a 16 KB context; JSON and Avro), the offset tracker, and
-//! batch assembly.
+//! batch assembly, and building the sinks' SQL input (PostgreSQL's binary
+//! COPY stream; SQLite's bound insert, executed in memory).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -118,6 +119,65 @@ fn batches(c: &mut Criterion) {
     group.finish();
 }
 
+/// 1000 distinct normalized records with their messages, as a batch.
+fn thousand_record_batch() -> copilot_ingest::batch::Batch {
+    use copilot_ingest::batch::Entry;
+    use copilot_ingest::source::Inbound;
+    let normalizer = Normalizer::default();
+    let now = Utc::now();
+    (0..1000)
+        .map(|i| {
+            let mut event: serde_json::Value = serde_json::from_slice(&typical_event()).unwrap();
+            event["msdyn_scenariorequestid"] = format!("req-{i}").into();
+            let payload = event.to_string().into_bytes();
+            let record = normalizer.normalize_json(&payload, None, now).unwrap();
+            let message = Inbound {
+                partition: i % 64,
+                offset: i64::from(i),
+                timestamp_ms: Some(1_717_237_800_123),
+                key: None,
+                payload: Some(payload),
+                headers: Vec::new(),
+            };
+            Entry { record, message }
+        })
+        .collect()
+}
+
+fn sink_input(c: &mut Criterion) {
+    let batch = thousand_record_batch();
+    let indices: Vec<usize> = (0..batch.len()).collect();
+    let mut group = c.benchmark_group("sink");
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("postgres_binary_copy_encode_1000_rows", |b| {
+        let mut out = bytes::BytesMut::new();
+        b.iter(|| {
+            out.clear();
+            copilot_ingest::sink::postgres::encode_copy_rows("copilot.interactions", &batch, &indices, &mut out)
+                .unwrap();
+            black_box(out.len())
+        })
+    });
+    // Binding and inserting 1000 rows into an empty in-memory table in one
+    // transaction: the writer's per-row cost without the disk.
+    group.bench_function("sqlite_bind_insert_1000_rows_in_memory", |b| {
+        use copilot_ingest::sink::sqlite;
+        b.iter_batched(
+            || {
+                let conn = rusqlite::Connection::open_in_memory().unwrap();
+                sqlite::migrate(&conn).unwrap();
+                conn
+            },
+            |mut conn| {
+                let outcomes = sqlite::write_batches(&mut conn, &[(&batch, &indices)], "copilot.interactions");
+                black_box(outcomes.len())
+            },
+            criterion::BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
 fn avro(c: &mut Criterion) {
     use copilot_ingest::avro::{AvroSchemas, BUNDLED, encode_json, framed};
     use copilot_ingest::config::{AvroConfig, Format};
@@ -160,6 +220,6 @@ fn avro(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(5));
-    targets = normalize, offsets, batches, avro
+    targets = normalize, offsets, batches, sink_input, avro
 }
 criterion_main!(benches);

@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_postgres::types::ToSql;
@@ -353,11 +354,14 @@ impl PostgresSink {
                     self.metrics.postgres_batches_total.with_label_values(&["copy"]).inc();
                     return Ok(vec![Outcome::Written; indices.len()]);
                 }
-                Err(e) if is_data_error(&e) => {
+                Err(CopyFailure::Database(e)) if !is_data_error(&e) => return Err(classify(e)),
+                Err(failure) => {
+                    if let CopyFailure::Encode(e) = failure {
+                        tracing::warn!(error = %e, "binary COPY encoding refused a value; writing the batch with INSERT");
+                    }
                     self.copy_cooldown.refused();
                     savepoint.rollback().await.map_err(classify)?;
                 }
-                Err(e) => return Err(classify(e)),
             }
         }
 
@@ -469,41 +473,6 @@ impl PostgresSink {
     }
 }
 
-/// One value of a binary COPY row, borrowed from the batch.
-#[derive(Debug)]
-enum Cell<'a> {
-    Null,
-    Uuid(Uuid),
-    Text(&'a str),
-    Int4(i32),
-    Int8(i64),
-    Time(DateTime<Utc>),
-}
-
-impl ToSql for Cell<'_> {
-    fn to_sql(
-        &self,
-        ty: &tokio_postgres::types::Type,
-        out: &mut bytes::BytesMut,
-    ) -> Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match self {
-            Cell::Null => Ok(tokio_postgres::types::IsNull::Yes),
-            Cell::Uuid(u) => u.to_sql(ty, out),
-            Cell::Text(s) => s.to_sql(ty, out),
-            Cell::Int4(i) => i.to_sql(ty, out),
-            Cell::Int8(i) => i.to_sql(ty, out),
-            Cell::Time(t) => t.to_sql(ty, out),
-        }
-    }
-
-    /// The COPY types are ours (see [`copy_columns`]), each cell made for its column.
-    fn accepts(_: &tokio_postgres::types::Type) -> bool {
-        true
-    }
-
-    tokio_postgres::types::to_sql_checked!();
-}
-
 /// Columns and wire types of the binary COPY: the record layout, then the
 /// state, creation time and source columns.
 fn copy_columns() -> &'static (String, Vec<tokio_postgres::types::Type>) {
@@ -539,50 +508,187 @@ fn copy_columns() -> &'static (String, Vec<tokio_postgres::types::Type>) {
     &COLUMNS
 }
 
-/// Writes a batch's rows with binary COPY.
+/// A value the binary COPY encoding could not represent (a datetime outside
+/// PostgreSQL's range, a text longer than a field may be). Never expected
+/// after validation; the batch then takes the `INSERT` path, which reports
+/// the value's own error.
+#[derive(Debug)]
+pub struct CopyEncodeError(String);
+
+impl std::fmt::Display for CopyEncodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Appends one binary COPY field: its length, then the value in the type's
+/// binary send format.
+fn put_field<T: ToSql>(out: &mut BytesMut, ty: &tokio_postgres::types::Type, value: &T) -> Result<(), CopyEncodeError> {
+    use tokio_postgres::types::IsNull;
+    let at = out.len();
+    out.put_i32(0);
+    let is_null = value.to_sql(ty, out).map_err(|e| CopyEncodeError(e.to_string()))?;
+    let len = match is_null {
+        IsNull::Yes => {
+            out.truncate(at + 4);
+            -1
+        }
+        IsNull::No => i32::try_from(out.len() - at - 4)
+            .map_err(|_| CopyEncodeError(format!("a {ty} value of {} bytes is too large", out.len() - at - 4)))?,
+    };
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+/// Encodes a batch's rows as a complete PostgreSQL binary COPY stream
+/// (`COPY … FROM STDIN (FORMAT binary)` with [`copy_columns`]): the signature
+/// header, one tuple per row, the trailer. Each value goes through its
+/// type's own `ToSql` encoding, statically dispatched.
+pub fn encode_copy_rows(
+    topic: &str,
+    batch: &Batch,
+    indices: &[usize],
+    out: &mut BytesMut,
+) -> Result<(), CopyEncodeError> {
+    use tokio_postgres::types::Type;
+    let (_, types) = copy_columns();
+    let field_count = i16::try_from(types.len()).map_err(|_| CopyEncodeError("too many COPY columns".into()))?;
+    out.put_slice(b"PGCOPY\n\xff\r\n\0");
+    out.put_i32(0); // flags: no OIDs
+    out.put_i32(0); // header extension length
+    for &i in indices {
+        let entry = &batch[i];
+        let r = &entry.record;
+        out.put_i16(field_count);
+        for (value, ty) in r.values().iter().zip(types.iter()) {
+            match value {
+                Value::Null => out.put_i32(-1),
+                Value::Guid(g) => put_field(out, ty, g)?,
+                Value::Text(s) => put_field(out, ty, &s.as_str())?,
+                Value::Int(v) if *ty == Type::INT8 => put_field(out, ty, &i64::from(*v))?,
+                Value::Int(v) => put_field(out, ty, v)?,
+                Value::DateTime(d) => put_field(out, ty, d)?,
+            }
+        }
+        put_field(out, &Type::INT4, &r.state_code())?;
+        put_field(out, &Type::TIMESTAMPTZ, &r.created_on())?;
+        put_field(out, &Type::TEXT, &topic)?;
+        put_field(out, &Type::INT4, &entry.message.partition)?;
+        put_field(out, &Type::INT8, &entry.message.offset)?;
+        put_field(out, &Type::UUID, &r.content_hash())?;
+    }
+    out.put_i16(-1);
+    Ok(())
+}
+
+/// Why the binary COPY of a batch did not happen.
+enum CopyFailure {
+    Encode(CopyEncodeError),
+    Database(tokio_postgres::Error),
+}
+
+/// Writes a batch's rows with binary COPY: encoded in memory, then sent as
+/// one stream.
 async fn copy_rows(
     tx: &tokio_postgres::Transaction<'_>,
     topic: &str,
     batch: &Batch,
     indices: &[usize],
-) -> Result<(), tokio_postgres::Error> {
-    let (sql, types) = copy_columns();
-    let int8 = tokio_postgres::types::Type::INT8;
-    let sink = tx.copy_in(sql.as_str()).await?;
-    let writer = tokio_postgres::binary_copy::BinaryCopyInWriter::new(sink, types);
-    let mut writer = std::pin::pin!(writer);
-    let mut cells: Vec<Cell<'_>> = Vec::with_capacity(types.len());
-    for &i in indices {
-        let entry = &batch[i];
-        let r = &entry.record;
-        cells.clear();
-        cells.extend(r.values().iter().zip(types.iter()).map(|(value, ty)| match value {
-            Value::Null => Cell::Null,
-            Value::Guid(g) => Cell::Uuid(*g),
-            Value::Text(s) => Cell::Text(s),
-            Value::Int(v) if *ty == int8 => Cell::Int8(i64::from(*v)),
-            Value::Int(v) => Cell::Int4(*v),
-            Value::DateTime(d) => Cell::Time(*d),
-        }));
-        cells.extend([
-            Cell::Int4(r.state_code()),
-            Cell::Time(r.created_on()),
-            Cell::Text(topic),
-            Cell::Int4(entry.message.partition),
-            Cell::Int8(entry.message.offset),
-            Cell::Uuid(r.content_hash()),
-        ]);
-        // One cell per COPY column by construction (the record layout plus
-        // the six columns above), which `write_raw` requires.
-        writer.as_mut().write_raw(cells.iter()).await?;
-    }
-    writer.finish().await?;
+) -> Result<(), CopyFailure> {
+    use futures_util::SinkExt;
+    let mut stream = BytesMut::with_capacity(indices.len() * 640 + 32);
+    encode_copy_rows(topic, batch, indices, &mut stream).map_err(CopyFailure::Encode)?;
+    let (sql, _) = copy_columns();
+    let sink = tx.copy_in::<_, bytes::Bytes>(sql.as_str()).await.map_err(CopyFailure::Database)?;
+    let mut sink = std::pin::pin!(sink);
+    sink.send(stream.freeze()).await.map_err(CopyFailure::Database)?;
+    sink.as_mut().finish().await.map_err(CopyFailure::Database)?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads a binary COPY stream back into rows of optional field bytes.
+    fn parse_copy_stream(mut s: &[u8]) -> Vec<Vec<Option<Vec<u8>>>> {
+        fn take<'a>(s: &mut &'a [u8], n: usize) -> &'a [u8] {
+            let (head, tail) = s.split_at(n);
+            *s = tail;
+            head
+        }
+        assert_eq!(take(&mut s, 11), b"PGCOPY\n\xff\r\n\0");
+        assert_eq!(take(&mut s, 8), [0u8; 8], "no flags, no header extension");
+        let mut rows = Vec::new();
+        loop {
+            let count = i16::from_be_bytes(take(&mut s, 2).try_into().unwrap());
+            if count == -1 {
+                assert!(s.is_empty(), "nothing after the trailer");
+                return rows;
+            }
+            let row = (0..count)
+                .map(|_| {
+                    let len = i32::from_be_bytes(take(&mut s, 4).try_into().unwrap());
+                    (len >= 0).then(|| take(&mut s, len as usize).to_vec())
+                })
+                .collect();
+            rows.push(row);
+        }
+    }
+
+    #[test]
+    fn copy_rows_encode_every_column_in_the_binary_format() {
+        use crate::batch::Entry;
+        use crate::normalize::Normalizer;
+        use crate::source::Inbound;
+        let payloads = [
+            r#"{"msdyn_name":"Copy – ünïcode","msdyn_scenariorequestid":"r1","msdyn_interactiontype":"Copy",
+                "msdyn_scenariotype":"Copilot","msdyn_clienttimestamp":"2024-06-01T12:30:00.123Z"}"#,
+            r#"{"msdyn_name":"b","msdyn_scenariorequestid":"r2","msdyn_interactiontype":"ThumbsUp",
+                "msdyn_scenariotype":"Copilot","msdyn_interactioncontext":{"k":[1,2]}}"#,
+        ];
+        let batch: Batch = payloads
+            .iter()
+            .enumerate()
+            .map(|(i, p)| Entry {
+                record: Normalizer::default().normalize_json(p.as_bytes(), None, chrono::Utc::now()).unwrap(),
+                message: Inbound::for_test(7, 40 + i as i64, p.as_bytes().to_vec()),
+            })
+            .collect();
+        let mut out = BytesMut::new();
+        encode_copy_rows("copilot.interactions", &batch, &[1, 0], &mut out).unwrap();
+        let rows = parse_copy_stream(&out);
+        assert_eq!(rows.len(), 2, "the rows named by the indices, in their order");
+        let (_, types) = copy_columns();
+        let t = table();
+        for (row, entry) in rows.iter().zip([&batch[1], &batch[0]]) {
+            assert_eq!(row.len(), types.len());
+            let r = &entry.record;
+            for ((field, value), &index) in row.iter().zip(r.values()).zip(create_columns()) {
+                let column = &t.columns[index].logical_name;
+                let expected: Option<Vec<u8>> = match value {
+                    Value::Null => None,
+                    Value::Text(s) => Some(s.as_bytes().to_vec()),
+                    Value::Guid(g) => Some(g.as_bytes().to_vec()),
+                    Value::Int(v) if t.columns[index].column_type == ColumnType::Bigint => {
+                        Some(i64::from(*v).to_be_bytes().to_vec())
+                    }
+                    Value::Int(v) => Some(v.to_be_bytes().to_vec()),
+                    // Microseconds since 2000-01-01T00:00:00Z.
+                    Value::DateTime(d) => Some((d.timestamp_micros() - 946_684_800_000_000).to_be_bytes().to_vec()),
+                };
+                assert_eq!(field, &expected, "{column}");
+            }
+            let extra = &row[r.values().len()..];
+            assert_eq!(extra[0].as_deref(), Some(&r.state_code().to_be_bytes()[..]));
+            let created = r.created_on().timestamp_micros() - 946_684_800_000_000;
+            assert_eq!(extra[1].as_deref(), Some(&created.to_be_bytes()[..]));
+            assert_eq!(extra[2].as_deref(), Some(&b"copilot.interactions"[..]));
+            assert_eq!(extra[3].as_deref(), Some(&7i32.to_be_bytes()[..]));
+            assert_eq!(extra[4].as_deref(), Some(&entry.message.offset.to_be_bytes()[..]));
+            assert_eq!(extra[5].as_deref(), Some(&r.content_hash().as_bytes()[..]));
+        }
+    }
 
     #[test]
     fn a_refused_copy_is_skipped_for_the_next_batches_then_tried_again() {

@@ -223,7 +223,7 @@ fn writer_thread(mut conn: Connection, rx: mpsc::Receiver<Job>, topic: String, p
                     }
                 }
                 let writes: Vec<(&Batch, &[usize])> = group.iter().map(|(b, i, _)| (&**b, i.as_slice())).collect();
-                let results = write_group(&mut conn, &writes, &topic);
+                let results = write_batches(&mut conn, &writes, &topic);
                 if results.iter().any(|r| matches!(r, Err(SinkError::Transient(_)))) {
                     // A broken handle (file removed, I/O error) is reopened for the retry.
                     if let Ok(fresh) = open_connection(&path)
@@ -287,7 +287,7 @@ fn insert_sql() -> String {
 /// are retried later with backoff, not once more each right away.
 /// (Savepoints per batch would isolate failures too, but cost a sub-journal
 /// copy of every page they touch: about a tenth of the writer's time.)
-fn write_group(
+pub fn write_batches(
     conn: &mut Connection,
     writes: &[(&Batch, &[usize])],
     topic: &str,
@@ -449,7 +449,7 @@ mod tests {
         let all = |batch: &Batch| (0..batch.len()).collect::<Vec<_>>();
         let (ia, ib, ic) = (all(&a), all(&b), all(&c));
 
-        let results = write_group(&mut conn, &[(&a, &ia), (&c, &ic)], "t");
+        let results = write_batches(&mut conn, &[(&a, &ia), (&c, &ic)], "t");
         assert!(results.iter().all(|r| matches!(r, Ok(o) if o.iter().all(|o| *o == Outcome::Written))));
         assert_eq!(names_in(&conn), ["a1", "a2", "c1"]);
         // Every bound column landed in its own place.
@@ -496,7 +496,7 @@ mod tests {
         // The group fails on b; a and c are then written on their own (c as a replay).
         let d = batch(&["d1"]);
         let id = all(&d);
-        let results = write_group(&mut conn, &[(&b, &ib), (&d, &id), (&c, &ic)], "t");
+        let results = write_batches(&mut conn, &[(&b, &ib), (&d, &id), (&c, &ic)], "t");
         assert!(matches!(&results[0], Err(SinkError::Permanent(m)) if m.contains("refused by policy")), "{results:?}");
         assert!(matches!(&results[1], Ok(o) if o == &[Outcome::Written]));
         assert!(matches!(&results[2], Ok(o) if o == &[Outcome::Replay]));
@@ -515,7 +515,7 @@ mod tests {
         conn.pragma_update(None, "query_only", true).unwrap();
         let e = batch(&["e1"]);
         let ie = all(&e);
-        let results = write_group(&mut conn, &[(&e, &ie), (&d, &id)], "t");
+        let results = write_batches(&mut conn, &[(&e, &ie), (&d, &id)], "t");
         assert!(results.iter().all(|r| matches!(r, Err(SinkError::Transient(_)))), "{results:?}");
         conn.pragma_update(None, "query_only", false).unwrap();
         assert_eq!(names_in(&conn), ["a1", "a2", "c1", "d1"]);
