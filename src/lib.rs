@@ -26,6 +26,7 @@ pub mod control;
 pub mod decode;
 pub mod dlq;
 pub mod embedded;
+mod flat_json;
 pub mod generator;
 pub mod http;
 pub mod http_client;

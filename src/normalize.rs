@@ -180,6 +180,15 @@ impl<'de> de::Deserialize<'de> for TopLevel<'de> {
     }
 }
 
+/// The reference reading of an event's JSON (every payload the flat reader
+/// declines goes through it).
+fn fields_with_serde(text: &str) -> Result<TopLevel<'_>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let top = <TopLevel as de::Deserialize>::deserialize(&mut de)?;
+    de.end()?;
+    Ok(top)
+}
+
 /// A field name, borrowed from the payload unless it has escapes (serde's own
 /// `Cow<str>` always copies).
 struct FieldName<'a>(Cow<'a, str>);
@@ -298,8 +307,10 @@ impl Normalizer {
                 ));
             }
         };
-        let mut de = serde_json::Deserializer::from_str(text);
-        let top = match <TopLevel as de::Deserialize>::deserialize(&mut de).and_then(|t| de.end().map(|_| t)) {
+        if let Some(fields) = crate::flat_json::read_flat_object(text, is_memo_column) {
+            return self.normalize_fields(fields, origin, now);
+        }
+        let top = match fields_with_serde(text) {
             Ok(t) => t,
             Err(e) => return Err(Rejection::new(Reason::MalformedJson, None, format!("not valid JSON: {e}"))),
         };
@@ -547,9 +558,11 @@ fn parse_value(column: &Column, raw: FieldValue<'_>, now: DateTime<Utc>) -> Resu
                 FieldValue::Int(i) => Some(*i),
                 FieldValue::Str(s) => {
                     let trimmed = s.trim();
-                    match trimmed.parse::<i64>() {
-                        Ok(i) => Some(i),
-                        Err(_) => match column.option_by_label(trimmed) {
+                    // Labels, the usual form, skip the attempt to read a number.
+                    let numeric = trimmed.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+');
+                    match numeric.then(|| trimmed.parse::<i64>().ok()).flatten() {
+                        Some(i) => Some(i),
+                        None => match column.option_by_label(trimmed) {
                             Some(v) => return Ok(Value::Int(v)),
                             None => None,
                         },
@@ -1000,6 +1013,110 @@ mod tests {
                     .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
             ]
         })
+    }
+
+    /// Event-like JSON text: an object of column-like keys whose values
+    /// cover the flat reader's shapes and everything it must decline, with
+    /// random whitespace, sometimes cut short or followed by junk.
+    fn event_texts() -> impl Strategy<Value = String> {
+        let key = prop_oneof![
+            Just("msdyn_name".to_owned()),
+            Just("msdyn_interactioncontext".to_owned()),
+            Just("MSDYN_InteractionContext".to_owned()),
+            Just("msdyn_interactiontype".to_owned()),
+            Just("msdyn_clienttimestamp".to_owned()),
+            Just("msdyn_name\\u0041".to_owned()),
+            "[a-z_]{0,8}",
+        ];
+        let value = prop_oneof![
+            any::<String>().prop_map(|s| serde_json::to_string(&s).unwrap()),
+            "\"[^\"\\\\]{0,12}\"",
+            "\"[a-z\\x00-\\x1f\\\\]{0,6}\"",
+            any::<i64>().prop_map(|i| i.to_string()),
+            any::<u64>().prop_map(|i| i.to_string()),
+            prop::sample::select(vec![
+                "-0",
+                "0",
+                "-",
+                "007",
+                "1.5",
+                "1e3",
+                "2E-2",
+                "-12",
+                "123456789012345678",
+                "999999999999999999",
+                "1234567890123456789",
+                "true",
+                "false",
+                "null",
+                "nul",
+                "tru",
+                "[1,2]",
+                "[]",
+                "{}",
+                "{\"a\":}",
+                "\"\\u00e9\"",
+                "\"\\\"\"",
+            ])
+            .prop_map(str::to_owned),
+            json_values().prop_map(|v| serde_json::to_string_pretty(&v).unwrap()),
+        ];
+        let ws = "[ \t\n\r]{0,2}";
+        let field = (ws, key, ws, ws, value, ws).prop_map(|(a, k, b, c, v, d)| format!("{a}\"{k}\"{b}:{c}{v}{d}"));
+        let tail = prop::sample::select(vec!["", "", "", " ", ",", "}", "x", "\u{a0}", "{}", "\u{0}"]);
+        (ws, proptest::collection::vec(field, 0..6), tail, 0..5, any::<prop::sample::Index>()).prop_map(
+            |(lead, fields, tail, cut, at)| {
+                let mut text = format!("{lead}{{{}}}{tail}", fields.join(","));
+                if cut == 1 {
+                    // A trailing comma.
+                    text = format!("{lead}{{{},}}", fields.join(","));
+                }
+                if cut == 0 {
+                    let mut end = at.index(text.len() + 1);
+                    while !text.is_char_boundary(end) {
+                        end -= 1;
+                    }
+                    text.truncate(end);
+                }
+                text
+            },
+        )
+    }
+
+    #[test]
+    fn typical_events_take_the_flat_reader() {
+        let typical = json!({
+            "msdyn_name": "Copy - Case summary",
+            "msdyn_interactiontype": 100230304,
+            "msdyn_clienttimestamp": "2024-05-01T10:00:00Z",
+            "msdyn_interactioncontext": {"client": "desktop", "latencyMs": 812, "nested": [1, {"a": null}]},
+            "msdyn_copilotinteractionid": null,
+            "flag": true
+        });
+        for text in [typical.to_string(), serde_json::to_string_pretty(&typical).unwrap()] {
+            let fields = crate::flat_json::read_flat_object(&text, is_memo_column).expect("the flat shape");
+            assert_eq!(fields.len(), 6);
+            assert!(matches!(fields[3].1, FieldValue::RawObject(raw) if raw.starts_with('{') && raw.ends_with('}')));
+        }
+        for declined in [r#"{"a":"\n"}"#, r#"{"a":1.5}"#, r#"{"a":[1]}"#, r#"{"a":{}}"#, r#"{"a":1,}"#, "[]", "{} x"] {
+            assert!(crate::flat_json::read_flat_object(declined, is_memo_column).is_none(), "{declined}");
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+        /// Whatever the flat reader accepts, serde_json reads as the same
+        /// fields; whatever it declines falls back to serde_json.
+        #[test]
+        fn flat_reader_agrees_with_serde(text in event_texts()) {
+            if let Some(fast) = crate::flat_json::read_flat_object(&text, is_memo_column) {
+                match fields_with_serde(&text) {
+                    Ok(TopLevel::Object(reference)) => prop_assert_eq!(format!("{fast:?}"), format!("{reference:?}")),
+                    Ok(TopLevel::Other(kind)) => prop_assert!(false, "flat reader accepted {}: {}", kind, text),
+                    Err(e) => prop_assert!(false, "flat reader accepted invalid JSON ({}): {}", e, text),
+                }
+            }
+        }
     }
 
     proptest! {

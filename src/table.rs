@@ -104,6 +104,10 @@ impl Column {
 
     /// The option value for a label written in any case and spacing.
     pub fn option_by_label(&self, label: &str) -> Option<i32> {
+        // Most clients send the label exactly as defined: no folding needed.
+        if let Some(option) = self.options.iter().find(|o| o.label == label) {
+            return Some(option.value);
+        }
         // Labels arrive with every event: fold short ASCII ones on the stack.
         let mut buffer = [0u8; 64];
         if label.is_ascii() && label.len() <= buffer.len() {
