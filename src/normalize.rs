@@ -558,11 +558,9 @@ fn parse_value(column: &Column, raw: FieldValue<'_>, now: DateTime<Utc>) -> Resu
                 FieldValue::Int(i) => Some(*i),
                 FieldValue::Str(s) => {
                     let trimmed = s.trim();
-                    // Labels, the usual form, skip the attempt to read a number.
-                    let numeric = trimmed.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '+');
-                    match numeric.then(|| trimmed.parse::<i64>().ok()).flatten() {
-                        Some(i) => Some(i),
-                        None => match column.option_by_label(trimmed) {
+                    match trimmed.parse::<i64>() {
+                        Ok(i) => Some(i),
+                        Err(_) => match column.option_by_label(trimmed) {
                             Some(v) => return Ok(Value::Int(v)),
                             None => None,
                         },

@@ -560,7 +560,8 @@ pub fn encode_copy_rows(
         let entry = &batch[i];
         let r = &entry.record;
         out.put_i16(field_count);
-        for (value, ty) in r.values().iter().zip(types.iter()) {
+        let (layout_types, source_types) = types.split_at(r.values().len());
+        for (value, ty) in r.values().iter().zip(layout_types) {
             match value {
                 Value::Null => out.put_i32(-1),
                 Value::Guid(g) => put_field(out, ty, g)?,
@@ -570,12 +571,16 @@ pub fn encode_copy_rows(
                 Value::DateTime(d) => put_field(out, ty, d)?,
             }
         }
-        put_field(out, &Type::INT4, &r.state_code())?;
-        put_field(out, &Type::TIMESTAMPTZ, &r.created_on())?;
-        put_field(out, &Type::TEXT, &topic)?;
-        put_field(out, &Type::INT4, &entry.message.partition)?;
-        put_field(out, &Type::INT8, &entry.message.offset)?;
-        put_field(out, &Type::UUID, &r.content_hash())?;
+        // The six columns after the layout, in `copy_columns` order.
+        let [state, created, topic_type, partition, offset, hash] = source_types else {
+            return Err(CopyEncodeError(format!("{} COPY columns after the record layout, not 6", source_types.len())));
+        };
+        put_field(out, state, &r.state_code())?;
+        put_field(out, created, &r.created_on())?;
+        put_field(out, topic_type, &topic)?;
+        put_field(out, partition, &entry.message.partition)?;
+        put_field(out, offset, &entry.message.offset)?;
+        put_field(out, hash, &r.content_hash())?;
     }
     out.put_i16(-1);
     Ok(())
@@ -596,6 +601,7 @@ async fn copy_rows(
     indices: &[usize],
 ) -> Result<(), CopyFailure> {
     use futures_util::SinkExt;
+    // About the size of a typical row's encoding, so most batches never regrow.
     let mut stream = BytesMut::with_capacity(indices.len() * 640 + 32);
     encode_copy_rows(topic, batch, indices, &mut stream).map_err(CopyFailure::Encode)?;
     let (sql, _) = copy_columns();
