@@ -296,7 +296,17 @@ fn brokers_for(config: &Config) -> anyhow::Result<(Option<EmbeddedBroker>, Strin
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<i32> {
+async fn run(mut config: Config) -> anyhow::Result<i32> {
+    if config.kafka.is_embedded() && config.control.hmac_key.is_empty() {
+        // The in-process broker is reachable only from this machine's
+        // loopback; local tools send unsigned commands to it.
+        config.control.allow_unsigned = true;
+    } else if config.control.allow_unsigned && config.control.hmac_key.is_empty() {
+        tracing::warn!(
+            brokers = %config.kafka.brokers,
+            "control.allow_unsigned = true: anyone who can write to the control topic can retain and purge records"
+        );
+    }
     let shutdown = shutdown_signal();
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
@@ -406,7 +416,7 @@ async fn control_cmd(
     let options = pipeline::kafka_options(&config);
     let reply_topic = config.kafka.control_reply_topic.clone();
     let control_topic = config.kafka.control_topic.clone();
-    let hmac_key = config.control.hmac_key.clone();
+    let auth = crate::control::Authenticator::new(&config.control);
     let reply = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<serde_json::Value>> {
         // Start reading replies at the current end, before the command goes out.
         let mut cfg = rdkafka::ClientConfig::new();
@@ -432,23 +442,21 @@ async fn control_cmd(
 
         let producer: BaseProducer = crate::dlq::producer_config(&brokers, &options).create()?;
         let mut record = BaseRecord::to(&control_topic).key(&command_id).payload(&value);
-        let signature;
-        if !hmac_key.is_empty() {
-            signature = crate::control::sign(hmac_key.expose(), &value);
-            record = record.headers(rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-                key: crate::control::SIGNATURE_HEADER,
-                value: Some(signature.as_str()),
-            }));
+        if let Some(key) = auth.signing_key() {
+            record = record.headers(crate::control::signature_headers(key, &value));
         }
         producer.send(record).map_err(|(e, _)| e)?;
         producer.flush(Duration::from_secs(30))?;
 
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200))
-                && m.key() == Some(command_id.as_bytes())
-            {
-                return Ok(serde_json::from_slice(m.payload().unwrap_or_default()).ok());
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
+            if m.key() != Some(command_id.as_bytes()) {
+                continue;
+            }
+            match accept_reply(&auth, &command_id, &m) {
+                Ok(reply) => return Ok(Some(reply)),
+                Err(problem) => eprintln!("ignored a reply to {command_id}: {problem}"),
             }
         }
         Ok(None)
@@ -464,6 +472,33 @@ async fn control_cmd(
             Ok(EXIT_REJECTED)
         }
     }
+}
+
+/// A reply the CLI believes: for the command id it sent, and, when a key is
+/// configured, signed by the instance (anyone may write to the reply topic).
+fn accept_reply(
+    auth: &crate::control::Authenticator,
+    command_id: &str,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<serde_json::Value, String> {
+    use rdkafka::Message as _;
+    use rdkafka::message::Headers;
+    let body = message.payload().unwrap_or_default();
+    if let Some(key) = auth.signing_key() {
+        let header =
+            |name: &str| message.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value));
+        let (Some(timestamp), Some(signature)) =
+            (header(crate::control::SIGNATURE_TIMESTAMP_HEADER), header(crate::control::SIGNATURE_HEADER))
+        else {
+            return Err("it is not signed".into());
+        };
+        crate::control::verify_signature(&[key], body, timestamp, signature, chrono::Utc::now().timestamp())?;
+    }
+    let reply: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    if reply["command_id"].as_str() != Some(command_id) {
+        return Err("its command_id is not the one sent".into());
+    }
+    Ok(reply)
 }
 
 async fn migrate(config: Config) -> anyhow::Result<i32> {

@@ -201,7 +201,13 @@ impl Default for MetricsConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ControlConfig {
+    /// Signs replies and verifies commands (SPEC §9); at least 32 bytes.
     pub hmac_key: Secret,
+    /// During a key rotation, commands signed with the previous key still verify.
+    pub hmac_key_previous: Secret,
+    /// Without a key, unsigned commands are refused unless this is true.
+    /// `run`/`demo` on the embedded broker set it for themselves.
+    pub allow_unsigned: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -358,6 +364,21 @@ impl Config {
         // Schema files and the registry URL are checked here, before anything connects.
         if let Err(problems) = crate::avro::AvroSchemas::load(&self.avro) {
             errors.extend(problems);
+        }
+        let min = crate::control::MIN_KEY_BYTES;
+        for (key, value) in [
+            ("control.hmac_key", &self.control.hmac_key),
+            ("control.hmac_key_previous", &self.control.hmac_key_previous),
+        ] {
+            if !value.is_empty() && value.expose().len() < min {
+                errors.push(format!(
+                    "{key}: must be at least {min} bytes (it is {}); e.g. `openssl rand -hex 32`",
+                    value.expose().len()
+                ));
+            }
+        }
+        if self.control.hmac_key.is_empty() && !self.control.hmac_key_previous.is_empty() {
+            errors.push("control.hmac_key_previous: set only beside control.hmac_key (the new key)".into());
         }
         if self.shutdown.drain_timeout_ms == 0 {
             errors.push("shutdown.drain_timeout_ms: must be positive".into());
@@ -601,7 +622,7 @@ mod tests {
                 ("COPILOT_INGEST__KAFKA__GROUP_ID", "123"),
                 ("COPILOT_INGEST__BATCH__MAX_RECORDS", "500"),
                 ("COPILOT_INGEST__KAFKA__OPTIONS__SECURITY_PROTOCOL", "SASL_SSL"),
-                ("COPILOT_INGEST__CONTROL__HMAC_KEY", "s3cret"),
+                ("COPILOT_INGEST__CONTROL__HMAC_KEY", "s3cret-s3cret-s3cret-s3cret-0123"),
             ]),
         )
         .unwrap();
@@ -609,7 +630,21 @@ mod tests {
         assert_eq!(c.kafka.group_id, "123");
         assert_eq!(c.batch.max_records, 500);
         assert_eq!(c.kafka.options.get("security.protocol").map(Secret::expose), Some("SASL_SSL"));
-        assert_eq!(c.control.hmac_key.expose(), "s3cret");
+        assert_eq!(c.control.hmac_key.expose(), "s3cret-s3cret-s3cret-s3cret-0123");
+    }
+
+    #[test]
+    fn short_hmac_keys_are_refused_and_unsigned_commands_are_off_by_default() {
+        assert!(!Config::default().control.allow_unsigned);
+        let errs = Config::from_sources(Some("[control]\nhmac_key = \"short-key\"\n"), &[]).unwrap_err().0.join("\n");
+        assert!(errs.contains("control.hmac_key: must be at least 32 bytes (it is 9)"), "{errs}");
+        assert!(!errs.contains("short-key"), "the key itself is never printed: {errs}");
+        let only_previous = format!("[control]\nhmac_key_previous = \"{}\"\n", "k".repeat(32));
+        let errs = Config::from_sources(Some(&only_previous), &[]).unwrap_err().0.join("\n");
+        assert!(errs.contains("control.hmac_key_previous: set only beside"), "{errs}");
+        let good =
+            format!("[control]\nhmac_key = \"{}\"\nhmac_key_previous = \"{}\"\n", "a".repeat(32), "b".repeat(40));
+        assert!(Config::from_sources(Some(&good), &[]).is_ok());
     }
 
     #[test]
@@ -621,7 +656,7 @@ mod tests {
     #[test]
     fn secrets_never_print() {
         let c = Config::from_sources(
-            Some("[control]\nhmac_key = \"topsecret\"\n[sink]\nurl = \"postgres://u:pw123@h/db\"\n[kafka.options]\n\"sasl.password\" = \"hunter2\"\n"),
+            Some("[control]\nhmac_key = \"topsecret-topsecret-topsecret-0123\"\n[sink]\nurl = \"postgres://u:pw123@h/db\"\n[kafka.options]\n\"sasl.password\" = \"hunter2\"\n"),
             &[],
         )
         .unwrap();

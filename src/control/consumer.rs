@@ -14,7 +14,10 @@ use serde_json::Value as Json;
 use tokio::sync::watch;
 
 use super::store::{Store, StoreError};
-use super::{Reply, SIGNATURE_HEADER, Status, parse_command, verify_signature};
+use super::{
+    Authenticator, Reply, SIGNATURE_HEADER, SIGNATURE_TIMESTAMP_HEADER, Status, loggable, parse_command,
+    signature_headers,
+};
 use crate::config::Config;
 use crate::kafka_log::QuietContext;
 use crate::metrics::Metrics;
@@ -45,7 +48,7 @@ pub async fn run(
     consumer.subscribe(&[&config.kafka.control_topic])?;
     let producer = crate::dlq::create_producer(&crate::dlq::producer_config(&brokers, &options), "control producer")?;
     tracing::info!(topic = %config.kafka.control_topic, "control commands: consuming");
-    let hmac_key = config.control.hmac_key.clone();
+    let auth = Authenticator::new(&config.control);
     let consume_errors = crate::kafka_log::Throttle::default();
 
     loop {
@@ -63,10 +66,10 @@ pub async fn run(
             }
         };
         let value = message.payload().unwrap_or_default();
-        let signature =
-            message.headers().and_then(|h| h.iter().find(|h| h.key == SIGNATURE_HEADER).and_then(|h| h.value));
-        let Some(reply) = handle(store.as_ref(), hmac_key.expose(), value, signature, &mut shutdown, &metrics).await
-        else {
+        let header =
+            |name: &str| message.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value));
+        let headers = (header(SIGNATURE_TIMESTAMP_HEADER), header(SIGNATURE_HEADER));
+        let Some(reply) = handle(store.as_ref(), &auth, value, headers, &mut shutdown, &metrics).await else {
             // Shutting down in the middle of a command: left uncommitted, it
             // resumes after the restart.
             break;
@@ -75,7 +78,11 @@ pub async fn run(
         let body = serde_json::to_vec(&reply).unwrap_or_default();
         let mut backoff = Backoff::default();
         loop {
-            let record = FutureRecord::to(&config.kafka.control_reply_topic).key(&key).payload(&body);
+            let mut record = FutureRecord::to(&config.kafka.control_reply_topic).key(&key).payload(&body);
+            // Signed, so that a client holding the key can tell our replies from forged ones.
+            if let Some(signing_key) = auth.signing_key() {
+                record = record.headers(signature_headers(signing_key, &body));
+            }
             match producer.send(record, Timeout::After(Duration::from_secs(30))).await {
                 Ok(_) => break,
                 Err((e, _)) => {
@@ -93,7 +100,12 @@ pub async fn run(
             .filter(|m| super::Message::ALL.iter().any(|k| k.name() == *m))
             .unwrap_or("invalid");
         metrics.control_commands_total.with_label_values(&[name, reply.status.name()]).inc();
-        tracing::info!(command_id = %key, message = name, status = reply.status.name(), "control command handled");
+        tracing::info!(
+            command_id = %loggable(&key),
+            message = name,
+            status = reply.status.name(),
+            "control command handled"
+        );
     }
     Ok(())
 }
@@ -102,20 +114,21 @@ pub async fn run(
 /// interrupted a retry.
 async fn handle(
     store: Option<&Store>,
-    hmac_key: &str,
+    auth: &Authenticator,
     value: &[u8],
-    signature: Option<&[u8]>,
+    (timestamp, signature): (Option<&[u8]>, Option<&[u8]>),
     shutdown: &mut watch::Receiver<bool>,
     metrics: &Metrics,
 ) -> Option<Reply> {
-    if !hmac_key.is_empty()
-        && let Err(problem) = verify_signature(hmac_key, value, signature)
-    {
-        tracing::warn!(problem = %problem, "control command refused: bad signature");
+    if let Err(failure) = auth.check(value, timestamp, signature, chrono::Utc::now().timestamp()) {
+        tracing::warn!(problem = failure.message(), "control command refused");
         // Not stored: a forged command must not block the genuine one with the same id.
+        // Only a well-formed id is echoed (it becomes the reply's key).
         let parsed: Option<Json> = serde_json::from_slice(value).ok();
         let field = |k: &str| parsed.as_ref().and_then(|p| p.get(k)).and_then(Json::as_str).map(str::to_owned);
-        return Some(Reply::rejected(field("command_id"), field("message"), "InvalidSignature", problem));
+        let command_id = field("command_id").filter(|id| super::is_valid_command_id(id));
+        let message = field("message").filter(|m| super::Message::ALL.iter().any(|k| k.name() == m));
+        return Some(Reply::rejected(command_id, message, failure.code(), failure.message()));
     }
     let command = match parse_command(value) {
         Ok(c) => c,
@@ -133,24 +146,44 @@ async fn handle(
     let mut backoff = Backoff::default();
     loop {
         let attempt = async {
+            // Claimed in the database first: another instance handed the same
+            // command (a rebalance, a second consumer group) waits here until
+            // this one has stored its reply, then returns that reply.
+            let Some(_claim) = store.claim(&command.command_id).await? else {
+                return Ok::<_, StoreError>(None);
+            };
             if let Some(stored) = store.stored_reply(&command.command_id).await? {
-                tracing::info!(command_id = %command.command_id, "command seen before: returning the stored reply");
-                return Ok::<_, StoreError>(stored);
+                tracing::info!(
+                    command_id = %loggable(&command.command_id),
+                    "command seen before: returning the stored reply"
+                );
+                return Ok(Some(stored));
             }
             let reply = store.execute(&command).await?;
             if reply.status != Status::Rejected {
                 store.store_reply(&reply).await?;
             }
-            Ok(reply)
+            Ok(Some(reply))
         };
         match attempt.await {
-            Ok(reply) => {
+            Ok(Some(reply)) => {
                 record_counts(metrics, &reply);
                 return Some(reply);
             }
+            Ok(None) => {
+                tracing::debug!(command_id = %loggable(&command.command_id), "command claimed by another instance; waiting");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    _ = shutdown.changed() => return None,
+                }
+            }
             Err(StoreError::Permanent(e)) => return Some(Reply::failed(&command, "ExecutionFailed", e)),
             Err(StoreError::Transient(e)) => {
-                tracing::warn!(error = %e, command_id = %command.command_id, "control command hit a transient error; retrying");
+                tracing::warn!(
+                    error = %e,
+                    command_id = %loggable(&command.command_id),
+                    "control command hit a transient error; retrying"
+                );
                 tokio::select! {
                     _ = tokio::time::sleep(backoff.next_delay()) => {}
                     _ = shutdown.changed() => return None,
@@ -175,4 +208,27 @@ fn record_counts(metrics: &Metrics, reply: &Reply) {
         .map(|m| m.values().filter_map(Json::as_u64).sum::<u64>())
         .unwrap_or(0);
     metrics.retention_records_total.with_label_values(&[action]).inc_by(count);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A refused command's reply never echoes an oversized or multi-line id
+    /// (it would become the reply's key and reach logs).
+    #[tokio::test]
+    async fn refused_commands_echo_only_well_formed_ids() {
+        let auth = Authenticator::new(&crate::config::ControlConfig::default());
+        let (_tx, mut shutdown) = watch::channel(false);
+        let metrics = Metrics::new();
+        let huge = "x".repeat(200_000);
+        for (id, echoed) in [("ok-id", true), (huge.as_str(), false), ("forged\nERROR line", false)] {
+            let value = serde_json::json!({"command_id": id, "message": "BulkRetain"}).to_string();
+            let reply = handle(None, &auth, value.as_bytes(), (None, None), &mut shutdown, &metrics).await.unwrap();
+            assert_eq!(reply.status, Status::Rejected);
+            assert_eq!(reply.error.as_ref().map(|e| e.code.as_str()), Some("Unauthorized"));
+            assert_eq!(reply.command_id.as_deref(), echoed.then_some(id), "{}", loggable(id));
+            assert_eq!(reply.message.as_deref(), Some("BulkRetain"));
+        }
+    }
 }

@@ -483,6 +483,33 @@ pub struct Predicate {
 }
 
 impl Criteria {
+    /// True when some `<filter type="and">` has no conditions: it would
+    /// compile to TRUE, which destructive messages refuse.
+    pub fn has_empty_and(&self) -> bool {
+        fn walk(f: &Filter) -> bool {
+            match f {
+                Filter::And(parts) if parts.is_empty() => true,
+                Filter::And(parts) | Filter::Or(parts) => parts.iter().any(walk),
+                Filter::Condition(_) => false,
+            }
+        }
+        self.filter.as_ref().is_some_and(walk)
+    }
+
+    /// True when the criteria select every record regardless of its values
+    /// (no filter, or filters without any condition that can be false).
+    pub fn matches_everything(&self) -> bool {
+        fn always(f: &Filter) -> bool {
+            match f {
+                Filter::And(parts) => parts.iter().all(always),
+                // An empty `or` is false, not true.
+                Filter::Or(parts) => parts.iter().any(always),
+                Filter::Condition(_) => false,
+            }
+        }
+        self.filter.as_ref().is_none_or(always)
+    }
+
     /// Compiles to a predicate; `first_param` is the number of the first placeholder.
     pub fn compile(&self, dialect: Dialect, first_param: usize) -> Predicate {
         let mut p = Predicate { sql: String::new(), params: Vec::new() };
@@ -519,7 +546,9 @@ fn compile_filter(f: &Filter, dialect: Dialect, first: usize, p: &mut Predicate)
     match f {
         Filter::And(parts) | Filter::Or(parts) => {
             if parts.is_empty() {
-                p.sql.push_str("TRUE");
+                // The identity of each connective: an empty `and` holds, an
+                // empty `or` (no alternative) never does.
+                p.sql.push_str(if matches!(f, Filter::And(_)) { "TRUE" } else { "FALSE" });
                 return;
             }
             let joiner = if matches!(f, Filter::And(_)) { " AND " } else { " OR " };
@@ -594,6 +623,31 @@ mod tests {
 
     fn cond(attr: &str, op: &str, value: &str) -> String {
         doc(&format!("<filter><condition attribute='{attr}' operator='{op}' value='{value}'/></filter>"))
+    }
+
+    #[test]
+    fn an_empty_or_matches_nothing_and_empty_filters_are_detected() {
+        let empty_or = parse(&doc("<filter type='or'></filter>"), now()).unwrap();
+        assert_eq!(empty_or.compile(Dialect::Postgres, 1).sql, "FALSE");
+        assert_eq!(empty_or.compile(Dialect::Sqlite, 1).sql, "0");
+        assert!(!empty_or.matches_everything());
+        assert!(!empty_or.has_empty_and());
+
+        let empty_and = parse(&doc("<filter></filter>"), now()).unwrap();
+        assert!(empty_and.has_empty_and() && empty_and.matches_everything());
+        let nested = parse(
+            &doc("<filter type='or'><filter/><condition attribute='msdyn_name' operator='null'/></filter>"),
+            now(),
+        )
+        .unwrap();
+        assert!(nested.has_empty_and() && nested.matches_everything());
+
+        let none = parse(&doc(""), now()).unwrap();
+        assert!(none.matches_everything() && !none.has_empty_and());
+        let real = parse(&cond("msdyn_name", "eq", "x"), now()).unwrap();
+        assert!(!real.matches_everything() && !real.has_empty_and());
+        let or_of_conditions = parse(&doc("<filter type='or'><condition attribute='msdyn_name' operator='null'/><condition attribute='msdyn_name' operator='not-null'/></filter>"), now()).unwrap();
+        assert!(!or_of_conditions.matches_everything());
     }
 
     #[test]

@@ -23,8 +23,6 @@ use crate::table::table;
 pub const MAX_COMMAND_BYTES: usize = 256 * 1024;
 /// Default `PageSize` of BulkRetain and PurgeRetainedContent.
 pub const DEFAULT_PAGE_SIZE: i64 = 5000;
-pub const SIGNATURE_HEADER: &str = "x-signature";
-
 /// The messages of the control topic, named after the Dataverse messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
@@ -151,28 +149,153 @@ impl Command {
     }
 }
 
-/// Checks `x-signature: sha256=<hex>` against the HMAC-SHA256 of the value,
-/// in constant time.
-pub fn verify_signature(key: &str, value: &[u8], header: Option<&[u8]>) -> Result<(), String> {
-    let header = header.ok_or("the command is not signed (x-signature header missing)")?;
-    let header = std::str::from_utf8(header).map_err(|_| "x-signature is not text".to_owned())?;
-    let hex = header.trim().strip_prefix("sha256=").ok_or("x-signature must be 'sha256=<hex>'")?;
-    let tag = decode_hex(hex).ok_or("x-signature is not hexadecimal")?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(key.as_bytes()).map_err(|_| "unusable HMAC key".to_owned())?;
-    mac.update(value);
-    mac.verify_slice(&tag).map_err(|_| "x-signature does not match".to_owned())
+/// The header carrying `sha256=<hex HMAC-SHA256 of "<timestamp>.<value>">`.
+pub const SIGNATURE_HEADER: &str = "x-signature";
+/// The header carrying the signing time in Unix seconds; it is part of the
+/// signed bytes, so a captured command cannot be replayed later.
+pub const SIGNATURE_TIMESTAMP_HEADER: &str = "x-signature-timestamp";
+/// A signature older (or further in the future) than this is refused.
+pub const MAX_SIGNATURE_AGE_SECS: i64 = 300;
+/// The shortest HMAC key accepted (SPEC §9).
+pub const MIN_KEY_BYTES: usize = 32;
+/// The longest `command_id` accepted, in characters.
+pub const MAX_COMMAND_ID_CHARS: usize = 200;
+
+/// Why a command was not authenticated: no signature at all, or one that
+/// does not verify. Rendered as the reply's error code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    Unsigned(String),
+    BadSignature(String),
 }
 
-/// `sha256=<hex HMAC-SHA256 of value>`, as the CLI sends it.
-pub fn sign(key: &str, value: &[u8]) -> String {
+impl AuthFailure {
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthFailure::Unsigned(_) => "Unauthorized",
+            AuthFailure::BadSignature(_) => "InvalidSignature",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            AuthFailure::Unsigned(m) | AuthFailure::BadSignature(m) => m,
+        }
+    }
+}
+
+/// Who may send commands: the keys that verify signatures (the current one
+/// and, during a rotation, the previous one), or nobody-signs when the
+/// operator opted in to unsigned commands.
+#[derive(Clone, Default)]
+pub struct Authenticator {
+    keys: Vec<crate::config::Secret>,
+    allow_unsigned: bool,
+}
+
+impl Authenticator {
+    pub fn new(config: &crate::config::ControlConfig) -> Authenticator {
+        let keys =
+            [&config.hmac_key, &config.hmac_key_previous].into_iter().filter(|k| !k.is_empty()).cloned().collect();
+        Authenticator { keys, allow_unsigned: config.allow_unsigned }
+    }
+
+    /// The key that signs what this side sends (commands, replies).
+    pub fn signing_key(&self) -> Option<&str> {
+        self.keys.first().map(|k| k.expose())
+    }
+
+    /// Checks a command's headers. With a key configured every command must
+    /// carry a valid, fresh signature; without one, only an explicit
+    /// `allow_unsigned` lets commands through.
+    pub fn check(
+        &self,
+        value: &[u8],
+        timestamp: Option<&[u8]>,
+        signature: Option<&[u8]>,
+        now_unix: i64,
+    ) -> Result<(), AuthFailure> {
+        if self.keys.is_empty() {
+            return if self.allow_unsigned {
+                Ok(())
+            } else {
+                Err(AuthFailure::Unsigned(
+                    "unsigned commands are refused: configure control.hmac_key and sign commands \
+                     (or set control.allow_unsigned = true)"
+                        .into(),
+                ))
+            };
+        }
+        let (Some(timestamp), Some(signature)) = (timestamp, signature) else {
+            return Err(AuthFailure::Unsigned(format!(
+                "the command is not signed ({SIGNATURE_HEADER} and {SIGNATURE_TIMESTAMP_HEADER} headers required)"
+            )));
+        };
+        let keys: Vec<&str> = self.keys.iter().map(|k| k.expose()).collect();
+        verify_signature(&keys, value, timestamp, signature, now_unix).map_err(AuthFailure::BadSignature)
+    }
+}
+
+/// Checks `x-signature: sha256=<hex>` against the HMAC-SHA256 of
+/// `"<timestamp>.<value>"` under any of `keys`, in constant time, and the
+/// timestamp against `now_unix` (at most [`MAX_SIGNATURE_AGE_SECS`] apart).
+pub fn verify_signature(
+    keys: &[&str],
+    value: &[u8],
+    timestamp: &[u8],
+    signature: &[u8],
+    now_unix: i64,
+) -> Result<(), String> {
+    let timestamp = std::str::from_utf8(timestamp).map_err(|_| format!("{SIGNATURE_TIMESTAMP_HEADER} is not text"))?;
+    if timestamp.is_empty() || timestamp.len() > 12 || !timestamp.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{SIGNATURE_TIMESTAMP_HEADER} must be Unix seconds"));
+    }
+    let signed_at: i64 = timestamp.parse().map_err(|_| format!("{SIGNATURE_TIMESTAMP_HEADER} must be Unix seconds"))?;
+    if (now_unix - signed_at).abs() > MAX_SIGNATURE_AGE_SECS {
+        return Err(format!(
+            "the signature is {}s from now; at most {MAX_SIGNATURE_AGE_SECS}s are accepted",
+            now_unix - signed_at
+        ));
+    }
+    let signature = std::str::from_utf8(signature).map_err(|_| format!("{SIGNATURE_HEADER} is not text"))?;
+    let hex = signature.trim().strip_prefix("sha256=").ok_or(format!("{SIGNATURE_HEADER} must be 'sha256=<hex>'"))?;
+    let tag = decode_hex(hex).ok_or(format!("{SIGNATURE_HEADER} is not hexadecimal"))?;
+    for key in keys {
+        if let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key.as_bytes()) {
+            mac.update(timestamp.as_bytes());
+            mac.update(b".");
+            mac.update(value);
+            if mac.verify_slice(&tag).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    Err(format!("{SIGNATURE_HEADER} does not match"))
+}
+
+/// `sha256=<hex HMAC-SHA256 of "<timestamp>.<value>">`.
+pub fn sign(key: &str, timestamp_unix: i64, value: &[u8]) -> String {
     let mut mac = match Hmac::<Sha256>::new_from_slice(key.as_bytes()) {
         Ok(m) => m,
         Err(_) => return String::new(),
     };
+    mac.update(timestamp_unix.to_string().as_bytes());
+    mac.update(b".");
     mac.update(value);
     let tag = mac.finalize().into_bytes();
     let hex: String = tag.iter().map(|b| format!("{b:02x}")).collect();
     format!("sha256={hex}")
+}
+
+/// The two signature headers for `value`, signed now with `key`.
+pub fn signature_headers(key: &str, value: &[u8]) -> rdkafka::message::OwnedHeaders {
+    use rdkafka::message::{Header, OwnedHeaders};
+    let now = Utc::now().timestamp();
+    let timestamp = now.to_string();
+    let signature = sign(key, now, value);
+    OwnedHeaders::new()
+        .insert(Header { key: SIGNATURE_TIMESTAMP_HEADER, value: Some(timestamp.as_str()) })
+        .insert(Header { key: SIGNATURE_HEADER, value: Some(signature.as_str()) })
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
@@ -180,6 +303,18 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
         return None;
     }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// A command id fit to echo in a reply key, a reply and a log line: 1 to 200
+/// characters, none of them control characters.
+pub fn is_valid_command_id(id: &str) -> bool {
+    !id.is_empty() && id.chars().count() <= MAX_COMMAND_ID_CHARS && !id.chars().any(char::is_control)
+}
+
+/// A value from a command, made safe for a log line: escaped (a newline
+/// cannot start a forged line) and cut to 200 characters.
+pub fn loggable(value: &str) -> String {
+    value.chars().take(MAX_COMMAND_ID_CHARS).flat_map(char::escape_debug).collect()
 }
 
 /// Parses and validates a command. On failure returns the Rejected reply.
@@ -197,12 +332,26 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
     let command_id = json.get("command_id").and_then(Json::as_str).map(str::to_owned);
     let message_name = json.get("message").and_then(Json::as_str).map(str::to_owned);
     let reject =
-        |code: &str, text: String| Box::new(Reply::rejected(command_id.clone(), message_name.clone(), code, text));
+        // Only a known message name is echoed; an unknown one is named (cut short) in the text.
+        |code: &str, text: String| {
+            Box::new(Reply::rejected(
+                command_id.clone(),
+                message_name.clone().filter(|m| Message::parse(m).is_some()),
+                code,
+                text,
+            ))
+        };
     let Some(id) = command_id.clone() else {
         return Err(reject("MalformedCommand", "command_id (a string) is required".into()));
     };
-    if id.is_empty() || id.len() > 200 {
-        return Err(reject("MalformedCommand", "command_id must be 1 to 200 characters".into()));
+    if !is_valid_command_id(&id) {
+        // Not echoed: an oversized or multi-line id must not reach the reply key or a log.
+        return Err(Box::new(Reply::rejected(
+            None,
+            message_name.clone().filter(|m| Message::parse(m).is_some()),
+            "MalformedCommand",
+            format!("command_id must be 1 to {MAX_COMMAND_ID_CHARS} printable characters"),
+        )));
     }
     let Some(name) = message_name.clone() else {
         return Err(reject("MalformedCommand", "message (a string) is required".into()));
@@ -218,9 +367,11 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
     let known: &[&str] = match message {
         Message::ValidateRetentionConfig => &["EntityName", "FetchXml", "ConfigId"],
         Message::Retain => &["Target"],
-        Message::BulkRetain => &["EntityName", "FetchXml", "PageSize", "OperationId", "PagingCookie"],
+        Message::BulkRetain => &["EntityName", "FetchXml", "PageSize", "OperationId", "PagingCookie", "AllowAll"],
         Message::RollbackRetain => &["OperationId", "Target"],
-        Message::PurgeRetainedContent => &["EntityName", "MaxVersionToPurge", "FetchXml", "PageSize", "OperationId"],
+        Message::PurgeRetainedContent => {
+            &["EntityName", "MaxVersionToPurge", "FetchXml", "PageSize", "OperationId", "AllowAll"]
+        }
     };
     if let Some(unknown) = params.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(reject("InvalidParameters", format!("unknown parameter '{}' for {name}", truncate(unknown))));
@@ -255,7 +406,30 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
                 .ok_or_else(|| reject("InvalidParameters", "PageSize must be an integer from 1 to 100000".into())),
         }
     };
-    let now = Utc::now();
+    let allow_all = match params.get("AllowAll") {
+        None | Some(Json::Null) => false,
+        Some(Json::Bool(b)) => *b,
+        Some(_) => return Err(reject("InvalidParameters", "AllowAll must be true or false".into())),
+    };
+    // Criteria of a destructive message: an empty <filter> is refused, and
+    // criteria that match every record need AllowAll, so that a mistyped or
+    // truncated document never retains or purges the whole table.
+    let destructive_criteria = |fetch_xml: &str| -> Result<fetchxml::Criteria, Box<Reply>> {
+        let criteria = fetchxml::parse(fetch_xml, Utc::now()).map_err(|e| reject("InvalidFetchXml", e))?;
+        if criteria.has_empty_and() {
+            return Err(reject(
+                "InvalidFetchXml",
+                "an empty <filter> (no conditions) would match every record; add conditions or remove it".into(),
+            ));
+        }
+        if criteria.matches_everything() && !allow_all {
+            return Err(reject(
+                "InvalidFetchXml",
+                "the criteria match every record of the table; set the parameter AllowAll to true to mean it".into(),
+            ));
+        }
+        Ok(criteria)
+    };
     let parameters = match message {
         Message::ValidateRetentionConfig => {
             let fetch_xml =
@@ -270,7 +444,7 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
             entity_ok(true)?;
             let fetch_xml =
                 text("FetchXml").ok_or_else(|| reject("InvalidParameters", "FetchXml is required".into()))?;
-            let criteria = fetchxml::parse(fetch_xml, now).map_err(|e| reject("InvalidFetchXml", e))?;
+            let criteria = destructive_criteria(fetch_xml)?;
             Parameters::BulkRetain { criteria, fetch_xml: fetch_xml.to_owned(), page_size: page_size()? }
         }
         Message::RollbackRetain => {
@@ -292,7 +466,7 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
                 ),
             };
             let criteria = match text("FetchXml") {
-                Some(x) => Some(fetchxml::parse(x, now).map_err(|e| reject("InvalidFetchXml", e))?),
+                Some(x) => Some(destructive_criteria(x)?),
                 None => None,
             };
             Parameters::PurgeRetainedContent { max_version, criteria, page_size: page_size()? }
@@ -318,18 +492,105 @@ pub fn count_response(count: i64, extra: Json) -> Json {
 mod tests {
     use super::*;
 
+    const KEY: &str = "0123456789abcdef0123456789abcdef";
+    const OLD_KEY: &str = "fedcba9876543210fedcba9876543210";
+    const NOW: i64 = 1_800_000_000;
+
+    fn authenticator(current: &str, previous: &str, allow_unsigned: bool) -> Authenticator {
+        Authenticator::new(&crate::config::ControlConfig {
+            hmac_key: crate::config::Secret::new(current),
+            hmac_key_previous: crate::config::Secret::new(previous),
+            allow_unsigned,
+        })
+    }
+
     #[test]
-    fn signatures_are_checked() {
+    fn signatures_bind_the_timestamp_and_the_value() {
         let value = br#"{"command_id":"1","message":"Retain"}"#;
-        let good = sign("k3y", value);
-        assert!(verify_signature("k3y", value, Some(good.as_bytes())).is_ok());
-        assert!(verify_signature("k3y", value, None).unwrap_err().contains("not signed"));
-        assert!(verify_signature("other", value, Some(good.as_bytes())).is_err());
-        assert!(verify_signature("k3y", b"tampered", Some(good.as_bytes())).is_err());
-        let truncated = &good[..good.len() - 2];
-        assert!(verify_signature("k3y", value, Some(truncated.as_bytes())).is_err());
-        assert!(verify_signature("k3y", value, Some(b"sha256=zz")).is_err());
-        assert!(verify_signature("k3y", value, Some(good.trim_start_matches("sha256=").as_bytes())).is_err());
+        let auth = authenticator(KEY, "", false);
+        let ts = NOW.to_string();
+        let good = sign(KEY, NOW, value);
+        assert_eq!(auth.check(value, Some(ts.as_bytes()), Some(good.as_bytes()), NOW), Ok(()));
+        assert_eq!(auth.check(value, Some(ts.as_bytes()), Some(good.as_bytes()), NOW + 300), Ok(()));
+        let stale = auth.check(value, Some(ts.as_bytes()), Some(good.as_bytes()), NOW + 301).unwrap_err();
+        assert_eq!(stale.code(), "InvalidSignature");
+        assert!(stale.message().contains("at most 300s"), "{stale:?}");
+        assert!(auth.check(value, Some(ts.as_bytes()), Some(good.as_bytes()), NOW - 301).is_err(), "from the future");
+        // The timestamp is inside the signed bytes: moving it breaks the signature.
+        let later = (NOW + 10).to_string();
+        assert!(auth.check(value, Some(later.as_bytes()), Some(good.as_bytes()), NOW).is_err());
+        assert!(auth.check(b"tampered", Some(ts.as_bytes()), Some(good.as_bytes()), NOW).is_err());
+        assert!(auth.check(value, Some(ts.as_bytes()), Some(&good.as_bytes()[..good.len() - 2]), NOW).is_err());
+        assert!(auth.check(value, Some(ts.as_bytes()), Some(b"sha256=zz"), NOW).is_err());
+        assert!(auth.check(value, Some(b"-5"), Some(good.as_bytes()), NOW).is_err());
+        assert!(
+            auth.check(value, Some(ts.as_bytes()), Some(good.trim_start_matches("sha256=").as_bytes()), NOW).is_err()
+        );
+        let other = sign("another-key-another-key-another-k", NOW, value);
+        assert!(auth.check(value, Some(ts.as_bytes()), Some(other.as_bytes()), NOW).is_err());
+        assert_eq!(auth.check(value, None, None, NOW).unwrap_err().code(), "Unauthorized");
+        assert_eq!(auth.check(value, None, Some(good.as_bytes()), NOW).unwrap_err().code(), "Unauthorized");
+    }
+
+    #[test]
+    fn a_rotation_accepts_the_previous_key_and_signs_with_the_new_one() {
+        let value = b"{}";
+        let ts = NOW.to_string();
+        let auth = authenticator(KEY, OLD_KEY, false);
+        assert_eq!(auth.signing_key(), Some(KEY));
+        for key in [KEY, OLD_KEY] {
+            let sig = sign(key, NOW, value);
+            assert_eq!(auth.check(value, Some(ts.as_bytes()), Some(sig.as_bytes()), NOW), Ok(()), "{key}");
+        }
+        let retired = authenticator(KEY, "", false);
+        let sig = sign(OLD_KEY, NOW, value);
+        assert!(retired.check(value, Some(ts.as_bytes()), Some(sig.as_bytes()), NOW).is_err());
+    }
+
+    #[test]
+    fn unsigned_commands_need_an_explicit_opt_in() {
+        let refused = authenticator("", "", false).check(b"{}", None, None, NOW).unwrap_err();
+        assert_eq!(refused.code(), "Unauthorized");
+        assert_eq!(authenticator("", "", true).check(b"{}", None, None, NOW), Ok(()));
+        // A key always wins over the opt-in.
+        assert!(authenticator(KEY, "", true).check(b"{}", None, None, NOW).is_err());
+    }
+
+    #[test]
+    fn command_ids_are_bounded_and_never_echoed_when_bad() {
+        let long = "x".repeat(201);
+        for id in [long.as_str(), "two\nlines", "", "tab\there"] {
+            let value = json!({"command_id": id, "message": "Retain", "parameters": {"Target": "0b5c6a3e-1d2f-4a5b-8c7d-9e0f1a2b3c4d"}});
+            let reply = parse_command(value.to_string().as_bytes()).unwrap_err();
+            assert_eq!(reply.command_id, None, "{id:?}");
+            assert_eq!(reply.error.as_ref().map(|e| e.code.as_str()), Some("MalformedCommand"));
+        }
+        assert!(is_valid_command_id(&"é".repeat(200)));
+        assert_eq!(loggable("a\nERROR forged"), "a\\nERROR forged");
+    }
+
+    #[test]
+    fn destructive_criteria_that_match_everything_need_allow_all() {
+        let bulk = |fetch: &str, allow: Option<bool>| {
+            let mut p = json!({"EntityName": "msdyn_copilotinteraction", "FetchXml": fetch});
+            if let Some(a) = allow {
+                p["AllowAll"] = json!(a);
+            }
+            parse_command(json!({"command_id": "c", "message": "BulkRetain", "parameters": p}).to_string().as_bytes())
+        };
+        let code = |r: Result<Command, Box<Reply>>| r.err().and_then(|r| r.error).map(|e| e.code);
+        let whole = "<fetch><entity name='msdyn_copilotinteraction'/></fetch>";
+        let empty_and = "<fetch><entity name='msdyn_copilotinteraction'><filter/></entity></fetch>";
+        let empty_or = "<fetch><entity name='msdyn_copilotinteraction'><filter type='or'/></entity></fetch>";
+        assert_eq!(code(bulk(whole, None)).as_deref(), Some("InvalidFetchXml"));
+        assert_eq!(code(bulk(whole, Some(false))).as_deref(), Some("InvalidFetchXml"));
+        assert!(bulk(whole, Some(true)).is_ok());
+        assert_eq!(code(bulk(empty_and, None)).as_deref(), Some("InvalidFetchXml"));
+        assert_eq!(code(bulk(empty_and, Some(true))).as_deref(), Some("InvalidFetchXml"));
+        assert!(bulk(empty_or, None).is_ok(), "an empty or matches nothing, so it is not 'everything'");
+        let purge = json!({"command_id": "p", "message": "PurgeRetainedContent",
+            "parameters": {"EntityName": "msdyn_copilotinteraction", "FetchXml": whole}});
+        assert_eq!(code(parse_command(purge.to_string().as_bytes())).as_deref(), Some("InvalidFetchXml"));
     }
 
     #[test]

@@ -84,6 +84,11 @@ pub fn postgres_ddl() -> String {
     )
 }
 
+/// A command claimed by this instance; dropping it (closing the session) releases it.
+pub struct Claim {
+    _session: Option<tokio_postgres::Client>,
+}
+
 /// Where commands execute.
 #[derive(Debug, Clone)]
 pub enum Store {
@@ -98,6 +103,24 @@ impl Store {
             SinkUrl::Sqlite(p) => Some(Store::Sqlite(p.clone())),
             SinkUrl::Postgres(u) => Some(Store::Postgres(u.clone())),
             SinkUrl::Dataverse(_) => None,
+        }
+    }
+
+    /// Claims `command_id` for this instance until the claim is dropped;
+    /// `None` while another instance holds it. On PostgreSQL the claim is a
+    /// session advisory lock, so a killed instance's claim ends with its
+    /// connection and the command can resume elsewhere at once. SQLite is
+    /// single-instance: one process, one control loop, nothing to claim.
+    pub async fn claim(&self, command_id: &str) -> Result<Option<Claim>, StoreError> {
+        match self {
+            Store::Sqlite(_) => Ok(Some(Claim { _session: None })),
+            Store::Postgres(url) => {
+                let session = pg(url).await?;
+                let key = format!("copilot-ingest control command {command_id}");
+                let claimed: bool =
+                    session.query_one("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", &[&key]).await?.get(0);
+                Ok(claimed.then_some(Claim { _session: Some(session) }))
+            }
         }
     }
 
@@ -302,10 +325,19 @@ impl Store {
             }
         };
         let tombstone_filter = if operation.is_some() { "retention_operationid" } else { id.as_str() };
-        if let Some(op) = operation
-            && !self.operation_exists(op).await?
-        {
-            return Ok(Reply::failed(command, "OperationNotFound", format!("no retention operation {op}")));
+        if let Some(op) = operation {
+            match self.operation_message(op).await?.as_deref() {
+                None => return Ok(Reply::failed(command, "OperationNotFound", format!("no retention operation {op}"))),
+                Some("BulkRetain" | "Retain") => {}
+                // A purge's record of deletions must never be rewritten as rolled back.
+                Some(other) => {
+                    return Ok(Reply::failed(
+                        command,
+                        "NotRollbackable",
+                        format!("operation {op} is a {other}; only BulkRetain and Retain operations roll back"),
+                    ));
+                }
+            }
         }
         let (restored, not_restored): (i64, i64) = match self {
             Store::Sqlite(path) => {
@@ -446,22 +478,28 @@ impl Store {
         }
     }
 
-    async fn operation_exists(&self, op: Uuid) -> Result<bool, StoreError> {
+    /// The message that started an operation, if it exists.
+    async fn operation_message(&self, op: Uuid) -> Result<Option<String>, StoreError> {
         match self {
             Store::Sqlite(path) => {
                 sqlite(path, move |conn| {
+                    use rusqlite::OptionalExtension;
                     Ok(conn
-                        .prepare(&format!("SELECT 1 FROM {OPERATION_TABLE} WHERE operationid = ?1"))?
-                        .exists([op.hyphenated().to_string()])?)
+                        .query_row(
+                            &format!("SELECT message FROM {OPERATION_TABLE} WHERE operationid = ?1"),
+                            [op.hyphenated().to_string()],
+                            |r| r.get(0),
+                        )
+                        .optional()?)
                 })
                 .await
             }
             Store::Postgres(url) => {
                 let client = pg(url).await?;
                 Ok(client
-                    .query_opt(&format!("SELECT 1 FROM {OPERATION_TABLE} WHERE operationid = $1"), &[&op])
+                    .query_opt(&format!("SELECT message FROM {OPERATION_TABLE} WHERE operationid = $1"), &[&op])
                     .await?
-                    .is_some())
+                    .map(|r| r.get(0)))
             }
         }
     }

@@ -190,7 +190,13 @@ async fn killed_retention_commands_complete_after_a_restart() {
     ] {
         let body = serde_json::json!({"command_id": id, "message": message, "parameters": parameters}).to_string();
         producer
-            .send(FutureRecord::to(&kafka.config.kafka.control_topic).key(id).payload(&body), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(&kafka.config.kafka.control_topic)
+                    .key(id)
+                    .payload(&body)
+                    .headers(signed(body.as_bytes())),
+                Duration::from_secs(10),
+            )
             .await
             .unwrap();
         wait_for("the operation under way", Duration::from_secs(60), || query(op_table_row) > 10).await;
@@ -288,4 +294,79 @@ async fn repeated_kill_9_loses_and_duplicates_no_row() {
         dlq.len(),
         dlq.len() - invalid
     );
+}
+
+/// `copilot-ingest control` believes only a reply signed by the instance for
+/// the command id it sent: a forger who sees the command on the control topic
+/// and answers `Succeeded` first is ignored (timeout, exit 1); the genuine,
+/// signed reply is printed (exit 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_cli_ignores_forged_replies() {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let kafka = TestKafka::new(1);
+    let commands: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("group.id", unique("forger"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    commands.subscribe(&[&kafka.config.kafka.control_topic]).unwrap();
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap).create().unwrap();
+    let target = uuid::Uuid::new_v4().to_string();
+
+    for genuine in [false, true] {
+        let child = bin()
+            .args(["control", "--brokers", &kafka.bootstrap, "--timeout", "8", "retain", "--target", &target])
+            .env("COPILOT_INGEST__CONTROL__HMAC_KEY", TEST_HMAC_KEY)
+            .env("COPILOT_INGEST__KAFKA__CONTROL_TOPIC", &kafka.config.kafka.control_topic)
+            .env("COPILOT_INGEST__KAFKA__CONTROL_REPLY_TOPIC", &kafka.config.kafka.control_reply_topic)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The command as the CLI sent it, read off the control topic.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let command_id = loop {
+            assert!(Instant::now() < deadline, "the CLI sent no command");
+            if let Some(Ok(m)) = commands.poll(Duration::from_millis(100)) {
+                let command: serde_json::Value = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                break command["command_id"].as_str().unwrap().to_owned();
+            }
+        };
+        let reply = serde_json::json!({"command_id": command_id, "message": "Retain", "status": "Succeeded",
+            "response": {"EntityCountCollection": {"msdyn_copilotinteraction": 1}}, "error": null})
+        .to_string();
+        let forged_key = "a-forger-has-some-other-key-0123456789";
+        let mut records = vec![
+            FutureRecord::to(&kafka.config.kafka.control_reply_topic).key(&command_id).payload(&reply),
+            FutureRecord::to(&kafka.config.kafka.control_reply_topic)
+                .key(&command_id)
+                .payload(&reply)
+                .headers(copilot_ingest::control::signature_headers(forged_key, reply.as_bytes())),
+        ];
+        if genuine {
+            records.push(
+                FutureRecord::to(&kafka.config.kafka.control_reply_topic)
+                    .key(&command_id)
+                    .payload(&reply)
+                    .headers(signed(reply.as_bytes())),
+            );
+        }
+        for record in records {
+            producer.send(record, Duration::from_secs(10)).await.unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if genuine {
+            assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+            assert!(stdout.contains("Succeeded"), "{stdout}");
+        } else {
+            assert_eq!(out.status.code(), Some(1), "a forged reply was believed:\n{stdout}\n{stderr}");
+            assert!(!stdout.contains("Succeeded"), "{stdout}");
+            assert!(stderr.contains("ignored a reply"), "{stderr}");
+        }
+    }
 }

@@ -105,6 +105,14 @@ pub async fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut()
     }
 }
 
+/// The control key of every test service: commands are signed as in production.
+pub const TEST_HMAC_KEY: &str = "copilot-ingest-test-key-0123456789abcdef";
+
+/// The signature headers of a control command (or reply) under [`TEST_HMAC_KEY`].
+pub fn signed(value: &[u8]) -> rdkafka::message::OwnedHeaders {
+    copilot_ingest::control::signature_headers(TEST_HMAC_KEY, value)
+}
+
 /// A broker with the product's topics, and a config pointing at it.
 pub struct TestKafka {
     pub _broker: EmbeddedBroker,
@@ -123,6 +131,7 @@ impl TestKafka {
         config.metrics.listen = "127.0.0.1:0".into();
         config.batch.linger_ms = 50;
         config.shutdown.drain_timeout_ms = 10_000;
+        config.control.hmac_key = copilot_ingest::config::Secret::new(TEST_HMAC_KEY);
         // The mock broker holds a new member's join until departed members'
         // sessions expire; a short session keeps restarts quick.
         config.kafka.options.insert("session.timeout.ms".into(), copilot_ingest::config::Secret::new("6000"));
@@ -148,6 +157,7 @@ impl TestKafka {
             .env("COPILOT_INGEST__KAFKA__DLQ_TOPIC", &self.config.kafka.dlq_topic)
             .env("COPILOT_INGEST__KAFKA__GROUP_ID", &self.config.kafka.group_id)
             .env("COPILOT_INGEST__SINK__URL", url)
+            .env("COPILOT_INGEST__CONTROL__HMAC_KEY", TEST_HMAC_KEY)
             .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
             .env("COPILOT_INGEST__KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "6000")
             .stdout(std::process::Stdio::null())

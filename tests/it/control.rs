@@ -69,12 +69,19 @@ impl ControlClient {
         ControlClient { producer, replies, topic: kafka.config.kafka.control_topic.clone() }
     }
 
-    async fn publish(&self, command: &Json, signature: Option<&str>) {
+    /// Publishes a command signed with the test key.
+    async fn publish(&self, command: &Json) {
+        let body = command.to_string();
+        self.publish_with(command, Some(signed(body.as_bytes()))).await;
+    }
+
+    /// Publishes a command with exactly these headers.
+    async fn publish_with(&self, command: &Json, headers: Option<OwnedHeaders>) {
         let body = command.to_string();
         let key = command["command_id"].as_str().unwrap_or("").to_owned();
         let mut record = FutureRecord::to(&self.topic).key(&key).payload(&body);
-        if let Some(sig) = signature {
-            record = record.headers(OwnedHeaders::new().insert(Header { key: "x-signature", value: Some(sig) }));
+        if let Some(headers) = headers {
+            record = record.headers(headers);
         }
         self.producer.send(record, Duration::from_secs(10)).await.unwrap();
     }
@@ -94,7 +101,7 @@ impl ControlClient {
 
     async fn call(&self, message: &str, parameters: Json) -> Json {
         let id = uuid::Uuid::new_v4().to_string();
-        self.publish(&json!({"command_id": id, "message": message, "parameters": parameters}), None).await;
+        self.publish(&json!({"command_id": id, "message": message, "parameters": parameters})).await;
         self.reply(&id, Duration::from_secs(60))
     }
 }
@@ -239,6 +246,20 @@ async fn every_message_works_on_both_sinks() {
         assert_eq!(pipeline.metrics.records_skipped_total.with_label_values(&["purged_replay"]).get(), 30);
         assert_eq!(query_i64(&url, &format!("SELECT count(*) FROM {table}")).await, live_before);
 
+        // A purge is not a retention: its record of deletions cannot be rolled back.
+        let purge_op = purge["response"]["OperationId"].as_str().unwrap().to_owned();
+        let refused = client.call("RollbackRetain", json!({"OperationId": purge_op})).await;
+        assert_eq!(
+            (refused["status"].as_str(), refused["error"]["code"].as_str()),
+            (Some("Failed"), Some("NotRollbackable")),
+            "{url}: {refused}"
+        );
+        assert_eq!(
+            query_i64(&url, "SELECT count(*) FROM copilot_ingest_retention_operation WHERE status = 'Succeeded' AND total = 30 AND message = 'PurgeRetainedContent'").await,
+            1,
+            "{url}: the purge's record is unchanged"
+        );
+
         // Rolling back the purged operation restores nothing and says so.
         let late = client.call("RollbackRetain", json!({"OperationId": bulk_op})).await;
         assert_eq!(count(&late), 0);
@@ -303,11 +324,11 @@ async fn each_command_id_executes_once_across_instances() {
 
     let command = json!({"command_id": "bulk-1", "message": "BulkRetain",
         "parameters": {"EntityName": ENTITY, "PageSize": 10, "FetchXml": fetch("<condition attribute='msdyn_name' operator='like' value='event 2-1%'/>")}});
-    client.publish(&command, None).await;
+    client.publish(&command).await;
     let reply = client.reply("bulk-1", Duration::from_secs(60));
     assert_eq!(count(&reply), 11);
     // The same id again, after more records match: the stored reply, no second run.
-    client.publish(&command, None).await;
+    client.publish(&command).await;
     let again = client.reply("bulk-1", Duration::from_secs(60));
     assert_eq!(again, reply);
     assert_eq!(query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1").await, 11);
@@ -326,46 +347,129 @@ async fn each_command_id_executes_once_across_instances() {
     pipeline.stop().await;
 }
 
+/// Two instances handed the same command at once (here: two consumer groups
+/// on one topic, as after restoring a deployment) claim it in the database:
+/// one executes, the other returns its stored reply.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn signed_commands_only_when_a_key_is_configured() {
+async fn two_instances_never_both_execute_one_command_id() {
+    let Some(db) = PgDb::create().await else { return };
+    const ROWS: usize = 300;
+    let kafka = TestKafka::new(1);
+    let config = kafka.config_with_sink(&db.url);
+    let pipeline = RunningPipeline::start(config.clone());
+    kafka.produce(&events(7, ROWS, 1).messages).await;
+    pipeline.wait_handled(ROWS as u64 + 1, Duration::from_secs(60)).await;
+    let mut other_group = config.clone();
+    other_group.kafka.group_id = unique("other-deployment");
+    let first = ControlService::start(config);
+    let second = ControlService::start(other_group);
+    // Both consumers are ready before the command goes out, so both race for it.
+    let client = ControlClient::new(&kafka);
+    for i in 0..2 {
+        client.call("ValidateRetentionConfig", json!({"EntityName": ENTITY, "FetchXml": fetch(&format!("<condition attribute='importsequencenumber' operator='eq' value='{i}'/>"))})).await;
+    }
+    wait_for("both instances consuming", Duration::from_secs(60), || first.handled() >= 2 && second.handled() >= 2)
+        .await;
+
+    let bulk = json!({"command_id": "race-bulk", "message": "BulkRetain", "parameters": {"EntityName": ENTITY, "PageSize": 1,
+        "FetchXml": fetch("<condition attribute='createdon' operator='olderthan-x-days' value='365'/>")}});
+    client.publish(&bulk).await;
+    let a = client.reply("race-bulk", Duration::from_secs(120));
+    let b = client.reply("race-bulk", Duration::from_secs(120));
+    assert_eq!(a, b, "both instances answer with the one execution's reply");
+    assert_eq!(count(&a), ROWS as i64, "{a}");
+
+    let target = query_text(
+        &db.url,
+        "SELECT msdyn_copilotinteractionid FROM msdyn_copilotinteraction WHERE msft_datastate = 0 LIMIT 1",
+    )
+    .await;
+    client.publish(&json!({"command_id": "race-retain", "message": "Retain", "parameters": {"Target": target}})).await;
+    let a = client.reply("race-retain", Duration::from_secs(60));
+    let b = client.reply("race-retain", Duration::from_secs(60));
+    assert_eq!((a["status"].as_str(), b["status"].as_str()), (Some("Succeeded"), Some("Succeeded")), "{a} / {b}");
+    assert_eq!(
+        query_i64(&db.url, "SELECT count(*) FROM copilot_ingest_retention_operation WHERE command_id LIKE 'race-%'")
+            .await,
+        2
+    );
+    assert_eq!(
+        query_i64(&db.url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1").await,
+        ROWS as i64 + 1
+    );
+    first.stop().await;
+    second.stop().await;
+    pipeline.stop().await;
+}
+
+/// Commands run only when signed with the key, freshly; without a key, only
+/// with `allow_unsigned`. A refused id is not remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_run_only_when_signed_fresh_or_explicitly_allowed() {
     let kafka = TestKafka::new(1);
     let (_dir, url) = temp_sqlite();
-    let mut config = kafka.config_with_sink(&url);
-    config.control.hmac_key = Secret::new("s3cr3t-key");
+    let config = kafka.config_with_sink(&url);
     copilot_ingest::sink::sqlite::migrate(
         &copilot_ingest::sink::sqlite::open_connection(std::path::Path::new(url.trim_start_matches("sqlite://")))
             .unwrap(),
     )
     .unwrap();
-    let control = ControlService::start(config);
+    let control = ControlService::start(config.clone());
     let client = ControlClient::new(&kafka);
     let command = |id: &str| json!({"command_id": id, "message": "ValidateRetentionConfig", "parameters": {"EntityName": ENTITY, "FetchXml": fetch("")}});
     let body = |id: &str| command(id).to_string();
+    let outcome = |r: &Json| (r["status"].as_str().map(str::to_owned), r["error"]["code"].as_str().map(str::to_owned));
+    let rejected = |code: &str| (Some("Rejected".to_owned()), Some(code.to_owned()));
+    let now = chrono::Utc::now().timestamp();
+    let headers = |ts: i64, sig: &str| {
+        let ts = ts.to_string();
+        OwnedHeaders::new()
+            .insert(Header { key: "x-signature-timestamp", value: Some(ts.as_str()) })
+            .insert(Header { key: "x-signature", value: Some(sig) })
+    };
 
-    client.publish(&command("unsigned"), None).await;
-    let r = client.reply("unsigned", Duration::from_secs(60));
-    assert_eq!(
-        (r["status"].as_str(), r["error"]["code"].as_str()),
-        (Some("Rejected"), Some("InvalidSignature")),
-        "{r}"
-    );
+    client.publish_with(&command("unsigned"), None).await;
+    assert_eq!(outcome(&client.reply("unsigned", Duration::from_secs(60))), rejected("Unauthorized"));
 
-    let wrong = copilot_ingest::control::sign("another-key", body("wrong").as_bytes());
-    client.publish(&command("wrong"), Some(&wrong)).await;
-    assert_eq!(client.reply("wrong", Duration::from_secs(30))["status"], "Rejected");
+    let wrong = copilot_ingest::control::sign("another-key-another-key-another-key", now, body("wrong").as_bytes());
+    client.publish_with(&command("wrong"), Some(headers(now, &wrong))).await;
+    assert_eq!(outcome(&client.reply("wrong", Duration::from_secs(30))), rejected("InvalidSignature"));
 
-    let good = copilot_ingest::control::sign("s3cr3t-key", body("truncated").as_bytes());
-    client.publish(&command("truncated"), Some(&good[..good.len() - 4])).await;
-    assert_eq!(client.reply("truncated", Duration::from_secs(30))["status"], "Rejected");
+    // The value alone signed, as before timestamps were bound: refused.
+    let value_only = copilot_ingest::control::sign(TEST_HMAC_KEY, now, body("value-only").as_bytes());
+    client
+        .publish_with(
+            &command("value-only"),
+            Some(OwnedHeaders::new().insert(Header { key: "x-signature", value: Some(value_only.as_str()) })),
+        )
+        .await;
+    assert_eq!(outcome(&client.reply("value-only", Duration::from_secs(30))), rejected("Unauthorized"));
 
-    let good = copilot_ingest::control::sign("s3cr3t-key", body("good").as_bytes());
-    client.publish(&command("good"), Some(&good)).await;
+    // A captured command replayed six minutes later: refused.
+    let stale_at = now - 360;
+    let stale = copilot_ingest::control::sign(TEST_HMAC_KEY, stale_at, body("stale").as_bytes());
+    client.publish_with(&command("stale"), Some(headers(stale_at, &stale))).await;
+    assert_eq!(outcome(&client.reply("stale", Duration::from_secs(30))), rejected("InvalidSignature"));
+
+    client.publish(&command("good")).await;
     let r = client.reply("good", Duration::from_secs(30));
     assert_eq!(r["status"], "Succeeded", "{r}");
-    // A rejected id is not remembered: the genuine command with that id still runs.
-    let genuine = copilot_ingest::control::sign("s3cr3t-key", body("unsigned").as_bytes());
-    client.publish(&command("unsigned"), Some(&genuine)).await;
+    // A refused id is not remembered: the genuine command with that id still runs.
+    client.publish(&command("unsigned")).await;
     assert_eq!(client.reply("unsigned", Duration::from_secs(30))["status"], "Succeeded");
+    control.stop().await;
+
+    // No key: unsigned commands are refused unless the operator opted in.
+    let mut keyless = config.clone();
+    keyless.control.hmac_key = Secret::default();
+    let control = ControlService::start(keyless.clone());
+    client.publish_with(&command("keyless"), None).await;
+    assert_eq!(outcome(&client.reply("keyless", Duration::from_secs(60))), rejected("Unauthorized"));
+    control.stop().await;
+    keyless.control.allow_unsigned = true;
+    let control = ControlService::start(keyless);
+    client.publish_with(&command("opted-in"), None).await;
+    assert_eq!(client.reply("opted-in", Duration::from_secs(60))["status"], "Succeeded");
     control.stop().await;
 }
 
@@ -386,6 +490,21 @@ async fn hostile_criteria_are_inert_or_rejected() {
         {
             let r = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": fetch(&format!("<condition attribute='msdyn_name' operator='eq' value='{value}'/>"))})).await;
             assert_eq!((r["status"].as_str(), count(&r)), (Some("Succeeded"), 0), "{url}: {r}");
+        }
+        // An empty `or` matches nothing; an empty `and` and the whole table are refused without AllowAll.
+        let r = client
+            .call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": fetch("<filter type='or'></filter>")}))
+            .await;
+        assert_eq!((r["status"].as_str(), count(&r)), (Some("Succeeded"), 0), "{url}: {r}");
+        for whole in [fetch(""), format!("<fetch><entity name='{ENTITY}'/></fetch>")] {
+            let r = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": whole})).await;
+            assert_eq!(
+                (r["status"].as_str(), r["error"]["code"].as_str()),
+                (Some("Rejected"), Some("InvalidFetchXml")),
+                "{url}: {r}"
+            );
+            let r = client.call("PurgeRetainedContent", json!({"EntityName": ENTITY, "FetchXml": whole})).await;
+            assert_eq!(r["status"], "Rejected", "{url}: {r}");
         }
         let entity_bomb = "<!DOCTYPE x [<!ENTITY a 'aaaa'>]><fetch><entity name='msdyn_copilotinteraction'/></fetch>";
         let r = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": entity_bomb})).await;
