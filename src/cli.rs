@@ -218,15 +218,38 @@ pub fn main() -> i32 {
     runtime.shutdown_timeout(Duration::from_secs(2));
     match result {
         Ok(code) => code,
-        Err(e) if e.downcast_ref::<crate::config::FatalConfig>().is_some() => {
-            eprintln!("error: {e:#}");
+        Err(e) if e.downcast_ref::<crate::config::FatalConfig>().is_some() || is_config_refusal(&e) => {
+            eprintln!("error: {}", safe_error(&e));
             EXIT_CONFIG
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", safe_error(&e));
             EXIT_REJECTED
         }
     }
+}
+
+/// librdkafka refused a configuration property (a configuration error, exit 2).
+fn is_config_refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(cause.downcast_ref::<rdkafka::error::KafkaError>(), Some(rdkafka::error::KafkaError::ClientConfig(..)))
+    })
+}
+
+/// An error chain for people and logs. rdkafka's text for a refused property
+/// ends with the property's value, which may be a credential: that one is
+/// described by its key alone.
+fn safe_error(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(rdkafka::error::KafkaError::ClientConfig(_, description, key, value)) =
+            cause.downcast_ref::<rdkafka::error::KafkaError>()
+        {
+            let description =
+                if value.is_empty() { description.clone() } else { description.replace(value.as_str(), "***") };
+            return format!("librdkafka refused the property {key}: {description}");
+        }
+    }
+    format!("{e:#}")
 }
 
 fn config_error(e: &ConfigErrors) -> i32 {
@@ -312,18 +335,24 @@ async fn run(mut config: Config) -> anyhow::Result<i32> {
     let readiness = Arc::new(Readiness::default());
     start_http(&config, &metrics, &readiness, &shutdown, true).await?;
     let (_broker, brokers) = brokers_for(&config)?;
-    let control = tokio::spawn(crate::control::consumer::run(
-        config.clone(),
-        brokers.clone(),
-        Arc::clone(&metrics),
-        shutdown.clone(),
-    ));
+    let control = {
+        let control =
+            crate::control::consumer::run(config.clone(), brokers.clone(), Arc::clone(&metrics), shutdown.clone());
+        let readiness = Arc::clone(&readiness);
+        tokio::spawn(async move {
+            // Ingestion goes on without the control consumer, but never silently:
+            // an ERROR now, and /readyz answers 503 naming it.
+            let outcome = match tokio::spawn(control).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => safe_error(&e),
+                Err(e) => e.to_string(),
+            };
+            readiness.control_failed.store(true, Ordering::Relaxed);
+            tracing::error!(error = %outcome, "control consumer stopped: retention commands are not executed");
+        })
+    };
     pipeline::run(config, &brokers, metrics, readiness, shutdown).await?;
-    match control.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(error = %e, "control consumer stopped with an error"),
-        Err(e) => tracing::warn!(error = %e, "control consumer task failed"),
-    }
+    let _ = control.await;
     Ok(EXIT_OK)
 }
 
@@ -753,7 +782,7 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
     let (_broker, brokers) = brokers_for(&config)?;
     let options = pipeline::kafka_options(&config);
     let batch_size = config.batch.max_records;
-    let sink_label = config.sink_url().map(|u| format!("{u:?}")).unwrap_or_default();
+    let sink_label = config.sink_url().map(|u| u.to_string()).unwrap_or_default();
     let topic = config.kafka.topic.clone();
 
     let pipeline_task = {

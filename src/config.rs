@@ -261,6 +261,17 @@ pub enum SinkUrl {
     Dataverse(Box<DataverseTarget>),
 }
 
+impl fmt::Display for SinkUrl {
+    /// For people: the kind of sink and where it is, secrets masked.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SinkUrl::Sqlite(path) => write!(f, "SQLite {}", path.display()),
+            SinkUrl::Postgres(url) => write!(f, "PostgreSQL {}", redact_url(url)),
+            SinkUrl::Dataverse(target) => write!(f, "Dataverse {}", target.api_url),
+        }
+    }
+}
+
 impl Config {
     /// Loads `path` (or `copilot-ingest.toml` if present), applies the
     /// environment and checks everything.
@@ -342,6 +353,7 @@ impl Config {
                 errors.push(format!("kafka.options.{key}: is set by copilot-ingest itself; use the [kafka] keys"));
             }
         }
+        check_kafka_options(&k.options, errors);
         let b = &self.batch;
         if !(1..=100_000).contains(&b.max_records) {
             errors.push("batch.max_records: must be between 1 and 100000".into());
@@ -479,18 +491,104 @@ impl Config {
 #[error("{0}")]
 pub struct FatalConfig(pub String);
 
-/// A URL with any password replaced, for messages and logs.
+/// A URL with its secrets replaced, for messages and logs: the password of
+/// the userinfo and query parameters that carry credentials (`password=`,
+/// `sslpassword=`, …).
+///
+/// The userinfo is taken to end at the *last* `@`: a password may hold an
+/// unencoded `/`, `?` or `#`, which would end the authority for a strict URL
+/// parser and leave the rest of the password in "the path". When an `@`
+/// belongs to a query value instead, more than the password is masked, which is
+/// the safe direction for a log line.
 pub fn redact_url(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else { return url.to_owned() };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    let (scheme, rest) = url.split_at(scheme_end + 3);
+    let mut out = String::from(scheme);
+    let after_userinfo = match rest.rfind('@') {
         Some(at) => {
             let userinfo = &rest[..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{}:***{}", &url[..scheme_end + 3], user, &rest[at..])
+            match userinfo.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push_str(":***");
+                }
+                None => out.push_str(userinfo),
+            }
+            &rest[at..]
         }
-        None => url.to_owned(),
+        None => rest,
+    };
+    match after_userinfo.split_once('?') {
+        Some((location, query)) => {
+            out.push_str(location);
+            out.push('?');
+            let pairs: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) if is_secret_parameter(key) => format!("{key}=***"),
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            out.push_str(&pairs.join("&"));
+        }
+        None => out.push_str(after_userinfo),
+    }
+    out
+}
+
+/// Query parameters of connection URLs that carry credentials.
+fn is_secret_parameter(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "secret", "token", "key"].iter().any(|word| key.contains(word)) && key != "sslkey"
+        || key == "sslpassword"
+}
+
+/// Keys whose values may be credentials: a type error on them must not echo the value.
+fn holds_secrets(section: &str, key: &str) -> bool {
+    matches!(
+        (section, key),
+        ("kafka", "options")
+            | ("sink", "url")
+            | ("sink", "dataverse")
+            | ("control", "hmac_key")
+            | ("control", "hmac_key_previous")
+            | ("avro", "registry_url")
+    )
+}
+
+/// A deserializer's message without the values it quotes (toml and serde
+/// quote them in backticks or double quotes): `invalid type: integer
+/// `55555555`, expected a string` becomes `invalid type: integer, expected a string`.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut quote: Option<char> = None;
+    for c in message.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '`' || c == '"' => quote = Some(c),
+            None => out.push(c),
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ").replace(" ,", ",")
+}
+
+/// Checks `kafka.options` the way librdkafka will apply them, without
+/// connecting: an unknown property or a refused value is a configuration
+/// error naming the key. librdkafka's own text may quote the value, which is
+/// masked here.
+fn check_kafka_options(options: &BTreeMap<String, Secret>, errors: &mut Vec<String>) {
+    for (key, value) in options {
+        let mut single = rdkafka::ClientConfig::new();
+        single.set(key, value.expose());
+        if let Err(e) = single.create_native_config() {
+            let description = match &e {
+                rdkafka::error::KafkaError::ClientConfig(_, description, _, _) => description.clone(),
+                other => other.to_string(),
+            };
+            let description = if value.is_empty() { description } else { description.replace(value.expose(), "***") };
+            errors.push(format!("kafka.options.{key}: refused by librdkafka: {}", without_quoted_values(&description)));
+        }
     }
 }
 
@@ -513,6 +611,9 @@ fn load_section<T: DeserializeOwned + Default>(
         match T::deserialize(toml::Value::Table(single)) {
             Ok(_) => {
                 good.insert(key, value);
+            }
+            Err(e) if holds_secrets(section, &key) => {
+                errors.push(format!("{section}.{key}: {} (value not shown)", without_quoted_values(e.message().trim())))
             }
             Err(e) => errors.push(format!("{section}.{key}: {}", e.message().trim())),
         }
@@ -665,5 +766,53 @@ mod tests {
             assert!(!printed.contains(secret), "{secret} leaked: {printed}");
         }
         assert_eq!(redact_url("postgres://u:pw123@h:5432/db"), "postgres://u:***@h:5432/db");
+    }
+
+    #[test]
+    fn urls_are_redacted_whatever_their_shape() {
+        let cases = [
+            ("postgres://u:pw123@h:5432/db", "postgres://u:***@h:5432/db"),
+            ("postgres://u:p/w?1#23@h/db", "postgres://u:***@h/db"),
+            ("postgres://u@h/db?password=pw123&sslmode=require", "postgres://u@h/db?password=***&sslmode=require"),
+            (
+                "postgres://h/db?sslmode=verify-full&sslpassword=pw123",
+                "postgres://h/db?sslmode=verify-full&sslpassword=***",
+            ),
+            ("postgres://h/db", "postgres://h/db"),
+            ("https://user:pw123@registry:8081", "https://user:***@registry:8081"),
+            ("no scheme pw123", "no scheme pw123"),
+        ];
+        for (url, redacted) in cases {
+            assert_eq!(redact_url(url), redacted, "{url}");
+        }
+        let sink = SinkUrl::Postgres("postgres://u:pw123@h/db".into());
+        assert_eq!(sink.to_string(), "PostgreSQL postgres://u:***@h/db");
+        assert_eq!(SinkUrl::Sqlite("./data/x.db".into()).to_string(), "SQLite ./data/x.db");
+    }
+
+    #[test]
+    fn type_errors_on_secret_keys_do_not_echo_the_value() {
+        let text = "[control]\nhmac_key = 55555555\n[sink]\nurl = 77777777\n[sink.dataverse]\nclient_secret = 66666666\n[kafka.options]\n\"sasl.password\" = 44444444\n";
+        let errs = Config::from_sources(Some(text), &[]).unwrap_err().0.join("\n");
+        for (key, value) in [
+            ("control.hmac_key", "55555555"),
+            ("sink.url", "77777777"),
+            ("sink.dataverse", "66666666"),
+            ("kafka.options", "44444444"),
+        ] {
+            assert!(errs.contains(key), "{key} not named: {errs}");
+            assert!(!errs.contains(value), "{value} leaked: {errs}");
+        }
+        assert!(errs.contains("invalid type: integer, expected a string"), "{errs}");
+    }
+
+    #[test]
+    fn refused_librdkafka_options_name_the_key_not_the_value() {
+        let text =
+            "[kafka.options]\n\"session.timeout.ms\" = \"FAKE-SECRET-1\"\n\"no.such.property\" = \"FAKE-SECRET-2\"\n";
+        let errs = Config::from_sources(Some(text), &[]).unwrap_err().0.join("\n");
+        assert!(errs.contains("kafka.options.session.timeout.ms: refused by librdkafka"), "{errs}");
+        assert!(errs.contains("kafka.options.no.such.property: refused by librdkafka"), "{errs}");
+        assert!(!errs.contains("FAKE-SECRET"), "{errs}");
     }
 }

@@ -1,5 +1,9 @@
 //! The HTTP endpoints of SPEC §7: `/metrics`, `/healthz`, `/readyz`. A tiny
 //! HTTP/1.1 responder (GET only, bounded request size) is all three need.
+//! It is bounded like any listener facing a network: at most
+//! [`MAX_CONNECTIONS`] at once (more wait in the kernel's backlog), 5 s to
+//! send a request head, and a failing `accept` (e.g. out of file
+//! descriptors) backs off instead of spinning.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +14,9 @@ use tokio::sync::watch;
 
 use crate::metrics::Metrics;
 
+/// Connections served at once; the rest wait to be accepted.
+pub const MAX_CONNECTIONS: usize = 32;
+
 /// What `/readyz` reports: the pipeline sets these as it learns them.
 #[derive(Debug, Default)]
 pub struct Readiness {
@@ -17,6 +24,9 @@ pub struct Readiness {
     pub sink_reachable: AtomicBool,
     /// Partitions assigned, or an assignment in progress.
     pub assigned: AtomicBool,
+    /// The control consumer could not start or stopped: ingestion goes on,
+    /// but retention commands are not executed.
+    pub control_failed: AtomicBool,
 }
 
 impl Readiness {
@@ -24,6 +34,7 @@ impl Readiness {
         self.broker_reachable.load(Ordering::Relaxed)
             && self.sink_reachable.load(Ordering::Relaxed)
             && self.assigned.load(Ordering::Relaxed)
+            && !self.control_failed.load(Ordering::Relaxed)
     }
 }
 
@@ -34,14 +45,36 @@ pub async fn serve(
     readiness: Arc<Readiness>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut accept_backoff = std::time::Duration::from_millis(10);
     loop {
+        // A permit before accepting: past the limit, connections queue in the backlog.
+        let permit = tokio::select! {
+            _ = shutdown.changed() => return,
+            permit = Arc::clone(&permits).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => {
-                let Ok((mut stream, _)) = accepted else { continue };
+                let mut stream = match accepted {
+                    Ok((stream, _)) => {
+                        accept_backoff = std::time::Duration::from_millis(10);
+                        stream
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "metrics endpoint: accept failed; backing off");
+                        tokio::time::sleep(accept_backoff).await;
+                        accept_backoff = (accept_backoff * 2).min(std::time::Duration::from_secs(1));
+                        continue;
+                    }
+                };
                 let metrics = Arc::clone(&metrics);
                 let readiness = Arc::clone(&readiness);
                 tokio::spawn(async move {
+                    let _permit = permit;
                     let mut buf = [0u8; 2048];
                     let mut len = 0;
                     // Read the request head only; anything beyond 2 KiB is refused.
@@ -70,10 +103,11 @@ pub async fn serve(
                             } else {
                                 let r = &readiness;
                                 let body = format!(
-                                    "not ready: broker_reachable={} sink_reachable={} partitions_assigned={}\n",
+                                    "not ready: broker_reachable={} sink_reachable={} partitions_assigned={} control_consumer={}\n",
                                     r.broker_reachable.load(Ordering::Relaxed),
                                     r.sink_reachable.load(Ordering::Relaxed),
-                                    r.assigned.load(Ordering::Relaxed)
+                                    r.assigned.load(Ordering::Relaxed),
+                                    if r.control_failed.load(Ordering::Relaxed) { "failed" } else { "ok" }
                                 );
                                 ("503 Service Unavailable", "text/plain", body)
                             }

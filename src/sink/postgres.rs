@@ -350,9 +350,20 @@ impl PostgresSink {
             match copy_rows(&savepoint, &self.topic, batch, indices).await {
                 Ok(()) => {
                     savepoint.commit().await.map_err(classify)?;
+                    let written: Vec<Uuid> = indices.iter().map(|&i| batch[i].record.id()).collect();
+                    let purged = undo_purged_inserts(&tx, &written).await?;
                     tx.commit().await.map_err(classify)?;
                     self.metrics.postgres_batches_total.with_label_values(&["copy"]).inc();
-                    return Ok(vec![Outcome::Written; indices.len()]);
+                    return Ok(indices
+                        .iter()
+                        .map(|&i| {
+                            if purged.contains(&batch[i].record.id()) {
+                                Outcome::PurgedReplay
+                            } else {
+                                Outcome::Written
+                            }
+                        })
+                        .collect());
                 }
                 Err(CopyFailure::Database(e)) if !is_data_error(&e) => return Err(classify(e)),
                 Err(failure) => {
@@ -397,9 +408,20 @@ impl PostgresSink {
             .map(|row| (row.get::<_, Uuid>(0), row.get::<_, Option<Uuid>>(1)))
             .collect()
         };
+        // Ids inserted, and ids that existed at the insert but are gone now:
+        // either may have been purged by a transaction that committed while
+        // this one ran.
+        let recheck: Vec<Uuid> = inserted
+            .iter()
+            .copied()
+            .chain(existing_ids.iter().copied().filter(|id| !stored.contains_key(id)))
+            .collect();
+        let purged = undo_purged_inserts(&tx, &recheck).await?;
         for &k in &to_insert {
             let r = &batch[indices[k]].record;
-            outcomes[k] = Some(if inserted.contains(&r.id()) {
+            outcomes[k] = Some(if purged.contains(&r.id()) {
+                Outcome::PurgedReplay
+            } else if inserted.contains(&r.id()) {
                 Outcome::Written
             } else {
                 classify_existing(r.content_hash(), stored.get(&r.id()).copied().flatten(), r.id())
@@ -471,6 +493,33 @@ impl PostgresSink {
         params.push(Box::new(hash));
         params
     }
+}
+
+/// Closes the race between a batch and a concurrent purge of the same ids.
+/// The tombstone lookup at the start of the batch cannot see a purge that
+/// commits later; but an insert of an id whose row a purge is deleting waits
+/// for that purge, so once the insert is done the purge has committed, and
+/// this statement (READ COMMITTED: a fresh snapshot) sees its tombstone. The
+/// ids found tombstoned are removed again inside the batch's transaction and
+/// reported as purged replays: a purged id is never re-created.
+async fn undo_purged_inserts(tx: &tokio_postgres::Transaction<'_>, ids: &[Uuid]) -> Result<HashSet<Uuid>, SinkError> {
+    if ids.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let t = table();
+    let (name, id) = (&t.logical_name, &t.primary_id_attribute);
+    let tombstoned: HashSet<Uuid> = tx
+        .query(&format!("SELECT {id} FROM {name}_tombstone WHERE {id} = ANY($1)"), &[&ids])
+        .await
+        .map_err(classify)?
+        .iter()
+        .map(|row| row.get::<_, Uuid>(0))
+        .collect();
+    if !tombstoned.is_empty() {
+        let doomed: Vec<Uuid> = tombstoned.iter().copied().collect();
+        tx.execute(&format!("DELETE FROM {name} WHERE {id} = ANY($1)"), &[&doomed]).await.map_err(classify)?;
+    }
+    Ok(tombstoned)
 }
 
 /// Columns and wire types of the binary COPY: the record layout, then the

@@ -370,3 +370,157 @@ async fn the_control_cli_ignores_forged_replies() {
         }
     }
 }
+
+/// Runs `command` for `seconds`, then SIGTERM (SIGKILL if it hangs); its output.
+fn run_briefly(mut command: Command, seconds: u64) -> std::process::Output {
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id().to_string();
+    let waiter = std::thread::spawn(move || child.wait_with_output().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < deadline && !waiter.is_finished() {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if !waiter.is_finished() {
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && !waiter.is_finished() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    }
+    waiter.join().unwrap()
+}
+
+/// Every exit path — an unreachable broker with SASL credentials, unreachable
+/// databases with passwords in the userinfo (with an unencoded `/`) and in the
+/// query, a refused librdkafka option, TOML type errors on secret keys, a
+/// Dataverse sink whose token endpoint is down, and `demo` on PostgreSQL —
+/// with recognisable fake secrets in every secret field, at debug log level:
+/// none of them appears in anything printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_exit_path_prints_a_secret() {
+    const HMAC: &str = "FAKE-HMAC-KEY-0123456789abcdefghijkl";
+    let secrets = [
+        "FAKE-HMAC-KEY",
+        "FAKESASLPW",
+        "FAKEPGPW1",
+        "FAKEPGPW2",
+        "FAKEPGPW3",
+        "FAKEOPTVALUE",
+        "FAKEOAUTHSECRET",
+        "FAKEREGPW",
+        "FAKEDVSECRET",
+        "31415926535",
+        "98765432123",
+    ];
+    let (dir, sqlite_url) = temp_sqlite();
+    std::fs::create_dir_all(&dir).unwrap();
+    let with_secrets = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = bin();
+        c.args(args)
+            .current_dir(&dir)
+            .env("RUST_LOG", "debug")
+            .env("COPILOT_INGEST__CONTROL__HMAC_KEY", HMAC)
+            .env("COPILOT_INGEST__AVRO__REGISTRY_URL", "http://registry-user:FAKEREGPW@127.0.0.1:1")
+            .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
+            .env("COPILOT_INGEST__SINK__URL", &sqlite_url);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        c
+    };
+    let pg = PgDb::create().await;
+    let mut cases: Vec<(&str, Command, u64, Option<i32>)> = vec![
+        (
+            "unreachable broker with SASL",
+            with_secrets(
+                &["run"],
+                &[
+                    ("COPILOT_INGEST__KAFKA__BROKERS", "127.0.0.1:1"),
+                    ("COPILOT_INGEST__KAFKA__OPTIONS__SECURITY_PROTOCOL", "SASL_PLAINTEXT"),
+                    ("COPILOT_INGEST__KAFKA__OPTIONS__SASL_MECHANISM", "PLAIN"),
+                    ("COPILOT_INGEST__KAFKA__OPTIONS__SASL_USERNAME", "user"),
+                    ("COPILOT_INGEST__KAFKA__OPTIONS__SASL_PASSWORD", "FAKESASLPW"),
+                ],
+            ),
+            5,
+            Some(0),
+        ),
+        (
+            "unreachable database, password with a slash",
+            with_secrets(&["run"], &[("COPILOT_INGEST__SINK__URL", "postgres://u:FAKEPGPW1/x@127.0.0.1:1/db")]),
+            5,
+            None,
+        ),
+        (
+            "unreachable database, password in the query",
+            with_secrets(&["run"], &[("COPILOT_INGEST__SINK__URL", "postgres://u@127.0.0.1:1/db?password=FAKEPGPW2")]),
+            5,
+            Some(0),
+        ),
+        (
+            "refused librdkafka options",
+            with_secrets(
+                &["run"],
+                &[
+                    ("COPILOT_INGEST__KAFKA__OPTIONS__SESSION_TIMEOUT_MS", "FAKEOPTVALUE"),
+                    ("COPILOT_INGEST__KAFKA__OPTIONS__SASL_OAUTHBEARER_CLIENT_SECRET", "FAKEOAUTHSECRET"),
+                ],
+            ),
+            20,
+            Some(2),
+        ),
+        (
+            "Dataverse token endpoint down",
+            with_secrets(
+                &["run"],
+                &[
+                    ("COPILOT_INGEST__SINK__URL", "dataverse://contoso.crm.dynamics.com"),
+                    ("COPILOT_INGEST__SINK__DATAVERSE__TENANT_ID", "tenant"),
+                    ("COPILOT_INGEST__SINK__DATAVERSE__CLIENT_ID", "client"),
+                    ("COPILOT_INGEST__SINK__DATAVERSE__CLIENT_SECRET", "FAKEDVSECRET"),
+                    ("COPILOT_INGEST__SINK__DATAVERSE__AUTHORITY", "http://127.0.0.1:1"),
+                    ("COPILOT_INGEST__SINK__DATAVERSE__API_URL", "http://127.0.0.1:1"),
+                ],
+            ),
+            5,
+            None,
+        ),
+    ];
+    let bad_toml = dir.join("secrets.toml");
+    std::fs::write(&bad_toml, "[control]\nhmac_key = 31415926535\n[sink.dataverse]\nclient_secret = 98765432123\n")
+        .unwrap();
+    cases.push((
+        "TOML type errors on secret keys",
+        with_secrets(&["--config", bad_toml.to_str().unwrap(), "run"], &[]),
+        20,
+        Some(2),
+    ));
+    let pg_url = pg.as_ref().map(|db| db.url.replacen("postgres://postgres@", "postgres://postgres:FAKEPGPW3@", 1));
+    if let Some(url) = &pg_url {
+        cases.push((
+            "demo on PostgreSQL",
+            with_secrets(&["demo", "--count", "300"], &[("COPILOT_INGEST__SINK__URL", url)]),
+            120,
+            Some(0),
+        ));
+    }
+    for (name, command, seconds, expected_exit) in cases {
+        let out = run_briefly(command, seconds);
+        let printed = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if let Some(code) = expected_exit {
+            assert_eq!(out.status.code(), Some(code), "{name}:\n{printed}");
+        }
+        assert!(!printed.trim().is_empty(), "{name}: printed nothing, so the check proves nothing");
+        for secret in secrets {
+            assert!(!printed.contains(secret), "{name}: {secret} printed:\n{printed}");
+        }
+        if name == "refused librdkafka options" {
+            assert!(printed.contains("kafka.options.session.timeout.ms"), "{name}: the key is named:\n{printed}");
+        }
+        if name == "demo on PostgreSQL" {
+            assert!(printed.contains("PostgreSQL postgres://postgres:***@"), "{name}:\n{printed}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

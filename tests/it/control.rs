@@ -528,3 +528,67 @@ async fn hostile_criteria_are_inert_or_rejected() {
         pipeline.stop().await;
     }
 }
+
+/// PostgreSQL: purges and replays of the same ids run at the same time, round
+/// after round; a purged id never comes back as a row. Each purge deletes its
+/// rows in one page while the replays stream in small batches, so replayed
+/// inserts meet rows the purge has deleted but not yet committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_purges_and_replays_never_resurrect_a_purged_id() {
+    let Some(db) = PgDb::create().await else { return };
+    const N: usize = 3000;
+    const ROUNDS: u64 = 3;
+    let kafka = TestKafka::new(4);
+    let mut config = kafka.config_with_sink(&db.url);
+    config.batch.max_records = 20;
+    config.batch.linger_ms = 1;
+    let pipeline = RunningPipeline::start(config.clone());
+    let control = ControlService::start(config);
+    let client = ControlClient::new(&kafka);
+    let mut handled = 0u64;
+    let mut resurrected = 0;
+    for round in 0..ROUNDS {
+        let seed = 100 + round;
+        let workload = events(seed, N, 0);
+        let ours = fetch(&format!("<condition attribute='msdyn_name' operator='like' value='event {seed}-%'/>"));
+        kafka.produce(&workload.messages).await;
+        handled += N as u64;
+        pipeline.wait_handled(handled, Duration::from_secs(120)).await;
+        let retain = client.call("BulkRetain", json!({"EntityName": ENTITY, "FetchXml": ours})).await;
+        assert_eq!(count(&retain), N as i64, "{retain}");
+
+        let purge_id = format!("purge-{round}");
+        let purge = json!({"command_id": purge_id, "message": "PurgeRetainedContent",
+            "parameters": {"EntityName": ENTITY, "PageSize": N, "FetchXml": ours}});
+        let replay = async {
+            for chunk in workload.messages.chunks(100) {
+                kafka.produce(chunk).await;
+            }
+        };
+        let purge_soon = async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            client.publish(&purge).await;
+        };
+        tokio::join!(purge_soon, replay);
+        let reply = client.reply(&purge_id, Duration::from_secs(60));
+        assert_eq!(count(&reply), N as i64, "{reply}");
+        handled += N as u64;
+        pipeline.wait_handled(handled, Duration::from_secs(120)).await;
+        resurrected += query_i64(
+            &db.url,
+            &format!("SELECT count(*) FROM msdyn_copilotinteraction WHERE msdyn_name LIKE 'event {seed}-%'"),
+        )
+        .await;
+    }
+    eprintln!(
+        "purged_replay skips: {}",
+        pipeline.metrics.records_skipped_total.with_label_values(&["purged_replay"]).get()
+    );
+    assert_eq!(resurrected, 0, "purged ids re-created by replays that raced the purge");
+    assert_eq!(
+        query_i64(&db.url, "SELECT count(*) FROM msdyn_copilotinteraction_tombstone").await,
+        (ROUNDS as usize * N) as i64
+    );
+    control.stop().await;
+    pipeline.stop().await;
+}
