@@ -10,7 +10,7 @@
 //! name, so older schema versions (fewer fields) need no resolution step.
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::time::Duration;
 
@@ -66,11 +66,20 @@ pub struct Prepared {
     reader: GenericDatumReader<'static>,
 }
 
+/// Schemas kept at most: a deployment has a handful of writer schema
+/// versions; ids beyond this are treated as unknown (each prepared schema is
+/// kept for the process's life).
+pub const MAX_SCHEMAS: usize = 256;
+/// Ids remembered as unknown to the registry, oldest forgotten first: random
+/// ids from a hostile producer cannot grow memory without bound.
+pub const MAX_MISSING_IDS: usize = 10_000;
+
 /// Writer schemas by id, each prepared once.
 pub struct AvroSchemas {
     readers: HashMap<u32, Prepared>,
-    /// Ids the registry answered 404 for.
+    /// Ids the registry answered 404 for (bounded; see [`MAX_MISSING_IDS`]).
     missing: HashSet<u32>,
+    missing_order: VecDeque<u32>,
     registry: Option<Registry>,
 }
 
@@ -79,7 +88,12 @@ impl AvroSchemas {
     pub fn load(config: &AvroConfig) -> Result<AvroSchemas, Vec<String>> {
         apache_avro::util::max_allocation_bytes(MAX_ALLOCATION_BYTES);
         let mut errors = Vec::new();
-        let mut schemas = AvroSchemas { readers: HashMap::new(), missing: HashSet::new(), registry: None };
+        let mut schemas = AvroSchemas {
+            readers: HashMap::new(),
+            missing: HashSet::new(),
+            missing_order: VecDeque::new(),
+            registry: None,
+        };
         if !config.registry_url.is_empty() {
             match Registry::parse(&config.registry_url) {
                 Ok(r) => schemas.registry = Some(r),
@@ -128,22 +142,44 @@ impl AvroSchemas {
         }
     }
 
-    /// Fetches a schema from the registry (blocking; call off the async
-    /// runtime). `Err` is transient (unreachable, 5xx): retry later.
-    pub fn fetch(&mut self, id: u32) -> Result<(), String> {
-        let Some(registry) = &self.registry else { return Ok(()) };
-        match registry.schema(id)? {
+    /// The registry, for a fetch made elsewhere (off the ordered path).
+    pub fn registry(&self) -> Option<Registry> {
+        self.registry.clone()
+    }
+
+    /// Records the registry's answer for `id`: its schema text, or `None`
+    /// (404). A schema that does not parse, or one past [`MAX_SCHEMAS`],
+    /// makes the id unknown.
+    pub fn apply_fetched(&mut self, id: u32, schema: Option<String>) {
+        match schema {
+            Some(_) if self.readers.len() >= MAX_SCHEMAS => {
+                tracing::warn!(schema_id = id, limit = MAX_SCHEMAS, "schema cache full; treating the id as unknown");
+                self.mark_missing(id);
+            }
             Some(text) => {
                 if let Err(e) = self.insert(id, &text) {
                     tracing::warn!(schema_id = id, error = %e, "registry schema does not parse; treating the id as unknown");
-                    self.missing.insert(id);
+                    self.mark_missing(id);
                 }
             }
-            None => {
-                self.missing.insert(id);
+            None => self.mark_missing(id),
+        }
+    }
+
+    fn mark_missing(&mut self, id: u32) {
+        if self.missing.insert(id) {
+            self.missing_order.push_back(id);
+            while self.missing_order.len() > MAX_MISSING_IDS {
+                if let Some(oldest) = self.missing_order.pop_front() {
+                    self.missing.remove(&oldest);
+                }
             }
         }
-        Ok(())
+    }
+
+    /// How many ids are cached (schemas, ids known to be missing).
+    pub fn cached(&self) -> (usize, usize) {
+        (self.readers.len(), self.missing.len())
     }
 }
 
@@ -358,5 +394,22 @@ mod tests {
         assert_eq!(frame(&f), Some((7, &b"abc"[..])));
         assert_eq!(frame(b"{\"a\":1}"), None);
         assert_eq!(frame(&[0, 0, 0]), None);
+    }
+
+    #[test]
+    fn caches_stay_bounded_whatever_ids_arrive() {
+        let config = AvroConfig { registry_url: "http://127.0.0.1:1".into(), schemas: Default::default() };
+        let mut schemas = AvroSchemas::load(&config).unwrap();
+        for id in 0..(MAX_MISSING_IDS as u32 + 5000) {
+            schemas.apply_fetched(id, None);
+        }
+        assert_eq!(schemas.cached(), (0, MAX_MISSING_IDS));
+        assert!(matches!(schemas.lookup(0), Lookup::Fetch), "the oldest unknown id was forgotten");
+        assert!(matches!(schemas.lookup(MAX_MISSING_IDS as u32 + 4999), Lookup::Unknown));
+        for id in 0..(MAX_SCHEMAS as u32 + 10) {
+            schemas.apply_fetched(1_000_000 + id, Some(BUNDLED[1].1.to_owned()));
+        }
+        assert_eq!(schemas.cached().0, MAX_SCHEMAS);
+        assert!(matches!(schemas.lookup(1_000_000 + MAX_SCHEMAS as u32 + 1), Lookup::Unknown));
     }
 }

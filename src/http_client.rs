@@ -1,19 +1,17 @@
-//! A small blocking HTTP/1.1 client over TCP or TLS (OpenSSL, the system's
-//! trust store; `SSL_CERT_FILE` adds a private CA) with keep-alive
-//! connections, for the two services we call: a Schema Registry and the
-//! Dataverse Web API with its token endpoint. Bodies are bounded; responses
-//! are read by `Content-Length`, chunked encoding, or connection close.
-//! Call it off the async runtime (`spawn_blocking`).
+//! The HTTP client for the two services we call: a Schema Registry and the
+//! Dataverse Web API with its token endpoint. It is `ureq` (blocking, so call
+//! it off the async runtime with `spawn_blocking`) over OpenSSL with the
+//! system's trust store (`SSL_CERT_FILE` adds a private CA), keep-alive
+//! connections, `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` with `NO_PROXY`
+//! from the environment, and bounded response heads and bodies: a hostile
+//! or broken server yields an error, never a panic.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
-use std::sync::Mutex;
 use std::time::Duration;
 
-use openssl::ssl::{SslConnector, SslMethod, SslStream};
+use ureq::tls::{RootCerts, TlsConfig, TlsProvider};
 
 /// Largest response body accepted (a CreateMultiple answer for 1000 ids is ~50 KB).
-const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+const MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Idle keep-alive connections kept per endpoint.
 const MAX_IDLE: usize = 64;
@@ -88,52 +86,25 @@ impl Response {
 #[error("{0}")]
 pub struct TransportError(pub String);
 
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<SslStream<TcpStream>>),
-}
-
-impl Read for Stream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-        }
-    }
-}
-
-impl Write for Stream {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.write(buf),
-            Stream::Tls(s) => s.write(buf),
-        }
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.flush(),
-            Stream::Tls(s) => s.flush(),
-        }
-    }
-}
-
-type Connection = BufReader<Stream>;
-
 pub struct HttpClient {
     endpoint: Endpoint,
-    connector: Option<SslConnector>,
-    timeout: Duration,
-    idle: Mutex<Vec<Connection>>,
+    agent: ureq::Agent,
 }
 
 impl HttpClient {
     pub fn new(endpoint: Endpoint, timeout: Duration) -> Result<HttpClient, String> {
-        let connector = if endpoint.tls {
-            Some(SslConnector::builder(SslMethod::tls_client()).map_err(|e| format!("TLS setup: {e}"))?.build())
-        } else {
-            None
-        };
-        Ok(HttpClient { endpoint, connector, timeout, idle: Mutex::new(Vec::new()) })
+        let tls = TlsConfig::builder().provider(TlsProvider::NativeTls).root_certs(RootCerts::PlatformVerifier).build();
+        let config = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .timeout_global(Some(timeout))
+            // Statuses are the callers' to interpret (429, 404, 5xx).
+            .http_status_as_error(false)
+            .max_response_header_size(MAX_HEADER_BYTES)
+            .max_idle_connections(MAX_IDLE)
+            .max_idle_connections_per_host(MAX_IDLE)
+            .max_redirects(0)
+            .build();
+        Ok(HttpClient { endpoint, agent: config.into() })
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -149,161 +120,36 @@ impl HttpClient {
         headers: &[(&str, &str)],
         body: &[u8],
     ) -> Result<Response, TransportError> {
-        let mut head = format!("{method} {}{path} HTTP/1.1\r\nHost: {}", self.endpoint.base_path, self.endpoint.host);
-        if self.endpoint.port != if self.endpoint.tls { 443 } else { 80 } {
-            head.push_str(&format!(":{}", self.endpoint.port));
+        // The origin carries no credentials: they travel in headers only.
+        let url = format!("{}{}{path}", self.endpoint.origin(), self.endpoint.base_path);
+        let mut request = ureq::http::Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
-        head.push_str("\r\n");
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        if !body.is_empty() || method == "POST" {
-            head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-        }
-        head.push_str("\r\n");
-
-        // A pooled connection may have been closed by the server while idle:
-        // on failure, try once more on a fresh one.
-        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        if let Some(mut connection) = pooled
-            && let Ok((response, reusable)) = exchange(&mut connection, &head, body)
-        {
-            self.release(connection, reusable);
-            return Ok(response);
-        }
-        let mut connection = self.connect()?;
-        let (response, reusable) = exchange(&mut connection, &head, body)
-            .map_err(|e| TransportError(format!("{}: {e}", self.endpoint.origin())))?;
-        self.release(connection, reusable);
-        Ok(response)
-    }
-
-    fn release(&self, connection: Connection, reusable: bool) {
-        if reusable
-            && let Ok(mut idle) = self.idle.lock()
-            && idle.len() < MAX_IDLE
-        {
-            idle.push(connection);
-        }
-    }
-
-    fn connect(&self) -> Result<Connection, TransportError> {
-        let e = &self.endpoint;
-        let addr = (e.host.as_str(), e.port)
-            .to_socket_addrs()
-            .map_err(|err| TransportError(format!("resolving {}: {err}", e.host)))?
-            .next()
-            .ok_or_else(|| TransportError(format!("{} has no address", e.host)))?;
-        let tcp = TcpStream::connect_timeout(&addr, self.timeout.min(Duration::from_secs(10)))
-            .map_err(|err| TransportError(format!("connecting to {}: {err}", e.origin())))?;
-        let _ = tcp.set_nodelay(true);
-        tcp.set_read_timeout(Some(self.timeout)).map_err(|err| TransportError(err.to_string()))?;
-        tcp.set_write_timeout(Some(self.timeout)).map_err(|err| TransportError(err.to_string()))?;
-        let stream = match &self.connector {
-            Some(connector) => Stream::Tls(Box::new(
-                connector
-                    .connect(&e.host, tcp)
-                    .map_err(|err| TransportError(format!("TLS handshake with {}: {err}", e.origin())))?,
-            )),
-            None => Stream::Plain(tcp),
-        };
-        Ok(BufReader::new(stream))
-    }
-}
-
-/// Writes the request, reads the response. Returns whether the connection
-/// may carry another request.
-fn exchange(connection: &mut Connection, head: &str, body: &[u8]) -> std::io::Result<(Response, bool)> {
-    let stream = connection.get_mut();
-    // Head and body in one write: fewer packets, and no Nagle stall on small bodies.
-    let mut bytes = Vec::with_capacity(head.len() + body.len());
-    bytes.extend_from_slice(head.as_bytes());
-    bytes.extend_from_slice(body);
-    stream.write_all(&bytes)?;
-    stream.flush()?;
-
-    let mut header_bytes = 0usize;
-    let mut line = String::new();
-    read_line(connection, &mut line, &mut header_bytes)?;
-    let mut parts = line.split_whitespace();
-    let version = parts.next().unwrap_or("");
-    let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| invalid("malformed status line"))?;
-    let mut keep_alive = version == "HTTP/1.1";
-    let mut headers = Vec::new();
-    loop {
-        read_line(connection, &mut line, &mut header_bytes)?;
-        let trimmed = line.trim_end();
-        if trimmed.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = trimmed.split_once(':') {
-            headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-        }
-    }
-    let header = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    if let Some(c) = header("connection") {
-        keep_alive = !c.eq_ignore_ascii_case("close") && (keep_alive || c.eq_ignore_ascii_case("keep-alive"));
-    }
-    let chunked = header("transfer-encoding").is_some_and(|t| t.to_ascii_lowercase().contains("chunked"));
-    let length = header("content-length").and_then(|l| l.parse::<usize>().ok());
-    let mut body = Vec::new();
-    if status == 204 || status == 304 || (100..200).contains(&status) {
-        // No body.
-    } else if chunked {
-        loop {
-            read_line(connection, &mut line, &mut header_bytes)?;
-            let size_text = line.trim().split(';').next().unwrap_or("");
-            let size = usize::from_str_radix(size_text, 16).map_err(|_| invalid("bad chunk size"))?;
-            if size == 0 {
-                // Trailers end with an empty line.
-                loop {
-                    read_line(connection, &mut line, &mut header_bytes)?;
-                    if line.trim_end().is_empty() {
-                        break;
-                    }
-                }
-                break;
+        let request = request.body(body.to_vec()).map_err(|e| TransportError(format!("request: {e}")))?;
+        let mut response = self.agent.run(request).map_err(|e| match e {
+            ureq::Error::NativeTls(e) => {
+                TransportError(format!("TLS handshake with {} failed: {e}", self.endpoint.origin()))
             }
-            if body.len() + size > MAX_BODY_BYTES {
-                return Err(invalid("response body too large"));
-            }
-            let start = body.len();
-            body.resize(start + size, 0);
-            connection.read_exact(&mut body[start..])?;
-            let mut crlf = [0u8; 2];
-            connection.read_exact(&mut crlf)?;
-        }
-    } else if let Some(length) = length {
-        if length > MAX_BODY_BYTES {
-            return Err(invalid("response body too large"));
-        }
-        body.resize(length, 0);
-        connection.read_exact(&mut body)?;
-    } else {
-        connection.take(MAX_BODY_BYTES as u64).read_to_end(&mut body)?;
-        keep_alive = false;
+            ureq::Error::Tls(e) => TransportError(format!("TLS handshake with {} failed: {e}", self.endpoint.origin())),
+            other => TransportError(other.to_string()),
+        })?;
+        let status = response.status().as_u16();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(MAX_BODY_BYTES)
+            .read_to_vec()
+            .map_err(|e| TransportError(format!("response body: {e}")))?;
+        Ok(Response { status, headers, body })
     }
-    Ok((Response { status, headers, body }, keep_alive))
 }
 
-fn read_line(connection: &mut Connection, line: &mut String, total: &mut usize) -> std::io::Result<()> {
-    line.clear();
-    let n = connection.by_ref().take((MAX_HEADER_BYTES + 2) as u64).read_line(line)?;
-    if n == 0 {
-        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
-    }
-    *total += n;
-    if *total > MAX_HEADER_BYTES {
-        return Err(invalid("response head too large"));
-    }
-    Ok(())
-}
-
-fn invalid(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_owned())
-}
-
-/// `application/x-www-form-urlencoded` / URL query component encoding.
 pub fn percent_encode(value: &str) -> String {
     let mut out = String::with_capacity(value.len());
     for b in value.bytes() {
@@ -361,41 +207,78 @@ mod tests {
     }
 
     /// A keep-alive server answering with Content-Length, then chunked, then close-delimited bodies.
-    #[test]
-    fn reads_every_body_framing_and_reuses_connections() {
+    /// Serves `answers` in turn on one listener (each after reading a request head).
+    fn serve(answers: Vec<Vec<u8>>) -> (u16, std::thread::JoinHandle<()>) {
+        use std::io::{BufRead, BufReader, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut writer = stream;
-            let answers: [&[u8]; 3] = [
-                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-                b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n",
-                b"HTTP/1.1 500 Oops\r\nConnection: close\r\n\r\nbye",
-            ];
-            for answer in answers {
-                let mut line = String::new();
+            let mut answers = answers.into_iter().peekable();
+            while answers.peek().is_some() {
+                let Ok((stream, _)) = listener.accept() else { return };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut writer = stream;
                 loop {
-                    line.clear();
-                    reader.read_line(&mut line).unwrap();
-                    if line == "\r\n" {
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            break;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    if line != "\r\n" {
                         break;
                     }
+                    let Some(answer) = answers.next() else { return };
+                    let _ = writer.write_all(&answer);
                 }
-                writer.write_all(answer).unwrap();
             }
         });
+        (port, server)
+    }
+
+    #[test]
+    fn reads_every_body_framing() {
+        let (port, server) = serve(vec![
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n".to_vec(),
+            b"HTTP/1.1 500 Oops\r\nContent-Length: 3\r\nX-Thing: A\r\n\r\nbye".to_vec(),
+        ]);
         let client =
             HttpClient::new(Endpoint::parse(&format!("http://127.0.0.1:{port}")).unwrap(), Duration::from_secs(5))
                 .unwrap();
         let r = client.request("GET", "/a", &[], b"").unwrap();
         assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
-        let r = client.request("GET", "/b", &[], b"").unwrap();
+        let r = client.request("POST", "/b", &[("Content-Type", "text/plain")], b"x").unwrap();
         assert_eq!((r.status, r.body.as_slice()), (201, &b"abcde"[..]));
         let r = client.request("GET", "/c", &[], b"").unwrap();
-        assert_eq!((r.status, r.body.as_slice()), (500, &b"bye"[..]));
-        server.join().unwrap();
-        assert!(client.idle.lock().unwrap().is_empty(), "a closed connection is not pooled");
+        assert_eq!((r.status, r.body.as_slice(), r.header("x-thing")), (500, &b"bye"[..], Some("A")));
+        drop(client);
+        let _ = server.join();
+    }
+
+    /// A chunk size near `usize::MAX`, a head over the limit, a body cut
+    /// short: each an error, never a panic.
+    #[test]
+    fn hostile_responses_are_errors_not_panics() {
+        let answers = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffff\r\nabc\r\n".to_vec(),
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffffffffff\r\nabc\r\n".to_vec(),
+            [b"HTTP/1.1 200 OK\r\nX-Big: ".to_vec(), vec![b'a'; 100 * 1024], b"\r\n\r\n".to_vec()].concat(),
+            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort".to_vec(),
+        ];
+        for answer in answers {
+            let (port, server) = serve(vec![answer]);
+            let client =
+                HttpClient::new(Endpoint::parse(&format!("http://127.0.0.1:{port}")).unwrap(), Duration::from_secs(5))
+                    .unwrap();
+            let outcome = std::thread::spawn(move || client.request("GET", "/", &[], b"").map(|r| r.body.len()));
+            let result = outcome.join().expect("no panic");
+            assert!(result.is_err(), "{result:?}");
+            let _ = server.join();
+        }
     }
 }

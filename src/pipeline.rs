@@ -4,7 +4,7 @@
 //! (3) the linger timer, (4) new messages — the last only while fewer than
 //! `max_in_flight` batches are being written, which is what pauses the source.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +29,11 @@ use crate::source::{Inbound, Source, SourceEvent, consumer_config};
 
 /// Dead letters in flight before the source is paused.
 const MAX_DLQ_IN_FLIGHT: usize = 10_000;
+/// Messages held back while their partition waits for a schema; past this,
+/// consumption pauses (the source's bounded channel fills).
+const MAX_PARKED: usize = 20_000;
+/// Registry look-ups in flight at once.
+const MAX_SCHEMA_FETCHES: usize = 8;
 /// The single subscribed topic's index in the offset tracker.
 const TOPIC: u32 = 0;
 
@@ -164,16 +169,71 @@ pub fn kafka_options(config: &Config) -> Vec<(String, String)> {
     config.kafka.options.iter().map(|(k, v)| (k.clone(), v.expose().to_owned())).collect()
 }
 
+/// Schema ids being looked up in the registry, off the ordered path: a
+/// message whose schema is unknown parks its partition (that partition's
+/// later messages queue behind it, in order), while every other partition
+/// goes on. Looked-up answers release the parked messages.
+#[derive(Default)]
+struct SchemaFetches {
+    parked: HashMap<i32, VecDeque<Inbound>>,
+    parked_total: usize,
+    /// Ids being fetched (or waiting to retry), and those waiting for a slot.
+    in_flight: HashSet<u32>,
+    queued: VecDeque<u32>,
+    backoff: HashMap<u32, Backoff>,
+    /// The wait before an id's next attempt, after a transient failure.
+    retry_delay: HashMap<u32, Duration>,
+    tasks: JoinSet<(u32, Result<Option<String>, String>)>,
+}
+
+impl SchemaFetches {
+    fn park(&mut self, message: Inbound) {
+        self.parked_total += 1;
+        self.parked.entry(message.partition).or_default().push_back(message);
+    }
+
+    /// Asks the registry for `id` unless it is already being asked.
+    fn request(&mut self, id: u32, registry: Option<crate::avro::Registry>) {
+        if self.in_flight.contains(&id) || self.queued.contains(&id) {
+            return;
+        }
+        if self.tasks.len() >= MAX_SCHEMA_FETCHES {
+            self.queued.push_back(id);
+            return;
+        }
+        self.in_flight.insert(id);
+        let delay = self.retry_delay.remove(&id).unwrap_or_default();
+        self.tasks.spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(registry) = registry else { return (id, Ok(None)) };
+            let answer = tokio::task::spawn_blocking(move || registry.schema(id))
+                .await
+                .unwrap_or_else(|e| Err(format!("registry look-up failed: {e}")));
+            (id, answer)
+        });
+    }
+
+    /// Drops the parked messages of partitions that are gone (revoked): they
+    /// were never received, so they are redelivered to the new owner.
+    fn forget(&mut self, partitions: &[i32]) {
+        for p in partitions {
+            if let Some(queue) = self.parked.remove(p) {
+                self.parked_total -= queue.len();
+            }
+        }
+    }
+}
+
 struct State {
     config: Config,
     metrics: Arc<Metrics>,
     sink: Arc<Sink>,
     producer: Arc<dlq::Producer>,
     decoder: Decoder,
-    shutdown: watch::Receiver<bool>,
     tracker: OffsetTracker,
     batcher: Batcher,
     tasks: JoinSet<Completion>,
+    schemas: SchemaFetches,
     max_batches_in_flight: usize,
     batches_in_flight: usize,
     dead_letters_in_flight: usize,
@@ -188,42 +248,21 @@ struct State {
 
 impl State {
     fn handle_messages(&mut self, messages: Vec<Inbound>) {
-        let now = Utc::now();
         let mut full = Vec::new();
-        let mut received = 0u64;
         // One shared handle per chunk, not a String per message.
         let topic = Arc::clone(&self.topic);
+        let mut received = 0u64;
         for message in messages {
-            let origin = Origin { topic: &topic, partition: message.partition, offset: message.offset };
-            let decoded = loop {
-                let decoded = match &message.payload {
-                    Some(payload) => self.decoder.decode(payload, Some(&origin), now),
-                    None => Decoded::Rejected(Rejection::new(Reason::MalformedJson, None, "message has no value")),
-                };
-                match decoded {
-                    Decoded::NeedsSchema(id) => {
-                        if !self.fetch_schema(id) {
-                            // Shutting down: this message and the rest of the chunk
-                            // were never received as far as offsets go, so they are
-                            // redelivered; nothing after them is processed either.
-                            self.received.inc_by(received);
-                            return;
-                        }
-                    }
-                    other => break other,
-                }
-            };
-            received += 1;
-            if !self.tracker.received(TOPIC, message.partition, message.offset) {
-                tracing::debug!(partition = message.partition, offset = message.offset, "message delivered again");
+            if self.schemas.parked.contains_key(&message.partition) {
+                // Behind a message that waits for its schema: keep the order.
+                self.prefetch_schema(&message);
+                self.schemas.park(message);
+                continue;
             }
-            match decoded {
-                Decoded::Record(record) => self.batcher.push(Entry { record, message }, &mut full),
-                Decoded::Rejected(rejection) => {
-                    self.metrics.events_rejected_total.with_label_values(&[rejection.reason.code()]).inc();
-                    self.spawn_dead_letter(message, rejection);
-                }
-                Decoded::NeedsSchema(_) => {}
+            if let Some(message) = self.accept(message, &topic, &mut full) {
+                self.schemas.park(message);
+            } else {
+                received += 1;
             }
         }
         self.received.inc_by(received);
@@ -232,27 +271,95 @@ impl State {
         }
     }
 
-    /// Asks the schema registry for an unknown id, retrying while it is
-    /// unreachable; consumption waits meanwhile (nothing is dead-lettered for
-    /// a registry outage). False when shutdown interrupted the wait.
-    fn fetch_schema(&mut self, id: u32) -> bool {
-        let mut backoff = Backoff::default();
-        loop {
-            let result = tokio::task::block_in_place(|| self.decoder.avro.fetch(id));
-            match result {
-                Ok(()) => return true,
-                Err(e) => {
-                    let delay = backoff.next_delay();
-                    tracing::warn!(schema_id = id, error = %e, retry_in_ms = delay.as_millis() as u64, "schema registry unavailable; consumption waits");
-                    let until = std::time::Instant::now() + delay;
-                    while std::time::Instant::now() < until {
-                        if *self.shutdown.borrow() {
-                            return false;
-                        }
-                        tokio::task::block_in_place(|| std::thread::sleep(Duration::from_millis(50)));
-                    }
-                }
+    /// Decodes one message and hands it on (batch or dead letter). A message
+    /// whose schema must first be fetched is returned, to be parked.
+    fn accept(&mut self, message: Inbound, topic: &Arc<str>, full: &mut Vec<Batch>) -> Option<Inbound> {
+        let now = Utc::now();
+        let origin = Origin { topic, partition: message.partition, offset: message.offset };
+        let decoded = match &message.payload {
+            Some(payload) => self.decoder.decode(payload, Some(&origin), now),
+            None => Decoded::Rejected(Rejection::new(Reason::MalformedJson, None, "message has no value")),
+        };
+        if !matches!(decoded, Decoded::NeedsSchema(_))
+            && !self.tracker.received(TOPIC, message.partition, message.offset)
+        {
+            tracing::debug!(partition = message.partition, offset = message.offset, "message delivered again");
+        }
+        match decoded {
+            Decoded::Record(record) => self.batcher.push(Entry { record, message }, full),
+            Decoded::Rejected(rejection) => {
+                self.metrics.events_rejected_total.with_label_values(&[rejection.reason.code()]).inc();
+                self.spawn_dead_letter(message, rejection);
             }
+            Decoded::NeedsSchema(id) => {
+                self.schemas.request(id, self.decoder.avro.registry());
+                return Some(message);
+            }
+        }
+        None
+    }
+
+    /// Starts the look-up of a parked message's schema early, so that many
+    /// unknown ids on one partition are fetched side by side.
+    fn prefetch_schema(&mut self, message: &Inbound) {
+        if let Some((id, _)) = message.payload.as_deref().and_then(crate::avro::frame)
+            && matches!(self.decoder.avro.lookup(id), crate::avro::Lookup::Fetch)
+        {
+            self.schemas.request(id, self.decoder.avro.registry());
+        }
+    }
+
+    /// A registry answer arrived: record it, or retry a transient failure
+    /// with backoff (consumption of that partition waits; nothing is
+    /// dead-lettered for an outage). Then parked messages go on.
+    fn handle_schema(&mut self, id: u32, answer: Result<Option<String>, String>) {
+        self.schemas.in_flight.remove(&id);
+        match answer {
+            Ok(schema) => {
+                self.schemas.backoff.remove(&id);
+                self.decoder.avro.apply_fetched(id, schema);
+            }
+            Err(e) => {
+                let backoff = self.schemas.backoff.entry(id).or_default();
+                let delay = backoff.next_delay();
+                tracing::warn!(schema_id = id, error = %e, retry_in_ms = delay.as_millis() as u64, "schema registry unavailable; that partition waits");
+                self.schemas.retry_delay.insert(id, delay);
+                self.schemas.request(id, self.decoder.avro.registry());
+            }
+        }
+        while self.schemas.tasks.len() < MAX_SCHEMA_FETCHES
+            && let Some(next) = self.schemas.queued.pop_front()
+        {
+            self.schemas.request(next, self.decoder.avro.registry());
+        }
+        self.release_parked();
+    }
+
+    /// Runs parked messages whose schema is now known, partition by
+    /// partition, in order, up to the next one still waiting.
+    fn release_parked(&mut self) {
+        let topic = Arc::clone(&self.topic);
+        let mut full = Vec::new();
+        let mut received = 0u64;
+        let partitions: Vec<i32> = self.schemas.parked.keys().copied().collect();
+        for p in partitions {
+            let Some(mut queue) = self.schemas.parked.remove(&p) else { continue };
+            while let Some(message) = queue.pop_front() {
+                self.schemas.parked_total -= 1;
+                if let Some(waiting) = self.accept(message, &topic, &mut full) {
+                    queue.push_front(waiting);
+                    self.schemas.parked_total += 1;
+                    break;
+                }
+                received += 1;
+            }
+            if !queue.is_empty() {
+                self.schemas.parked.insert(p, queue);
+            }
+        }
+        self.received.inc_by(received);
+        for batch in full {
+            self.spawn_batch(batch);
         }
     }
 
@@ -368,7 +475,9 @@ impl State {
     }
 
     fn can_take(&self) -> bool {
-        self.batches_in_flight < self.max_batches_in_flight && self.dead_letters_in_flight < MAX_DLQ_IN_FLIGHT
+        self.batches_in_flight < self.max_batches_in_flight
+            && self.dead_letters_in_flight < MAX_DLQ_IN_FLIGHT
+            && self.schemas.parked_total < MAX_PARKED
     }
 }
 
@@ -425,7 +534,6 @@ pub async fn run(
             format: config.kafka.format,
             avro: crate::avro::AvroSchemas::load(&config.avro).map_err(|e| anyhow::anyhow!(e.join("; ")))?,
         },
-        shutdown: shutdown.clone(),
         batcher: Batcher::new(
             config.batch.max_records,
             config.batch.max_bytes,
@@ -437,6 +545,7 @@ pub async fn run(
         producer,
         tracker: OffsetTracker::new(),
         tasks: JoinSet::new(),
+        schemas: SchemaFetches::default(),
         max_batches_in_flight,
         batches_in_flight: 0,
         dead_letters_in_flight: 0,
@@ -466,6 +575,12 @@ pub async fn run(
                 }
                 state.store_offsets(&source);
             }
+            Some(fetched) = state.schemas.tasks.join_next(), if !state.schemas.tasks.is_empty() => {
+                match fetched {
+                    Ok((id, answer)) => state.handle_schema(id, answer),
+                    Err(e) => tracing::error!(error = %e, "schema look-up task failed"),
+                }
+            }
             _ = tokio::time::sleep_until(linger.unwrap_or_else(tokio::time::Instant::now)), if linger.is_some() => state.flush(),
             _ = summary_tick.tick() => summary.log(&state.metrics, state.batches_in_flight),
             // The consumer thread stopped waiting for the hand-off: stop too, or
@@ -474,6 +589,7 @@ pub async fn run(
             _ = tokio::time::sleep_until(revoke_deadline.unwrap_or_else(tokio::time::Instant::now)), if revoke_deadline.is_some() => {
                 if let Some((partitions, _done, _)) = revoking.take() {
                     state.store_offsets(&source);
+                    state.schemas.forget(&partitions);
                     for p in &partitions {
                         state.tracker.forget(TOPIC, *p);
                         state.assigned.remove(p);
@@ -503,6 +619,7 @@ pub async fn run(
             && let Some((partitions, done, _)) = revoking.take()
         {
             state.store_offsets(&source);
+            state.schemas.forget(&partitions);
             for p in &partitions {
                 state.tracker.forget(TOPIC, *p);
                 state.assigned.remove(p);
@@ -538,6 +655,8 @@ pub async fn run(
         }
     }
     state.tasks.abort_all();
+    // Parked messages were never received: they stay uncommitted and are redelivered.
+    state.schemas.tasks.abort_all();
     state.store_offsets(&source);
     let committed = tokio::task::block_in_place(|| source.consumer.commit_consumer_state(CommitMode::Sync));
     match committed {

@@ -107,6 +107,8 @@ struct FakeRegistry {
     addr: std::net::SocketAddr,
     hits: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
+    /// While true, look-ups of ids the registry does not have hang.
+    hold_unknown: Arc<AtomicBool>,
 }
 
 async fn fake_registry(schemas: Vec<(u32, String)>) -> FakeRegistry {
@@ -114,16 +116,21 @@ async fn fake_registry(schemas: Vec<(u32, String)>) -> FakeRegistry {
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicUsize::new(0));
     let down = Arc::new(AtomicBool::new(false));
-    let (h, d) = (hits.clone(), down.clone());
+    let hold_unknown = Arc::new(AtomicBool::new(false));
+    let (h, d, hold) = (hits.clone(), down.clone(), hold_unknown.clone());
     let schemas = Arc::new(schemas);
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
-            let (h, d, schemas) = (h.clone(), d.clone(), schemas.clone());
+            let (h, d, hold, schemas) = (h.clone(), d.clone(), hold.clone(), schemas.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let n = stream.read(&mut buf).await.unwrap_or(0);
                 let request = String::from_utf8_lossy(&buf[..n]).into_owned();
                 let path = request.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let requested: u32 = path.rsplit('/').next().and_then(|s| s.parse().ok()).unwrap_or(0);
+                while hold.load(Ordering::SeqCst) && !schemas.iter().any(|(i, _)| *i == requested) {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
                 let response = if d.load(Ordering::SeqCst) {
                     "HTTP/1.0 503 Service Unavailable\r\n\r\n".to_owned()
                 } else {
@@ -132,7 +139,8 @@ async fn fake_registry(schemas: Vec<(u32, String)>) -> FakeRegistry {
                     match schemas.iter().find(|(i, _)| *i == id) {
                         Some((_, text))
                             if path.starts_with("/schemas/ids/")
-                                && request.contains("Authorization: Basic dXNlcjpwYXNz") =>
+                                // Header names are case-insensitive (HTTP/1.1 clients may send them lower-cased).
+                                && request.to_ascii_lowercase().contains("authorization: basic dxnlcjpwyxnz") =>
                         {
                             let body = serde_json::json!({"schema": text}).to_string();
                             format!(
@@ -149,7 +157,57 @@ async fn fake_registry(schemas: Vec<(u32, String)>) -> FakeRegistry {
             });
         }
     });
-    FakeRegistry { addr, hits, down }
+    FakeRegistry { addr, hits, down, hold_unknown }
+}
+
+/// Unknown schema ids from a hostile producer are looked up off the ordered
+/// path: while the registry takes its time over them (here: hangs), valid
+/// events on the other partition are written; once it answers 404 they are
+/// dead-lettered as unknown_schema_id, and nothing is lost or stalled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_schema_ids_never_hold_back_other_partitions() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let v2 = copilot_ingest::avro::BUNDLED[1].1.to_owned();
+    let registry = fake_registry(vec![(7, v2.clone())]).await;
+    registry.hold_unknown.store(true, Ordering::SeqCst);
+    let kafka = TestKafka::new(2);
+    let (_dir, url) = temp_sqlite();
+    let mut config = kafka.config_with_sink(&url);
+    config.avro.registry_url = format!("http://user:pass@{}", registry.addr);
+    let pipeline = RunningPipeline::start(config);
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap).create().unwrap();
+    let send = |partition: i32, value: Vec<u8>| {
+        let producer = producer.clone();
+        let topic = kafka.config.kafka.topic.clone();
+        async move {
+            producer
+                .send(FutureRecord::to(&topic).key("k").payload(&value).partition(partition), Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
+    };
+    // Partition 0: 50 messages with random schema ids the registry does not know.
+    const UNKNOWN: usize = 50;
+    for i in 0..UNKNOWN as u32 {
+        send(0, copilot_ingest::avro::framed(1_000 + i * 7919, b"\x02x")).await;
+    }
+    // Partition 1: valid JSON events.
+    let valid = Workload::generate(71, 200, 0.0);
+    for (_, value) in &valid.messages {
+        send(1, value.clone()).await;
+    }
+    wait_for("partition 1 written while partition 0 waits for the registry", Duration::from_secs(60), || {
+        pipeline.written() == 200
+    })
+    .await;
+    assert_eq!(Metrics::total(&pipeline.metrics.dlq_events_total), 0, "the unknown ids are still being looked up");
+
+    registry.hold_unknown.store(false, Ordering::SeqCst);
+    pipeline.wait_handled(200 + UNKNOWN as u64, Duration::from_secs(60)).await;
+    assert_eq!(pipeline.metrics.dlq_events_total.with_label_values(&["unknown_schema_id"]).get(), UNKNOWN as u64);
+    wait_for("offsets at the log end", Duration::from_secs(30), || kafka.committed() == kafka.log_end()).await;
+    pipeline.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
