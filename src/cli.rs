@@ -351,6 +351,7 @@ async fn run(mut config: Config) -> anyhow::Result<i32> {
             tracing::error!(error = %outcome, "control consumer stopped: retention commands are not executed");
         })
     };
+    tokio::spawn(crate::control::consumer::prune_periodically(config.clone(), shutdown.clone()));
     pipeline::run(config, &brokers, metrics, readiness, shutdown).await?;
     let _ = control.await;
     Ok(EXIT_OK)

@@ -113,11 +113,18 @@ pub struct SinkConfig {
     pub url: Secret,
     /// Used when `url` is `dataverse://…`.
     pub dataverse: DataverseConfig,
+    /// Dead-letter ledger entries and stored control replies older than this
+    /// are deleted (checked hourly). Tombstones are kept.
+    pub prune_after_hours: u64,
 }
 
 impl Default for SinkConfig {
     fn default() -> Self {
-        SinkConfig { url: Secret::new("sqlite://./data/copilot-ingest.db"), dataverse: DataverseConfig::default() }
+        SinkConfig {
+            url: Secret::new("sqlite://./data/copilot-ingest.db"),
+            dataverse: DataverseConfig::default(),
+            prune_after_hours: 168,
+        }
     }
 }
 
@@ -369,6 +376,9 @@ impl Config {
         }
         if let Err(e) = self.sink_url() {
             errors.push(format!("sink.url: {e}"));
+        }
+        if self.sink.prune_after_hours == 0 {
+            errors.push("sink.prune_after_hours: must be at least 1".into());
         }
         if self.metrics.listen.parse::<SocketAddr>().is_err() {
             errors.push(format!("metrics.listen: '{}' is not an address like 0.0.0.0:9464", self.metrics.listen));

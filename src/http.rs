@@ -43,9 +43,19 @@ pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    serve_bounded(listener, metrics, readiness, shutdown, MAX_CONNECTIONS).await
+}
+
+async fn serve_bounded(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+    max_connections: usize,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut accept_backoff = std::time::Duration::from_millis(10);
     loop {
         // A permit before accepting: past the limit, connections queue in the backlog.
@@ -124,5 +134,38 @@ pub async fn serve(
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn get(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        s
+    }
+
+    /// Past the connection limit a client waits (in the backlog) until a
+    /// served connection ends; it is then answered.
+    #[tokio::test]
+    async fn connections_beyond_the_limit_wait_for_a_free_slot() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(serve_bounded(listener, Arc::new(Metrics::new()), Arc::new(Readiness::default()), rx, 2));
+        // Two idle clients hold both slots (they never send a request).
+        let idle_a = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let _idle_b = tokio::net::TcpStream::connect(addr).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut waiting = get(addr).await;
+        let mut buf = Vec::new();
+        let early = tokio::time::timeout(Duration::from_millis(500), waiting.read_to_end(&mut buf)).await;
+        assert!(early.is_err(), "answered although both slots are taken: {}", String::from_utf8_lossy(&buf));
+        drop(idle_a);
+        tokio::time::timeout(Duration::from_secs(10), waiting.read_to_end(&mut buf)).await.unwrap().unwrap();
+        assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
     }
 }

@@ -110,6 +110,33 @@ pub async fn run(
     Ok(())
 }
 
+/// Prunes the dead-letter ledger and stored replies every hour (the first
+/// time a minute after start), until `shutdown`.
+pub async fn prune_periodically(config: Config, mut shutdown: watch::Receiver<bool>) {
+    let Some(store) = config.sink_url().ok().as_ref().and_then(Store::new) else { return };
+    let max_age = chrono::Duration::hours(i64::try_from(config.sink.prune_after_hours).unwrap_or(i64::MAX / 7200));
+    let mut next = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(next) => {}
+            _ = shutdown.changed() => return,
+        }
+        next += Duration::from_secs(3600);
+        match store.prune(chrono::Utc::now() - max_age).await {
+            Ok((letters, replies)) => {
+                tracing::info!(
+                    dead_letter_entries = letters,
+                    stored_replies = replies,
+                    "pruned bookkeeping older than sink.prune_after_hours"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning the dead-letter ledger and stored replies failed; retrying in an hour")
+            }
+        }
+    }
+}
+
 /// Authenticates, deduplicates and executes one command. `None` when shutdown
 /// interrupted a retry.
 async fn handle(

@@ -124,6 +124,33 @@ impl Store {
         }
     }
 
+    /// Deletes dead-letter ledger entries and stored replies older than
+    /// `cutoff`; returns how many of each. Tombstones are never pruned: they
+    /// are the record of erasure. Safe because a signed command older than
+    /// five minutes is refused anyway, and the topics' retention is shorter
+    /// than the default age (7 days), so nothing that old is redelivered.
+    pub async fn prune(&self, cutoff: DateTime<Utc>) -> Result<(u64, u64), StoreError> {
+        let ledger = crate::sink::DEAD_LETTER_TABLE;
+        match self {
+            Store::Sqlite(path) => {
+                sqlite(path, move |conn| {
+                    let at = format_datetime(&cutoff);
+                    let letters = conn.execute(&format!("DELETE FROM {ledger} WHERE sent_at < ?1"), [&at])?;
+                    let replies = conn.execute(&format!("DELETE FROM {REPLY_TABLE} WHERE created_on < ?1"), [&at])?;
+                    Ok((letters as u64, replies as u64))
+                })
+                .await
+            }
+            Store::Postgres(url) => {
+                let client = pg(url).await?;
+                let letters = client.execute(&format!("DELETE FROM {ledger} WHERE sent_at < $1"), &[&cutoff]).await?;
+                let replies =
+                    client.execute(&format!("DELETE FROM {REPLY_TABLE} WHERE created_on < $1"), &[&cutoff]).await?;
+                Ok((letters, replies))
+            }
+        }
+    }
+
     pub async fn stored_reply(&self, command_id: &str) -> Result<Option<Reply>, StoreError> {
         let sql_sqlite = format!("SELECT reply FROM {REPLY_TABLE} WHERE command_id = ?1");
         let text: Option<String> = match self {

@@ -592,3 +592,46 @@ async fn concurrent_purges_and_replays_never_resurrect_a_purged_id() {
     control.stop().await;
     pipeline.stop().await;
 }
+
+/// The dead-letter ledger and stored replies are pruned by age; tombstones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_ledger_entries_and_replies_are_pruned_and_tombstones_kept() {
+    let (urls, _db, _dir) = sink_urls().await;
+    for url in urls {
+        let kafka = TestKafka::new(1);
+        let config = kafka.config_with_sink(&url);
+        let pipeline = RunningPipeline::start(config.clone());
+        kafka.produce(&events(9, 3, 0).messages).await;
+        pipeline.wait_handled(3, Duration::from_secs(60)).await;
+        pipeline.stop().await;
+        let (old, new) = ("2020-01-01T00:00:00.000Z", "2999-01-01T00:00:00.000Z");
+        let statements = [
+            format!(
+                "INSERT INTO copilot_ingest_dead_letters (ingest_topic, ingest_partition, ingest_offset, message_digest, sent_at) VALUES ('t', 0, 1, 'a', '{old}'), ('t', 0, 2, 'b', '{new}')"
+            ),
+            format!(
+                "INSERT INTO copilot_ingest_control_reply (command_id, message, reply, created_on) VALUES ('old', 'Retain', '{{}}', '{old}'), ('new', 'Retain', '{{}}', '{new}')"
+            ),
+            format!(
+                "INSERT INTO msdyn_copilotinteraction_tombstone (msdyn_copilotinteractionid, purgedon) VALUES ('{}', '{old}')",
+                uuid::Uuid::new_v4()
+            ),
+        ];
+        for sql in &statements {
+            if let Some(path) = url.strip_prefix("sqlite://") {
+                rusqlite::Connection::open(path).unwrap().execute(sql, []).unwrap();
+            } else {
+                copilot_ingest::sink::postgres::connect(&url).await.unwrap().execute(sql.as_str(), &[]).await.unwrap();
+            }
+        }
+        let store = copilot_ingest::control::store::Store::new(&config.sink_url().unwrap()).unwrap();
+        let pruned = store.prune(chrono::Utc::now() - chrono::Duration::hours(168)).await.unwrap();
+        assert_eq!(pruned, (1, 1), "{url}");
+        assert_eq!(
+            query_i64(&url, "SELECT count(*) FROM copilot_ingest_dead_letters WHERE ingest_offset = 2").await,
+            1
+        );
+        assert_eq!(query_i64(&url, "SELECT count(*) FROM copilot_ingest_control_reply").await, 1);
+        assert_eq!(query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction_tombstone").await, 1, "{url}");
+    }
+}

@@ -23,7 +23,7 @@ fn tansu_binary() -> Option<PathBuf> {
             std::env::var("CI").is_err(),
             "tansu is not installed (cargo install tansu --locked --features dynostore)"
         );
-        eprintln!("tansu not installed: skipping");
+        eprintln!("SKIPPED: tansu is not installed (cargo install tansu --locked --features dynostore)");
     }
     found
 }

@@ -10,3 +10,4 @@ mod faults;
 mod interop;
 mod observability;
 mod pipeline;
+mod postgres_tls;

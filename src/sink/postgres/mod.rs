@@ -14,12 +14,13 @@ use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use tokio::sync::{Mutex, Semaphore};
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{Client, NoTls, Statement};
+use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
+
+pub mod connect;
 
 use super::{Outcome, SinkError, classify_existing};
 use crate::batch::Batch;
-use crate::config::redact_url;
 use crate::record::{Value, create_columns};
 use crate::table::{Column, ColumnType, table};
 
@@ -137,17 +138,7 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
     result
 }
 
-pub async fn connect(url: &str) -> Result<Client, SinkError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|e| SinkError::Transient(format!("connecting to {}: {e}", redact_url(url))))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "PostgreSQL connection closed");
-        }
-    });
-    Ok(client)
-}
+pub use connect::connect;
 
 fn insert_sql() -> String {
     let t = table();
