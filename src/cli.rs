@@ -4,7 +4,6 @@
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -38,6 +37,9 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// No progress display (demo, produce, bench).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -109,6 +111,28 @@ pub enum Command {
         #[arg(long, default_value_t = 4)]
         partitions: i32,
     },
+    /// Check, show or write out the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Print a shell completion script (e.g. `copilot-ingest completions bash > /etc/bash_completion.d/copilot-ingest`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `copilot-ingest man | man -l -`.
+    Man,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum ConfigAction {
+    /// Validate the file and the environment without connecting; every problem, then exit 2.
+    Check,
+    /// The effective configuration after the environment overrides, secrets masked.
+    Show,
+    /// A commented configuration file with every key and its default.
+    Example,
 }
 
 #[derive(Debug, Subcommand)]
@@ -163,9 +187,14 @@ pub enum ProduceFormat {
 }
 
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only on a terminal (never into files, pipes or CI logs) and never with NO_COLOR.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(crate::progress::colour_allowed(std::io::stderr().is_terminal()))
+        .with_writer(crate::progress::LogWriter);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -181,6 +210,28 @@ pub fn main() -> i32 {
         }
     };
     init_tracing(cli.log_format);
+    match &cli.command {
+        Command::Config { action: ConfigAction::Example } => {
+            print!("{}", crate::config::example());
+            return EXIT_OK;
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "copilot-ingest", &mut std::io::stdout());
+            return EXIT_OK;
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("cannot write the manual page: {e}");
+                    EXIT_REJECTED
+                }
+            };
+        }
+        _ => {}
+    }
     if let Command::Validate { file } = &cli.command {
         let config = match Config::load(cli.config.as_deref()) {
             Ok(c) => c,
@@ -192,6 +243,25 @@ pub fn main() -> i32 {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
+    match &cli.command {
+        Command::Config { action: ConfigAction::Check } => {
+            let source = match &cli.config {
+                Some(path) => path.display().to_string(),
+                None if std::path::Path::new(crate::config::DEFAULT_CONFIG_FILE).exists() => {
+                    crate::config::DEFAULT_CONFIG_FILE.to_owned()
+                }
+                None => "defaults".to_owned(),
+            };
+            println!("configuration is valid ({source}, with the COPILOT_INGEST__ environment overrides)");
+            return EXIT_OK;
+        }
+        Command::Config { action: ConfigAction::Show } => {
+            print!("{}", crate::config::show(&config));
+            return EXIT_OK;
+        }
+        _ => {}
+    }
+    let quiet = cli.quiet;
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -202,17 +272,19 @@ pub fn main() -> i32 {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Run => run(config).await,
-            Command::Demo { count, invalid_ratio, rate } => demo(config, count, invalid_ratio, rate).await,
+            Command::Demo { count, invalid_ratio, rate } => demo(config, count, invalid_ratio, rate, quiet).await,
             Command::Migrate => migrate(config).await,
             Command::Produce { count, rate, invalid_ratio, format, brokers, topic, seed } => {
-                produce_cmd(config, count, rate, invalid_ratio, format, brokers, topic, seed).await
+                produce_cmd(config, count, rate, invalid_ratio, format, brokers, topic, seed, quiet).await
             }
             Command::Broker { partitions } => broker(config, partitions).await,
             Command::Bench(args) => crate::bench::run(config, args).await,
             Command::Control { action, brokers, timeout, command_id } => {
                 control_cmd(config, action, brokers, Duration::from_secs(timeout), command_id).await
             }
-            Command::Validate { .. } => Ok(EXIT_OK),
+            Command::Validate { .. } | Command::Config { .. } | Command::Completions { .. } | Command::Man => {
+                Ok(EXIT_OK)
+            }
         }
     });
     runtime.shutdown_timeout(Duration::from_secs(2));
@@ -239,7 +311,7 @@ fn is_config_refusal(e: &anyhow::Error) -> bool {
 /// An error chain for people and logs. rdkafka's text for a refused property
 /// ends with the property's value, which may be a credential: that one is
 /// described by its key alone.
-fn safe_error(e: &anyhow::Error) -> String {
+pub(crate) fn safe_error(e: &anyhow::Error) -> String {
     for cause in e.chain() {
         if let Some(rdkafka::error::KafkaError::ClientConfig(_, description, key, value)) =
             cause.downcast_ref::<rdkafka::error::KafkaError>()
@@ -287,17 +359,17 @@ async fn start_http(
     readiness: &Arc<Readiness>,
     shutdown: &watch::Receiver<bool>,
     required: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
     match tokio::net::TcpListener::bind(&config.metrics.listen).await {
         Ok(listener) => {
             let addr = listener.local_addr()?;
             tracing::info!(%addr, "metrics and health endpoints listening");
             tokio::spawn(http::serve(listener, Arc::clone(metrics), Arc::clone(readiness), shutdown.clone()));
-            Ok(())
+            Ok(Some(addr))
         }
         Err(e) if !required => {
             tracing::warn!(listen = %config.metrics.listen, error = %e, "metrics endpoint not started");
-            Ok(())
+            Ok(None)
         }
         Err(e) => anyhow::bail!("metrics.listen {}: {e}", config.metrics.listen),
     }
@@ -320,6 +392,7 @@ fn brokers_for(config: &Config) -> anyhow::Result<(Option<EmbeddedBroker>, Strin
 }
 
 async fn run(mut config: Config) -> anyhow::Result<i32> {
+    local_defaults(&mut config);
     if config.kafka.is_embedded() && config.control.hmac_key.is_empty() {
         // The in-process broker is reachable only from this machine's
         // loopback; local tools send unsigned commands to it.
@@ -335,22 +408,10 @@ async fn run(mut config: Config) -> anyhow::Result<i32> {
     let readiness = Arc::new(Readiness::default());
     start_http(&config, &metrics, &readiness, &shutdown, true).await?;
     let (_broker, brokers) = brokers_for(&config)?;
-    let control = {
-        let control =
-            crate::control::consumer::run(config.clone(), brokers.clone(), Arc::clone(&metrics), shutdown.clone());
-        let readiness = Arc::clone(&readiness);
-        tokio::spawn(async move {
-            // Ingestion goes on without the control consumer, but never silently:
-            // an ERROR now, and /readyz answers 503 naming it.
-            let outcome = match tokio::spawn(control).await {
-                Ok(Ok(())) => return,
-                Ok(Err(e)) => safe_error(&e),
-                Err(e) => e.to_string(),
-            };
-            readiness.control_failed.store(true, Ordering::Relaxed);
-            tracing::error!(error = %outcome, "control consumer stopped: retention commands are not executed");
-        })
-    };
+    let control = tokio::spawn(crate::control::consumer::supervised(
+        crate::control::consumer::run(config.clone(), brokers.clone(), Arc::clone(&metrics), shutdown.clone()),
+        Arc::clone(&readiness),
+    ));
     tokio::spawn(crate::control::consumer::prune_periodically(config.clone(), shutdown.clone()));
     pipeline::run(config, &brokers, metrics, readiness, shutdown).await?;
     let _ = control.await;
@@ -652,6 +713,7 @@ pub(crate) async fn produce_events(
         let producer: BaseProducer = cfg.create()?;
         let mut generator = Generator::new(seed, invalid_ratio);
         let started = Instant::now();
+        let mut display = crate::progress::Progress::start(!progress, Some(count));
         let mut valid = 0u64;
         for i in 0..count {
             if rate > 0 {
@@ -701,10 +763,19 @@ pub(crate) async fn produce_events(
                 }
             }
             producer.poll(Duration::ZERO);
-            if progress && i > 0 && i % 100_000 == 0 {
-                eprintln!("produced {i}");
+            if i % 1000 == 0 {
+                display.update(i, || {
+                    let secs = started.elapsed().as_secs_f64().max(1e-9);
+                    format!(
+                        "produced {} of {} events, {} events/s",
+                        crate::progress::thousands(i),
+                        crate::progress::thousands(count),
+                        crate::progress::thousands((i as f64 / secs) as u64)
+                    )
+                });
             }
         }
+        display.finish();
         producer.flush(Duration::from_secs(60))?;
         Ok(valid)
     })
@@ -721,6 +792,7 @@ async fn produce_cmd(
     brokers: Option<String>,
     topic: Option<String>,
     seed: u64,
+    quiet: bool,
 ) -> anyhow::Result<i32> {
     if !(0.0..=1.0).contains(&invalid_ratio) {
         eprintln!("--invalid-ratio must be between 0 and 1");
@@ -744,7 +816,7 @@ async fn produce_cmd(
             rate,
             invalid_ratio,
             seed,
-            progress: true,
+            progress: !quiet,
             avro_schema_id: (format == ProduceFormat::Avro).then_some(2),
             round_robin_partitions: None,
         },
@@ -753,9 +825,11 @@ async fn produce_cmd(
     .await?;
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "produced {count} events ({valid} valid, {} invalid) to {topic} in {secs:.2}s ({:.0} events/s)",
-        count - valid,
-        count as f64 / secs.max(1e-9)
+        "produced {} events ({} valid, {} invalid) to {topic} in {secs:.2} s ({} events/s)",
+        crate::progress::thousands(count),
+        crate::progress::thousands(valid),
+        crate::progress::thousands(count - valid),
+        crate::progress::thousands((count as f64 / secs.max(1e-9)) as u64)
     );
     Ok(EXIT_OK)
 }
@@ -767,7 +841,8 @@ fn handled_total(m: &Metrics) -> u64 {
         + Metrics::total(&m.dlq_events_total)
 }
 
-async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> anyhow::Result<i32> {
+async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64, quiet: bool) -> anyhow::Result<i32> {
+    use crate::progress::{Progress, thousands};
     if !(0.0..=1.0).contains(&invalid_ratio) {
         eprintln!("--invalid-ratio must be between 0 and 1");
         return Ok(EXIT_CONFIG);
@@ -775,15 +850,16 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
     if config.kafka.format == Format::Avro {
         config.kafka.format = Format::Auto;
     }
+    local_defaults(&mut config);
     let (tx, shutdown) = watch::channel(false);
     let mut signal = shutdown_signal();
     let metrics = Arc::new(Metrics::new());
     let readiness = Arc::new(Readiness::default());
-    start_http(&config, &metrics, &readiness, &shutdown, false).await?;
+    let metrics_addr = start_http(&config, &metrics, &readiness, &shutdown, false).await?;
     let (_broker, brokers) = brokers_for(&config)?;
     let options = pipeline::kafka_options(&config);
     let batch_size = config.batch.max_records;
-    let sink_label = config.sink_url().map(|u| u.to_string()).unwrap_or_default();
+    let sink = config.sink_url().map_err(anyhow::Error::msg)?;
     let topic = config.kafka.topic.clone();
 
     let pipeline_task = {
@@ -809,8 +885,14 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
             produce_events(&brokers, &topic, &options, load, Some(metrics)).await
         })
     };
-    let mut ticker = tokio::time::interval(Duration::from_millis(500));
+    // Throughput is measured from the first event received to the last one
+    // handled: the consumer group's start-up is reported on its own.
+    let mut progress = Progress::start(quiet, Some(count));
+    let mut ticker = tokio::time::interval(Duration::from_millis(50));
     let mut interrupted = false;
+    let mut first_received: Option<Instant> = None;
+    let mut last_handled = started;
+    let mut handled_before = 0;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -818,24 +900,36 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
         }
         let received = Metrics::total(&metrics.events_received_total);
         let done = handled_total(&metrics);
-        let secs = started.elapsed().as_secs_f64();
-        eprint!(
-            "\r{secs:6.1}s  received {received:>9}  written {:>9}  dead-lettered {:>7}  {:>8.0} events/s   ",
-            Metrics::total(&metrics.records_written_total),
-            Metrics::total(&metrics.dlq_events_total),
-            done as f64 / secs.max(1e-9)
-        );
+        if received > 0 && first_received.is_none() {
+            first_received = Some(Instant::now());
+        }
+        if done > handled_before {
+            handled_before = done;
+            last_handled = Instant::now();
+        }
+        progress.update(done, || {
+            let rate = first_received
+                .map(|at| done as f64 / at.elapsed().as_secs_f64().max(1e-3))
+                .map(|r| format!("{} events/s", thousands(r as u64)))
+                .unwrap_or_else(|| "waiting for the first event".into());
+            format!(
+                "received {}  written {}  dead-lettered {}  {rate}",
+                thousands(received),
+                thousands(Metrics::total(&metrics.records_written_total)),
+                thousands(Metrics::total(&metrics.dlq_events_total)),
+            )
+        });
         if interrupted || done >= count || pipeline_task.is_finished() {
             break;
         }
     }
-    eprintln!();
+    progress.finish();
     let elapsed = started.elapsed().as_secs_f64();
     let _ = tx.send(true);
     let produced_valid = match producer.await {
         Ok(Ok(v)) => Some(v),
         Ok(Err(e)) => {
-            eprintln!("producer failed: {e:#}");
+            eprintln!("producer failed: {}", safe_error(&e));
             None
         }
         Err(_) => None,
@@ -849,42 +943,120 @@ async fn demo(mut config: Config, count: u64, invalid_ratio: f64, rate: u64) -> 
     let skipped = Metrics::total(&metrics.records_skipped_total);
     let dlq = Metrics::total(&metrics.dlq_events_total);
     let batches = metrics.batch_records.get_sample_count();
+    let handled = written + skipped + dlq;
     println!("demo summary");
-    println!("  sink                {sink_label}");
+    println!("  sink                {sink}");
     println!(
-        "  produced            {count} ({} valid)",
-        produced_valid.map(|v| v.to_string()).unwrap_or_else(|| "?".into())
+        "  produced            {} events ({} valid)",
+        thousands(count),
+        produced_valid.map(thousands).unwrap_or_else(|| "?".into())
     );
-    println!("  received            {}", Metrics::total(&metrics.events_received_total));
-    println!("  written             {written}");
-    println!("  skipped (replays)   {skipped}");
-    println!("  dead-lettered       {dlq}");
+    println!("  received            {}", thousands(Metrics::total(&metrics.events_received_total)));
+    println!("  written             {}", thousands(written));
+    println!("  skipped (replays)   {}", thousands(skipped));
+    println!("  dead-lettered       {}", thousands(dlq));
     println!(
-        "  batches             {batches} (max_records {batch_size}, mean {:.0})",
+        "  batches             {} (max_records {}, mean {:.0} records)",
+        thousands(batches),
+        thousands(batch_size as u64),
         if batches > 0 { metrics.batch_records.get_sample_sum() / batches as f64 } else { 0.0 }
     );
-    let writes: Vec<(u64, f64)> = {
-        use prometheus::core::Collector;
-        metrics
-            .sink_write_seconds
-            .collect()
-            .iter()
-            .flat_map(|mf| {
-                mf.get_metric()
-                    .iter()
-                    .map(|m| (m.get_histogram().get_sample_count(), m.get_histogram().get_sample_sum()))
-            })
-            .collect()
-    };
-    let (write_count, write_sum) = writes.iter().fold((0, 0.0), |(c, s), (wc, ws)| (c + wc, s + ws));
-    if write_count > 0 {
-        println!(
-            "  sink write          {:.1} ms mean over {write_count} writes",
-            write_sum * 1000.0 / write_count as f64
-        );
+    match first_received {
+        Some(first) => {
+            let flowing = last_handled.saturating_duration_since(first).as_secs_f64().max(1e-3);
+            println!("  first event         {:.2} s after start", first.duration_since(started).as_secs_f64());
+            println!(
+                "  throughput          {} events/s ({} events in {flowing:.2} s, first received to last written)",
+                thousands((handled as f64 / flowing) as u64),
+                thousands(handled)
+            );
+        }
+        None => println!("  first event         none received in {elapsed:.1} s"),
     }
-    println!("  elapsed             {elapsed:.2}s");
-    println!("  throughput          {:.0} events/s", (written + skipped + dlq) as f64 / elapsed.max(1e-9));
-    let _ = readiness.is_ready() && readiness.assigned.load(Ordering::Relaxed);
+    if let (Some(p50), Some(p99)) =
+        (histogram_quantile(&metrics.end_to_end_seconds, 0.5), histogram_quantile(&metrics.end_to_end_seconds, 0.99))
+    {
+        println!("  end-to-end latency  p50 {:.0} ms, p99 {:.0} ms (Kafka timestamp to durable)", p50 * 1e3, p99 * 1e3);
+    }
+    if let Some(rows) = sink_rows(&sink).await {
+        println!("  rows in the sink    {}", thousands(rows));
+    }
+    println!("  elapsed             {elapsed:.2} s");
+    print_next_steps(&sink, metrics_addr);
     Ok(if interrupted { EXIT_REJECTED } else { EXIT_OK })
+}
+
+/// `run` and `demo` on the embedded broker are local: their metrics listen
+/// on loopback unless `metrics.listen` was set to something else.
+fn local_defaults(config: &mut Config) {
+    if config.kafka.is_embedded() && config.metrics.listen == crate::config::MetricsConfig::default().listen {
+        config.metrics.listen = "127.0.0.1:9464".into();
+    }
+}
+
+/// The `q` quantile of a histogram, interpolated inside its bucket.
+fn histogram_quantile(histogram: &prometheus::Histogram, q: f64) -> Option<f64> {
+    use prometheus::core::Collector;
+    let families = histogram.collect();
+    let h = families.first()?.get_metric().first()?.get_histogram().clone();
+    let total = h.get_sample_count();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let (mut lower, mut below) = (0.0, 0u64);
+    for bucket in h.get_bucket() {
+        let (upper, cumulative) = (bucket.upper_bound(), bucket.cumulative_count());
+        if cumulative as f64 >= rank {
+            let inside = (cumulative - below).max(1) as f64;
+            return Some(lower + (upper - lower) * ((rank - below as f64) / inside).clamp(0.0, 1.0));
+        }
+        (lower, below) = (upper, cumulative);
+    }
+    Some(lower)
+}
+
+/// Rows in the sink's table, for the summary (`None` for Dataverse or if unreachable).
+async fn sink_rows(sink: &crate::config::SinkUrl) -> Option<u64> {
+    let table = &crate::table::table().logical_name;
+    match sink {
+        crate::config::SinkUrl::Sqlite(path) => {
+            let conn = rusqlite::Connection::open(path).ok()?;
+            conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).ok().map(|n| n as u64)
+        }
+        crate::config::SinkUrl::Postgres(url) => {
+            let client = crate::sink::postgres::connect(url).await.ok()?;
+            let row = client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.ok()?;
+            Some(row.get::<_, i64>(0) as u64)
+        }
+        crate::config::SinkUrl::Dataverse(_) => None,
+    }
+}
+
+/// What to do after the demo: where the data is, how to look at it, how to go real.
+fn print_next_steps(sink: &crate::config::SinkUrl, metrics: Option<std::net::SocketAddr>) {
+    let table = &crate::table::table().logical_name;
+    let query = format!("SELECT msdyn_interactiontype, count(*) FROM {table} GROUP BY 1 ORDER BY 2 DESC");
+    println!();
+    println!("next steps");
+    match sink {
+        crate::config::SinkUrl::Sqlite(path) => {
+            println!("  the data is in      {}", path.display());
+            println!("  look at it          sqlite3 {} \"{query}\"", path.display());
+        }
+        crate::config::SinkUrl::Postgres(url) => {
+            println!("  the data is in      {}", crate::config::redact_url(url));
+            println!("  look at it          psql \"{}\" -c \"{query}\"", crate::config::redact_url(url));
+        }
+        crate::config::SinkUrl::Dataverse(target) => println!("  the data is in      {}", target.api_url),
+    }
+    if let Some(addr) = metrics {
+        println!("  metrics             copilot-ingest run, then: curl http://{addr}/metrics");
+    }
+    println!("  a real Kafka and PostgreSQL:");
+    println!("    COPILOT_INGEST__KAFKA__BROKERS=broker1:9092 \\");
+    println!(
+        "    COPILOT_INGEST__SINK__URL='postgres://user:password@db:5432/copilot?sslmode=verify-full' copilot-ingest run"
+    );
+    println!("  every setting       copilot-ingest config example > copilot-ingest.toml");
 }

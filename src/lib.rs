@@ -15,7 +15,7 @@
 //! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`embedded`]: the in-process Kafka-protocol broker; [`generator`]: demo events.
 //! - [`control`]: retention and purge commands from the control topic (FetchXML criteria).
-//! - [`cli`]: the subcommands.
+//! - [`cli`]: the subcommands; [`progress`]: the progress display and the log writer beside it.
 
 pub mod avro;
 pub mod batch;
@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod normalize;
 pub mod offsets;
 pub mod pipeline;
+pub mod progress;
 pub mod reason;
 pub mod record;
 pub mod sink;

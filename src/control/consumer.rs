@@ -110,6 +110,22 @@ pub async fn run(
     Ok(())
 }
 
+/// Runs the control consumer. Ingestion goes on without it, but never
+/// silently: if it cannot start or stops with an error, an ERROR says so and
+/// `/readyz` answers 503 naming it.
+pub async fn supervised(
+    control: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    readiness: Arc<crate::http::Readiness>,
+) {
+    let outcome = match tokio::spawn(control).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => crate::cli::safe_error(&e),
+        Err(e) => e.to_string(),
+    };
+    readiness.control_failed.store(true, std::sync::atomic::Ordering::Relaxed);
+    tracing::error!(error = %outcome, "control consumer stopped: retention commands are not executed");
+}
+
 /// Prunes the dead-letter ledger and stored replies every hour (the first
 /// time a minute after start), until `shutdown`.
 pub async fn prune_periodically(config: Config, mut shutdown: watch::Receiver<bool>) {
@@ -240,6 +256,20 @@ fn record_counts(metrics: &Metrics, reply: &Reply) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_failed_control_consumer_makes_readiness_fail() {
+        let readiness = Arc::new(crate::http::Readiness::default());
+        for flag in [&readiness.broker_reachable, &readiness.sink_reachable, &readiness.assigned] {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        supervised(async { Ok(()) }, Arc::clone(&readiness)).await;
+        assert!(readiness.is_ready(), "a control consumer that stopped cleanly (shutdown) is not a failure");
+        supervised(async { Err(anyhow::anyhow!("subscribe refused")) }, Arc::clone(&readiness)).await;
+        assert!(!readiness.is_ready());
+        supervised(async { panic!("control consumer panicked") }, Arc::clone(&readiness)).await;
+        assert!(!readiness.is_ready());
+    }
 
     /// A refused command's reply never echoes an oversized or multi-line id
     /// (it would become the reply's key and reach logs).

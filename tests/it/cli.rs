@@ -524,3 +524,122 @@ async fn no_exit_path_prints_a_secret() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The first command a new user runs: events flow within seconds, the
+/// throughput counts from the first event, the output is for people (no
+/// debug values, no carriage returns or colour codes when not on a terminal,
+/// every progress line complete) and ends with next steps.
+#[test]
+fn the_demo_starts_fast_and_reads_well_off_a_terminal() {
+    let dir = std::env::temp_dir().join(unique("demo"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = bin()
+        .args(["demo", "--count", "20000"])
+        .current_dir(&dir)
+        .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let first: f64 = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("first event"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no first-event line:\n{stdout}"));
+    assert!(first < 10.0, "the first event took {first} s:\n{stdout}");
+    let throughput = stdout.lines().find(|l| l.trim_start().starts_with("throughput")).expect("throughput line");
+    eprintln!("demo (debug build): {}", throughput.trim());
+    for needle in [
+        "SQLite ./data/copilot-ingest.db",
+        "rows in the sink    19,",
+        "end-to-end latency  p50",
+        "next steps",
+        "sqlite3 ./data/copilot-ingest.db",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
+    }
+    for printed in [&stdout, &stderr] {
+        assert!(!printed.contains("Sqlite(") && !printed.contains("Postgres("), "debug formatting:\n{printed}");
+        assert!(!printed.contains('\r'), "carriage returns off a terminal");
+        assert!(!printed.contains('\u{1b}'), "ANSI escape codes off a terminal");
+    }
+    assert!(stderr.ends_with('\n'), "the last line is complete");
+    assert!(stderr.lines().any(|l| l.starts_with("received ")), "one plain progress line per interval:\n{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `produce` off a terminal: plain, complete progress lines; `--quiet`: none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_progress_is_plain_lines_off_a_terminal() {
+    let kafka = TestKafka::new(2);
+    let run = |quiet: bool| {
+        let mut c = bin();
+        c.args([
+            "produce",
+            "--brokers",
+            &kafka.bootstrap,
+            "--topic",
+            &kafka.config.kafka.topic,
+            "--count",
+            "30000",
+            "--rate",
+            "15000",
+        ]);
+        if quiet {
+            c.arg("--quiet");
+        }
+        c.output().unwrap()
+    };
+    let out = run(false);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains('\r') && !stderr.contains('\u{1b}'), "{stderr:?}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("produced ")).collect();
+    assert!(lines.len() >= 2, "a line per second over two seconds:\n{stderr}");
+    assert!(lines.iter().all(|l| l.ends_with("events/s")), "{lines:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("produced 30,000 events"));
+    let quiet = run(true);
+    assert!(!String::from_utf8_lossy(&quiet.stderr).contains("produced "), "--quiet prints no progress");
+}
+
+/// `config example` parses back with `config check`; `config show` masks
+/// secrets; completions and the manual page come from the CLI definition.
+#[test]
+fn config_subcommands_completions_and_the_manual_page() {
+    let dir = std::env::temp_dir().join(unique("config"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = bin().args(["config", "example"]).output().unwrap();
+    assert_eq!(example.status.code(), Some(0));
+    let file = dir.join("example.toml");
+    std::fs::write(&file, &example.stdout).unwrap();
+    let check = bin().args(["--config", file.to_str().unwrap(), "config", "check"]).output().unwrap();
+    assert_eq!(check.status.code(), Some(0), "{}", String::from_utf8_lossy(&check.stderr));
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[batch]\nmax_records = 0\nbogus = 1\n").unwrap();
+    let check = bin().args(["--config", bad.to_str().unwrap(), "config", "check"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&check.stderr);
+    assert_eq!(check.status.code(), Some(2));
+    assert!(stderr.contains("batch.max_records") && stderr.contains("batch.bogus"), "{stderr}");
+
+    let show = bin()
+        .args(["config", "show"])
+        .env("COPILOT_INGEST__SINK__URL", "postgres://u:FAKEPW9@h/db")
+        .env("COPILOT_INGEST__CONTROL__HMAC_KEY", "FAKE-HMAC-0123456789abcdefghijklmnopq")
+        .env("COPILOT_INGEST__KAFKA__OPTIONS__SASL_PASSWORD", "FAKESASL9")
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&show.stdout);
+    assert_eq!(show.status.code(), Some(0));
+    assert!(shown.contains("postgres://u:***@h/db"), "{shown}");
+    for secret in ["FAKEPW9", "FAKE-HMAC", "FAKESASL9"] {
+        assert!(!shown.contains(secret), "{secret}:\n{shown}");
+    }
+
+    let bash = bin().args(["completions", "bash"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&bash.stdout).contains("copilot-ingest"));
+    let man = bin().arg("man").output().unwrap();
+    let man = String::from_utf8_lossy(&man.stdout);
+    assert!(man.contains(".TH") && man.contains("demo"), "{man}");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -53,7 +53,7 @@ impl Report {
 async fn broker_errors_outage_and_latency_lose_and_duplicate_nothing() {
     let Some(db) = PgDb::create().await else { return };
     let kafka = TestKafka::new(4);
-    let cluster = kafka._broker.cluster();
+    let cluster = kafka._broker.cluster().unwrap();
     let Stream { parts, valid, invalid, produced } = Stream::generate(300, 4, 1500, 0.1);
     let child = Service::spawn(&mut kafka.run_binary(&db.url));
 
