@@ -62,7 +62,7 @@ struct Row {
     note: String,
 }
 
-pub async fn run(_config: Config, args: BenchArgs) -> anyhow::Result<i32> {
+pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Result<i32> {
     let exe = std::env::current_exe()?;
     let topic = format!("bench.{}", uuid::Uuid::new_v4().simple());
     let n = args.events;
@@ -145,7 +145,7 @@ pub async fn run(_config: Config, args: BenchArgs) -> anyhow::Result<i32> {
             note: String::new(),
         });
         eprintln!("copilot-ingest end to end into {sink}…");
-        let e2e = end_to_end(&exe, &brokers, &topic, &url, n).await?;
+        let e2e = end_to_end(&exe, &brokers, &topic, &url, n, quiet).await?;
         let limit = raw_consume.min(raw_rate);
         e2e_rows.push((sink.clone(), e2e.events_per_s));
         rows.push(Row {
@@ -409,7 +409,14 @@ fn usage(pid: u32) -> (Option<f64>, Option<f64>) {
     (cpu, rss)
 }
 
-async fn end_to_end(exe: &std::path::Path, brokers: &str, topic: &str, url: &str, n: u64) -> anyhow::Result<Row> {
+async fn end_to_end(
+    exe: &std::path::Path,
+    brokers: &str,
+    topic: &str,
+    url: &str,
+    n: u64,
+    quiet: bool,
+) -> anyhow::Result<Row> {
     let port = free_port()?;
     let child = spawn_ingest(exe, brokers, topic, url, port)?;
     let pid = child.0.id();
@@ -418,11 +425,21 @@ async fn end_to_end(exe: &std::path::Path, brokers: &str, topic: &str, url: &str
     let mut cpu_at_start = None;
     let mut written: f64;
     let mut last_progress = (Instant::now(), 0.0);
+    let mut display = crate::progress::Progress::start(quiet, Some(n));
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let text = scrape(port).await;
         let received = metric(&text, "copilot_ingest_events_received_total");
         written = metric(&text, "copilot_ingest_records_written_total");
+        display.update(written as u64, || {
+            let rate = started.map(|s: Instant| written / s.elapsed().as_secs_f64().max(1e-3)).unwrap_or(0.0);
+            format!(
+                "{} of {} written, {} events/s",
+                crate::progress::thousands(written as u64),
+                crate::progress::thousands(n),
+                crate::progress::thousands(rate as u64)
+            )
+        });
         if written > last_progress.1 {
             last_progress = (Instant::now(), written);
             finished = Some(Instant::now());
@@ -438,6 +455,7 @@ async fn end_to_end(exe: &std::path::Path, brokers: &str, topic: &str, url: &str
             break;
         }
     }
+    display.finish();
     let secs = started.zip(finished).map(|(s, f)| (f - s).as_secs_f64()).unwrap_or(f64::INFINITY);
     let (cpu, rss) = usage(pid);
     let cpu_per_million = cpu.zip(cpu_at_start).map(|(end, start)| (end - start) * 1_000_000.0 / written.max(1.0));

@@ -278,7 +278,7 @@ pub fn main() -> i32 {
                 produce_cmd(config, count, rate, invalid_ratio, format, brokers, topic, seed, quiet).await
             }
             Command::Broker { partitions } => broker(config, partitions).await,
-            Command::Bench(args) => crate::bench::run(config, args).await,
+            Command::Bench(args) => crate::bench::run(config, args, quiet).await,
             Command::Control { action, brokers, timeout, command_id } => {
                 control_cmd(config, action, brokers, Duration::from_secs(timeout), command_id).await
             }

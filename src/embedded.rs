@@ -17,19 +17,26 @@ pub struct EmbeddedBroker {
 }
 
 impl EmbeddedBroker {
-    /// Starts the broker and creates the product's topics.
+    /// Starts the broker for `run`, `demo` and `broker`, and creates the
+    /// product's topics. A new consumer group forms at once: the mock waits
+    /// 3 s by default (like a real broker's `group.initial.rebalance.delay.ms`)
+    /// before the first assignment, which a local demo would spend idle.
     pub fn start(kafka: &KafkaConfig) -> Result<EmbeddedBroker, KafkaError> {
-        let owner: BaseProducer = ClientConfig::new().set("test.mock.num.brokers", "1").create()?;
-        let broker = EmbeddedBroker { owner };
-        // A new consumer group forms at once: the mock waits 3 s by default
-        // (like a real broker's group.initial.rebalance.delay.ms) before the
-        // first assignment, which a local demo would spend idle.
+        let broker = EmbeddedBroker::start_with_default_group_delay(kafka)?;
         let handle = unsafe { rdkafka_sys::rd_kafka_handle_mock_cluster(broker.owner.client().native_ptr()) };
         if handle.is_null() {
             return Err(KafkaError::MockCluster(rdkafka::types::RDKafkaErrorCode::Fail));
         }
         // SAFETY: `handle` is the live mock cluster owned by `broker.owner`, which outlives this call.
         unsafe { rdkafka_sys::rd_kafka_mock_group_initial_rebalance_delay_ms(handle, 0) };
+        Ok(broker)
+    }
+
+    /// The broker with the mock's default group delay (3 s), as the
+    /// multi-instance tests were written against.
+    pub fn start_with_default_group_delay(kafka: &KafkaConfig) -> Result<EmbeddedBroker, KafkaError> {
+        let owner: BaseProducer = ClientConfig::new().set("test.mock.num.brokers", "1").create()?;
+        let broker = EmbeddedBroker { owner };
         broker.create_topic(&kafka.topic, kafka.embedded_partitions)?;
         broker.create_topic(&kafka.dlq_topic, kafka.embedded_partitions)?;
         broker.create_topic(&kafka.control_topic, 1)?;

@@ -220,7 +220,7 @@ fn is_memo_column(key: &str) -> bool {
     static MEMO_COLUMNS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
         table().columns.iter().filter(|c| c.column_type == ColumnType::Memo).map(|c| c.logical_name.as_str()).collect()
     });
-    MEMO_COLUMNS.iter().any(|name| name.eq_ignore_ascii_case(key))
+    MEMO_COLUMNS.contains(&key)
 }
 
 /// A memo column's value from its JSON text: objects stay text, anything else
@@ -238,13 +238,25 @@ fn memo_value(raw: &str) -> Result<FieldValue<'_>, serde_json::Error> {
 /// limit for parsed values).
 const MAX_JSON_DEPTH: usize = 128;
 
+/// Why an object stored as text was refused.
+#[derive(Debug, PartialEq, Eq)]
+enum CompactError {
+    TooDeep,
+    /// A key repeated inside one object (its text, as sent).
+    DuplicateKey(String),
+}
+
 /// The compact form of valid JSON text: whitespace between tokens removed,
-/// everything else (member order, numbers, escapes) exactly as sent. `None`
-/// when nested deeper than [`MAX_JSON_DEPTH`].
-fn compact_json(raw: &str) -> Option<String> {
+/// everything else (member order, numbers, escapes) exactly as sent. Refuses
+/// nesting deeper than [`MAX_JSON_DEPTH`] and a key repeated inside one
+/// object (compared as sent: `"a"` and `"\u0061"` count as different).
+fn compact_json(raw: &str) -> Result<String, CompactError> {
     let bytes = raw.as_bytes();
     let mut out = String::with_capacity(raw.len());
-    let (mut depth, mut start, mut i) = (0usize, 0usize, 0usize);
+    let (mut start, mut i) = (0usize, 0usize);
+    // Per open container: its keys so far when it is an object (`None`: an array).
+    let mut open: Vec<Option<std::collections::HashSet<&str>>> = Vec::new();
+    let mut expect_key = false;
     // Copies runs between whitespace in one go; only structural bytes and
     // string boundaries are looked at one by one.
     while i < bytes.len() {
@@ -254,24 +266,47 @@ fn compact_json(raw: &str) -> Option<String> {
                 start = i + 1;
             }
             b'"' => {
+                let opening = i;
                 i += 1;
                 while i < bytes.len() && bytes[i] != b'"' {
                     i += if bytes[i] == b'\\' { 2 } else { 1 };
                 }
-            }
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > MAX_JSON_DEPTH {
-                    return None;
+                if expect_key {
+                    expect_key = false;
+                    let key = raw.get(opening + 1..i.min(raw.len())).unwrap_or("");
+                    if let Some(Some(keys)) = open.last_mut()
+                        && !keys.insert(key)
+                    {
+                        return Err(CompactError::DuplicateKey(key.to_owned()));
+                    }
                 }
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
+            b'{' => {
+                if open.len() >= MAX_JSON_DEPTH {
+                    return Err(CompactError::TooDeep);
+                }
+                open.push(Some(std::collections::HashSet::new()));
+                expect_key = true;
+            }
+            b'[' => {
+                if open.len() >= MAX_JSON_DEPTH {
+                    return Err(CompactError::TooDeep);
+                }
+                open.push(None);
+                expect_key = false;
+            }
+            b'}' | b']' => {
+                open.pop();
+                expect_key = false;
+            }
+            b',' => expect_key = matches!(open.last(), Some(Some(_))),
+            b':' => expect_key = false,
             _ => {}
         }
         i += 1;
     }
     out.push_str(&raw[start..]);
-    Some(out)
+    Ok(out)
 }
 
 impl Normalizer {
@@ -461,17 +496,10 @@ fn layout_position(index: usize) -> Option<usize> {
     POSITIONS.get(index).copied().flatten()
 }
 
-/// Column lookup: logical names are lowercase; clients writing schema-name
-/// casing (`msdyn_copilotinteractionId`) are matched too.
+/// Column lookup by logical name, exactly: the Dataverse Web API is
+/// case-sensitive, so `MSDYN_NAME` is an unknown field, not `msdyn_name`.
 fn lookup_column(key: &str) -> Option<usize> {
-    let t = table();
-    t.index_of(key).or_else(|| {
-        if key.bytes().any(|b| b.is_ascii_uppercase()) && key.len() <= 64 {
-            t.index_of(&key.to_ascii_lowercase())
-        } else {
-            None
-        }
-    })
+    table().index_of(key)
 }
 
 fn truncate(s: &str, max_chars: usize) -> String {
@@ -509,8 +537,19 @@ fn check_length(column: &Column, s: &str) -> Result<(), Rejection> {
 }
 
 fn parse_value(column: &Column, raw: FieldValue<'_>, now: DateTime<Utc>) -> Result<Value, Rejection> {
-    if matches!(raw, FieldValue::Null) {
+    // Dataverse stores an empty string as null: for every column type it is
+    // an absent value (a required column left "" is then missing).
+    if matches!(&raw, FieldValue::Null) || matches!(&raw, FieldValue::Str(s) if s.is_empty()) {
         return Ok(Value::Null);
+    }
+    if let FieldValue::Str(s) = &raw
+        && s.contains('\0')
+    {
+        return Err(Rejection::new(
+            Reason::InvalidType,
+            Some(&column.logical_name),
+            format!("'{}' contains a NUL character (U+0000), which the table cannot store", column.logical_name),
+        ));
     }
     match column.column_type {
         ColumnType::String => match raw {
@@ -528,11 +567,15 @@ fn parse_value(column: &Column, raw: FieldValue<'_>, now: DateTime<Utc>) -> Resu
             let text = match raw {
                 FieldValue::Str(s) => s.into_owned(),
                 FieldValue::Object(v) => v.to_string(),
-                FieldValue::RawObject(raw) => compact_json(raw).ok_or_else(|| {
+                FieldValue::RawObject(raw) => compact_json(raw).map_err(|e| {
+                    let problem = match e {
+                        CompactError::TooDeep => format!("is nested deeper than {MAX_JSON_DEPTH} levels"),
+                        CompactError::DuplicateKey(key) => format!("repeats the key \"{}\"", truncate(&key, 64)),
+                    };
                     Rejection::new(
                         Reason::MalformedJson,
                         Some(&column.logical_name),
-                        format!("'{}' is nested deeper than {MAX_JSON_DEPTH} levels", column.logical_name),
+                        format!("'{}' {problem}", column.logical_name),
                     )
                 })?,
                 other => return Err(invalid_type(column, "a string or a JSON object", &other)),
@@ -921,10 +964,9 @@ mod tests {
         let text = r.get("msdyn_interactioncontext").and_then(Value::as_text).unwrap();
         assert!(!text.contains(' ') || text.contains("x y"));
         assert_eq!(serde_json::from_str::<serde_json::Value>(text).unwrap(), json!({"b": [1, 2], "a": "x y"}));
-        // Member order, numbers and escapes as sent; only whitespace between
-        // tokens goes, in any spelling of the column name.
+        // Member order, numbers and escapes as sent; only whitespace between tokens goes.
         let payload = r#"{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":"Copy",
-            "msdyn_scenariotype":"Case summary","MSDYN_InteractionContext": { "z" : [1, 2.50, {"y":null}],
+            "msdyn_scenariotype":"Case summary","msdyn_interactioncontext": { "z" : [1, 2.50, {"y":null}],
             "a":"x \" y\\", "\u00e9" :true }}"#;
         let r = Normalizer::default().normalize_json(payload.as_bytes(), None, now()).unwrap();
         assert_eq!(
@@ -974,6 +1016,74 @@ mod tests {
         // An explicit id wins.
         let given = with("msdyn_copilotinteractionid", json!("{0B5C6A3E-1D2F-4A5B-8C7D-9E0F1A2B3C4D}"));
         assert_eq!(norm(&given).unwrap().id().to_string(), "0b5c6a3e-1d2f-4a5b-8c7d-9e0f1a2b3c4d");
+    }
+
+    #[test]
+    fn an_empty_string_is_an_absent_value_for_every_column_type() {
+        for column in [
+            "msdyn_clienttimestamp",
+            "msdyn_interactiondataid",
+            "importsequencenumber",
+            "msdyn_interactioncontext",
+            "overriddencreatedon",
+        ] {
+            let r = norm(&with(column, json!(""))).unwrap_or_else(|e| panic!("{column}: {e:?}"));
+            assert!(r.get(column).is_none_or(|v| *v == Value::Null), "{column}");
+        }
+        // An empty id is no id: the record gets its derived one.
+        let derived = norm(&base()).unwrap().id();
+        assert_eq!(norm(&with("msdyn_copilotinteractionid", json!(""))).unwrap().id(), derived);
+        // A required option set left "" is missing, not an invalid option.
+        for column in ["msdyn_interactiontype", "msdyn_scenariotype"] {
+            let e = norm(&with(column, json!(""))).unwrap_err();
+            assert_eq!((e.reason, e.field.as_deref()), (Reason::MissingRequiredField, Some(column)), "{column}");
+        }
+    }
+
+    #[test]
+    fn field_names_match_logical_names_exactly() {
+        let mut upper = base();
+        let name = upper.as_object_mut().unwrap().remove("msdyn_name").unwrap();
+        upper["MSDYN_NAME"] = name;
+        let e = norm(&upper).unwrap_err();
+        assert_eq!((e.reason, e.field.as_deref()), (Reason::UnknownField, Some("MSDYN_NAME")));
+        // Beside the real name it is unknown too, not a duplicate.
+        let e = norm(&with("MSDYN_NAME", json!("x"))).unwrap_err();
+        assert_eq!(e.reason, Reason::UnknownField);
+        let ignoring = Normalizer { unknown_fields: UnknownFields::Ignore, ..Normalizer::default() };
+        let r =
+            ignoring.normalize_json(with("Msdyn_Name", json!("other")).to_string().as_bytes(), None, now()).unwrap();
+        assert_eq!(r.get("msdyn_name").and_then(Value::as_text), Some("Copy - Case summary"));
+    }
+
+    #[test]
+    fn a_nul_character_in_a_string_is_refused_with_a_reason() {
+        for column in ["msdyn_name", "msdyn_interactioncontext", "msdyn_scenariorequestid"] {
+            let e = norm(&with(column, json!("a\u{0}b"))).unwrap_err();
+            assert_eq!((e.reason, e.field.as_deref()), (Reason::InvalidType, Some(column)), "{column}");
+            assert!(e.message.contains("NUL"), "{}", e.message);
+        }
+    }
+
+    #[test]
+    fn a_key_repeated_inside_the_interaction_context_is_malformed() {
+        let payload = |context: &str| {
+            format!(
+                r#"{{"msdyn_name":"n","msdyn_scenariorequestid":"r","msdyn_interactiontype":"Copy","msdyn_scenariotype":"Copilot","msdyn_interactioncontext":{context}}}"#
+            )
+        };
+        let n = Normalizer::default();
+        for bad in [r#"{"a":1,"a":2}"#, r#"{"x":{"a":1, "b":[{"c":1,"c":1}]}}"#, r#"{ "a" : 1 , "a" : 1 }"#] {
+            let e = n.normalize_json(payload(bad).as_bytes(), None, now()).unwrap_err();
+            assert_eq!(
+                (e.reason, e.field.as_deref()),
+                (Reason::MalformedJson, Some("msdyn_interactioncontext")),
+                "{bad}"
+            );
+        }
+        for good in [r#"{"a":1,"b":{"a":2},"c":[{"a":3},{"a":4}]}"#, r#"{"a":"a","b":"a"}"#, "{}"] {
+            assert!(n.normalize_json(payload(good).as_bytes(), None, now()).is_ok(), "{good}");
+        }
     }
 
     #[test]
@@ -1122,7 +1232,7 @@ mod tests {
         #[test]
         fn compact_json_equals_compact_printing(value in json_values()) {
             let pretty = serde_json::to_string_pretty(&value).unwrap();
-            prop_assert_eq!(compact_json(&pretty), Some(serde_json::to_string(&value).unwrap()));
+            prop_assert_eq!(compact_json(&pretty).ok(), Some(serde_json::to_string(&value).unwrap()));
         }
 
         /// Arbitrary bytes never panic and always give a record or a reason.

@@ -484,20 +484,23 @@ impl DataverseSink {
 
     pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, SinkError> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; indices.len()];
-        // Duplicates inside the batch: the first occurrence is sent, later ones compared with it.
-        let mut first: HashMap<Uuid, Uuid> = HashMap::with_capacity(indices.len());
+        // Duplicates inside the batch: the first occurrence is sent; later ones
+        // are settled at the end against what the table then holds for the id.
+        let mut first: HashMap<Uuid, usize> = HashMap::with_capacity(indices.len());
         let mut pending: Vec<usize> = Vec::with_capacity(indices.len());
+        let mut later: Vec<usize> = Vec::new();
         for (k, &i) in indices.iter().enumerate() {
             let r = &batch[i].record;
-            match first.get(&r.id()) {
-                Some(&hash) => outcomes[k] = Some(classify_existing(r.content_hash(), Some(hash), r.id())),
-                None => {
-                    first.insert(r.id(), r.content_hash());
-                    pending.push(k);
-                }
+            if let std::collections::hash_map::Entry::Vacant(slot) = first.entry(r.id()) {
+                slot.insert(k);
+                pending.push(k);
+            } else {
+                later.push(k);
             }
         }
         let targets: Vec<Map<String, Json>> = indices.iter().map(|&i| self.target(&batch[i].record)).collect();
+        // Rows found stored under ids of this batch (a duplicate-key answer).
+        let mut stored_rows: HashMap<Uuid, Map<String, Json>> = HashMap::new();
 
         while !pending.is_empty() {
             let body = serde_json::to_vec(&serde_json::json!({
@@ -533,6 +536,7 @@ impl DataverseSink {
                             ids.len()
                         )));
                     }
+                    stored_rows.extend(existing.iter().map(|(id, row)| (*id, row.clone())));
                     pending.retain(|&k| {
                         let record = &batch[indices[k]].record;
                         match existing.get(&record.id()) {
@@ -564,6 +568,20 @@ impl DataverseSink {
                     return Err(SinkError::Permanent(format!("Dataverse {}", error.describe(status))));
                 }
             }
+        }
+        for k in later {
+            let record = &batch[indices[k]].record;
+            let id = record.id();
+            outcomes[k] = Some(match stored_rows.get(&id) {
+                // The id was already stored: this occurrence replays it or conflicts with it.
+                Some(stored) if same_content(&targets[k], stored, &self.navigation) => Outcome::Replay,
+                Some(_) => classify_existing(record.content_hash(), None, id),
+                // Stored by this batch's first occurrence.
+                None => {
+                    let first_hash = first.get(&id).map(|&f| batch[indices[f]].record.content_hash());
+                    classify_existing(record.content_hash(), first_hash, id)
+                }
+            });
         }
         Ok(outcomes
             .into_iter()

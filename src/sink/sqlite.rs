@@ -346,7 +346,9 @@ fn write_rows(
     let any_tombstone: bool = tx
         .query_row(&format!("SELECT EXISTS (SELECT 1 FROM {}_tombstone)", t.logical_name), [], |r| r.get(0))
         .map_err(classify)?;
-    let mut seen: std::collections::HashMap<Uuid, Uuid> = std::collections::HashMap::with_capacity(indices.len());
+    // Per id seen in this batch: the content hash the table holds for it now (`None`: purged).
+    let mut seen: std::collections::HashMap<Uuid, Option<Uuid>> =
+        std::collections::HashMap::with_capacity(indices.len());
     // Text forms of ids and datetimes are written here and bound from here
     // (SQLite copies bound text), so a row costs no allocation.
     let mut scratch = String::with_capacity(64);
@@ -356,12 +358,18 @@ fn write_rows(
         let id = record.id();
         // Only the rare paths look the id up by its text.
         let id_text = || id.hyphenated().to_string();
-        if let Some(&first_hash) = seen.get(&id) {
-            outcomes.push(classify_existing(record.content_hash(), Some(first_hash), id));
+        // A later occurrence of an id in this batch is compared with what the
+        // table holds once the first occurrence was handled: the first one
+        // may be the conflicting record and this one the stored content.
+        if let Some(settled) = seen.get(&id) {
+            outcomes.push(match settled {
+                Some(stored) => classify_existing(record.content_hash(), Some(*stored), id),
+                None => Outcome::PurgedReplay,
+            });
             continue;
         }
-        seen.insert(id, record.content_hash());
         if any_tombstone && tombstone_stmt.exists([id_text()]).map_err(classify)? {
+            seen.insert(id, None);
             outcomes.push(Outcome::PurgedReplay);
             continue;
         }
@@ -398,11 +406,15 @@ fn write_rows(
         insert_stmt.raw_bind_parameter(index + 1, topic).map_err(classify)?;
         let inserted = insert_stmt.raw_execute().map_err(classify)?;
         if inserted == 1 {
+            seen.insert(id, Some(record.content_hash()));
             outcomes.push(Outcome::Written);
         } else {
             let stored: Option<String> =
                 existing_stmt.query_row([id_text()], |r| r.get(0)).optional().map_err(classify)?;
             let stored = stored.and_then(|s| Uuid::parse_str(&s).ok());
+            if let Some(hash) = stored {
+                seen.insert(id, Some(hash));
+            }
             outcomes.push(classify_existing(record.content_hash(), stored, id));
         }
     }

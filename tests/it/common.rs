@@ -135,7 +135,7 @@ impl TestKafka {
         // The mock broker holds a new member's join until departed members'
         // sessions expire; a short session keeps restarts quick.
         config.kafka.options.insert("session.timeout.ms".into(), copilot_ingest::config::Secret::new("6000"));
-        let broker = EmbeddedBroker::start(&config.kafka).expect("mock cluster");
+        let broker = EmbeddedBroker::start_with_default_group_delay(&config.kafka).expect("mock cluster");
         let bootstrap = broker.bootstrap_servers();
         config.kafka.brokers = bootstrap.clone();
         TestKafka { _broker: broker, bootstrap, config, partitions }

@@ -520,3 +520,71 @@ async fn a_rebalance_loses_and_duplicates_nothing() {
     assert_eq!(dlq.len(), total - valid, "and only once");
     assert_eq!(kafka.committed(), kafka.log_end());
 }
+
+/// Two events claim one id with different contents. Whichever is stored
+/// stays a replay on every later pass, whatever the batch holds beside it
+/// and in whichever order: a record is never both a row and a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_record_is_a_replay_whatever_its_batch_holds() {
+    use copilot_ingest::batch::Entry;
+    use copilot_ingest::sink::{Outcome, Sink};
+    use copilot_ingest::source::Inbound;
+    let (dir, sqlite) = temp_sqlite();
+    let db = PgDb::create().await;
+    let mut urls = vec![sqlite];
+    urls.extend(db.as_ref().map(|d| d.url.clone()));
+    for url in urls {
+        let mut config = copilot_ingest::config::Config::default();
+        config.sink.url = copilot_ingest::config::Secret::new(url.clone());
+        let metrics = std::sync::Arc::new(copilot_ingest::metrics::Metrics::new());
+        let sink = Sink::open(&config.sink_url().unwrap(), "t", 4, &metrics).await.unwrap();
+        let normalizer = copilot_ingest::normalize::Normalizer::default();
+        let id = uuid::Uuid::new_v4();
+        let entry = |name: &str, offset: i64| {
+            let payload = format!(
+                r#"{{"msdyn_copilotinteractionid":"{id}","msdyn_name":"{name}","msdyn_scenariorequestid":"r","msdyn_interactiontype":"Copy","msdyn_scenariotype":"Copilot"}}"#
+            );
+            let record = normalizer.normalize_json(payload.as_bytes(), None, chrono::Utc::now()).unwrap();
+            let message = Inbound {
+                partition: (offset % 2) as i32,
+                offset,
+                timestamp_ms: None,
+                key: None,
+                payload: Some(payload.into_bytes()),
+                headers: Vec::new(),
+            };
+            Entry { record, message }
+        };
+        let write = |entries: Vec<Entry>| {
+            let sink = &sink;
+            async move {
+                let indices: Vec<usize> = (0..entries.len()).collect();
+                sink.write(&std::sync::Arc::new(entries), &indices).await.unwrap()
+            }
+        };
+        let conflict = |o: &Outcome| matches!(o, Outcome::Rejected(r) if r.reason.code() == "duplicate_id_conflict");
+        let first = write(vec![entry("stored", 85), entry("other", 12)]).await;
+        assert_eq!(first[0], Outcome::Written, "{url}");
+        assert!(conflict(&first[1]), "{url}: {first:?}");
+        for round in 0..20 {
+            let pair = write(vec![entry("other", 12), entry("stored", 85)]).await;
+            assert!(conflict(&pair[0]) && pair[1] == Outcome::Replay, "{url} round {round}, other first: {pair:?}");
+            let pair = write(vec![entry("stored", 85), entry("other", 12)]).await;
+            assert!(pair[0] == Outcome::Replay && conflict(&pair[1]), "{url} round {round}, stored first: {pair:?}");
+            let alone = write(vec![entry("other", 12)]).await;
+            assert!(conflict(&alone[0]), "{url}: {alone:?}");
+            assert_eq!(write(vec![entry("stored", 85)]).await, [Outcome::Replay], "{url}");
+        }
+        let rows = if let Some(path) = url.strip_prefix("sqlite://") {
+            rusqlite::Connection::open(path)
+                .unwrap()
+                .query_row("SELECT msdyn_name FROM msdyn_copilotinteraction", [], |r| r.get::<_, String>(0))
+                .unwrap()
+        } else {
+            let client = copilot_ingest::sink::postgres::connect(&url).await.unwrap();
+            client.query_one("SELECT msdyn_name FROM msdyn_copilotinteraction", &[]).await.unwrap().get(0)
+        };
+        assert_eq!(rows, "stored", "{url}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -295,19 +295,21 @@ impl PostgresSink {
         let t = table();
         let mut tx = client.transaction().await.map_err(classify)?;
 
-        // Duplicates inside the batch: the first occurrence is written, later
-        // ones are compared with it.
+        // Duplicates inside the batch: the first occurrence is written; the
+        // later ones are compared, once the write is done, with what the
+        // table then holds for their id (not with the first occurrence: that
+        // one may be a conflict with a stored row the later one replays).
         let mut outcomes: Vec<Option<Outcome>> = vec![None; indices.len()];
-        let mut first: HashMap<Uuid, (usize, Uuid)> = HashMap::with_capacity(indices.len());
+        let mut first: HashMap<Uuid, Uuid> = HashMap::with_capacity(indices.len());
         let mut candidates: Vec<usize> = Vec::with_capacity(indices.len());
+        let mut later: Vec<usize> = Vec::new();
         for (k, &i) in indices.iter().enumerate() {
             let r = &batch[i].record;
-            match first.get(&r.id()) {
-                Some(&(_, hash)) => outcomes[k] = Some(classify_existing(r.content_hash(), Some(hash), r.id())),
-                None => {
-                    first.insert(r.id(), (k, r.content_hash()));
-                    candidates.push(k);
-                }
+            if let std::collections::hash_map::Entry::Vacant(slot) = first.entry(r.id()) {
+                slot.insert(r.content_hash());
+                candidates.push(k);
+            } else {
+                later.push(k);
             }
         }
 
@@ -416,6 +418,17 @@ impl PostgresSink {
                 Outcome::Written
             } else {
                 classify_existing(r.content_hash(), stored.get(&r.id()).copied().flatten(), r.id())
+            });
+        }
+        for &k in &later {
+            let r = &batch[indices[k]].record;
+            let id = r.id();
+            outcomes[k] = Some(if tombstoned.contains(&id) || purged.contains(&id) {
+                Outcome::PurgedReplay
+            } else if inserted.contains(&id) {
+                classify_existing(r.content_hash(), first.get(&id).copied(), id)
+            } else {
+                classify_existing(r.content_hash(), stored.get(&id).copied().flatten(), id)
             });
         }
         tx.commit().await.map_err(classify)?;
