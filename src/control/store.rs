@@ -31,33 +31,27 @@ pub enum StoreError {
     Permanent(String),
 }
 
+// Each backend classifies its driver's errors once; the sinks use the same
+// predicates, so a command and a write never disagree about a retry.
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        use rusqlite::ErrorCode;
-        match &e {
-            rusqlite::Error::SqliteFailure(err, _)
-                if matches!(
-                    err.code,
-                    ErrorCode::DatabaseBusy
-                        | ErrorCode::DatabaseLocked
-                        | ErrorCode::CannotOpen
-                        | ErrorCode::SystemIoFailure
-                ) =>
-            {
-                StoreError::Transient(e.to_string())
-            }
-            rusqlite::Error::SqliteFailure(..) => StoreError::Permanent(e.to_string()),
-            _ => StoreError::Transient(e.to_string()),
+        if crate::sink::sqlite::is_permanent(&e) {
+            StoreError::Permanent(e.to_string())
+        } else {
+            StoreError::Transient(e.to_string())
         }
     }
 }
 
 impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
-        let permanent = e.code().is_some_and(|c| ["22", "23", "42"].iter().any(|class| c.code().starts_with(class)));
         let message =
             e.as_db_error().map(|d| format!("{}: {}", d.code().code(), d.message())).unwrap_or_else(|| e.to_string());
-        if permanent { StoreError::Permanent(message) } else { StoreError::Transient(message) }
+        if crate::sink::postgres::is_data_error(&e) {
+            StoreError::Permanent(message)
+        } else {
+            StoreError::Transient(message)
+        }
     }
 }
 
@@ -736,4 +730,23 @@ async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
 ) -> Result<T, StoreError> {
     tokio::task::spawn_blocking(f).await.map_err(|e| StoreError::Transient(e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Commands and ingestion retry the same SQLite errors: only the data's
+    /// own faults are permanent (an unexpected SQL error is retried, not failed).
+    #[test]
+    fn sqlite_errors_are_classified_as_the_sink_classifies_them() {
+        let conn = rusqlite::Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (x TEXT NOT NULL)").unwrap();
+        let constraint = conn.execute("INSERT INTO t (x) VALUES (NULL)", []).unwrap_err();
+        let missing_table = conn.execute("INSERT INTO missing (x) VALUES (1)", []).unwrap_err();
+        for (e, permanent) in [(constraint, true), (missing_table, false)] {
+            assert_eq!(crate::sink::sqlite::is_permanent(&e), permanent, "{e}");
+            assert_eq!(matches!(StoreError::from(e), StoreError::Permanent(_)), permanent);
+        }
+    }
 }

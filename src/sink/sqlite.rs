@@ -38,15 +38,18 @@ pub struct SqliteSink {
     jobs: mpsc::SyncSender<Job>,
 }
 
+/// The one retry classification of SQLite errors, for ingestion and the
+/// control commands alike: only an error caused by the data (a constraint,
+/// a type, a size) is permanent; anything else (busy, locked, I/O, a full
+/// disk, an unexpected SQL error) is retried, so nothing is dead-lettered or
+/// failed for a fault of the database.
+pub(crate) fn is_permanent(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(err, _)
+        if matches!(err.code, ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig))
+}
+
 fn classify(e: rusqlite::Error) -> SinkError {
-    match &e {
-        rusqlite::Error::SqliteFailure(err, _)
-            if matches!(err.code, ErrorCode::ConstraintViolation | ErrorCode::TypeMismatch | ErrorCode::TooBig) =>
-        {
-            SinkError::Permanent(e.to_string())
-        }
-        _ => SinkError::Transient(e.to_string()),
-    }
+    if is_permanent(&e) { SinkError::Permanent(e.to_string()) } else { SinkError::Transient(e.to_string()) }
 }
 
 fn sqlite_type(t: ColumnType) -> &'static str {

@@ -56,7 +56,7 @@ impl CopyCooldown {
 
 /// SQLSTATE classes 22 (data exception) and 23 (integrity violation): the
 /// data's fault, so retrying the same rows cannot succeed.
-fn is_data_error(e: &tokio_postgres::Error) -> bool {
+pub(crate) fn is_data_error(e: &tokio_postgres::Error) -> bool {
     e.code().is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
 }
 
