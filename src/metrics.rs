@@ -34,6 +34,34 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 }
 
 impl Metrics {
+    /// Every series whose label values are known in advance exists from the
+    /// start at 0 (Prometheus practice: `rate()` and alerts work before the
+    /// first event). Per-topic and per-sink series appear when the pipeline
+    /// starts, per-partition lag on assignment.
+    fn export_known_series(&self) {
+        for reason in crate::reason::Reason::ALL {
+            self.events_rejected_total.with_label_values(&[reason.code()]);
+            self.dlq_events_total.with_label_values(&[reason.code()]);
+        }
+        for reason in ["replay", "purged_replay", "dead_letter_replay"] {
+            self.records_skipped_total.with_label_values(&[reason]);
+        }
+        for outcome in ["ok", "retried", "split"] {
+            self.batches_total.with_label_values(&[outcome]);
+        }
+        for message in crate::control::Message::ALL {
+            for status in
+                [crate::control::Status::Succeeded, crate::control::Status::Failed, crate::control::Status::Rejected]
+            {
+                self.control_commands_total.with_label_values(&[message.name(), status.name()]);
+            }
+        }
+        self.control_commands_total.with_label_values(&["invalid", crate::control::Status::Rejected.name()]);
+        for action in ["retained", "rolled_back", "purged"] {
+            self.retention_records_total.with_label_values(&[action]);
+        }
+    }
+
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let seconds_buckets =
@@ -83,7 +111,7 @@ impl Metrics {
         registry.register(Box::new(dataverse_concurrency_limit.clone())).unwrap_or_else(|e| panic!("{e}"));
         registry.register(Box::new(build_info.clone())).unwrap_or_else(|e| panic!("{e}"));
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
-        Metrics {
+        let metrics = Metrics {
             events_received_total: counter(
                 &registry,
                 "copilot_ingest_events_received_total",
@@ -158,7 +186,9 @@ impl Metrics {
             consumer_lag,
             build_info,
             registry,
-        }
+        };
+        metrics.export_known_series();
+        metrics
     }
 
     /// The Prometheus text exposition of every metric.

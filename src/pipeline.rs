@@ -497,6 +497,13 @@ pub async fn run(
     let max_batches_in_flight = config.batches_in_flight();
     readiness.sink_reachable.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(sink = sink.kind(), "sink ready");
+    // The sink's own series exist from here on, at 0.
+    metrics.sink_write_seconds.with_label_values(&[sink.kind()]);
+    if sink.kind() == "postgres" {
+        for path in ["copy", "insert"] {
+            metrics.postgres_batches_total.with_label_values(&[path]);
+        }
+    }
     let ping = {
         let sink = Arc::clone(&sink);
         let readiness = Arc::clone(&readiness);

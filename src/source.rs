@@ -175,6 +175,11 @@ impl ConsumerContext for SourceContext {
                 self.readiness.assigned.store(true, Ordering::Relaxed);
                 self.readiness.broker_reachable.store(true, Ordering::Relaxed);
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                // The lag series exist from the assignment on (0 until the
+                // first statistics), so alerts see them at once.
+                for p in &partitions {
+                    let _ = self.metrics.consumer_lag.with_label_values(&[&self.topic, &p.to_string()]);
+                }
                 tracing::info!(?partitions, "partitions assigned");
                 self.send_blocking(SourceEvent::Assigned(partitions), Instant::now() + self.revoke_timeout);
             }

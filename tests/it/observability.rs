@@ -160,3 +160,52 @@ async fn readyz_follows_the_sink() {
     assert_eq!(http_get(addr, "/readyz").await.0, 200);
     pipeline.stop().await;
 }
+
+/// Right after start, before any event, `/metrics` already holds every
+/// metric of the README's table that applies to the sink (counters at 0),
+/// and the lag series appear once partitions are assigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_documented_metric_is_exported_from_the_start() {
+    let readme = include_str!("../../README.md");
+    let table =
+        readme.split("### Metrics").nth(1).and_then(|s| s.split("\n### ").next()).expect("README metrics table");
+    let mut documented: Vec<&str> = table
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("copilot_ingest_"))
+        .collect();
+    documented.sort_unstable();
+    documented.dedup();
+    assert!(documented.len() >= 12, "{documented:?}");
+    let Some(db) = PgDb::create().await else { return };
+    let (dir, sqlite) = temp_sqlite();
+    for url in [sqlite, db.url.clone()] {
+        let kafka = TestKafka::new(2);
+        let port = free_port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let service = Service::spawn(kafka.run_binary(&url).env("COPILOT_INGEST__METRICS__LISTEN", addr.to_string()));
+        // The first scrape that answers, as soon as the sink is open.
+        let mut body = String::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !body.contains("copilot_ingest_records_written_total{") {
+            assert!(std::time::Instant::now() < deadline, "no /metrics answer:\n{body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            body = http_get(addr, "/metrics").await.1;
+        }
+        let applies =
+            |name: &str| !name.contains("dataverse") && (url.starts_with("postgres") || !name.contains("postgres"));
+        for name in documented.iter().filter(|n| applies(n) && **n != "copilot_ingest_consumer_lag") {
+            assert!(body.contains(&format!("\n{name}")), "{url}: {name} missing right after start:\n{body}");
+        }
+        assert!(body.contains("copilot_ingest_control_commands_total{message=\"BulkRetain\",status=\"Succeeded\"} 0"));
+        assert!(body.contains("copilot_ingest_events_rejected_total{reason=\"malformed_json\"} 0"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while http_get(addr, "/readyz").await.0 != 200 {
+            assert!(std::time::Instant::now() < deadline, "{url}: never ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let lag = http_get(addr, "/metrics").await.1;
+        assert!(lag.contains("copilot_ingest_consumer_lag{partition=\"0\""), "{url}: lag on assignment:\n{lag}");
+        service.terminate();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
