@@ -15,7 +15,9 @@
 //! - [`metrics`], [`http`]: Prometheus metrics, `/metrics`, `/healthz`, `/readyz`.
 //! - [`embedded`]: the in-process Kafka-protocol broker; [`generator`]: demo events.
 //! - [`control`]: retention and purge commands from the control topic (FetchXML criteria).
-//! - [`cli`]: the subcommands; [`progress`]: the progress display and the log writer beside it.
+//! - [`cli`]: the subcommands (`cli/service.rs` wiring for `run`, `cli/control_client.rs` the control
+//!   request/reply client, `cli/load.rs` the load generator, `cli/demo.rs`, `cli/validate.rs`);
+//!   [`progress`]: the progress display and the log writer beside it.
 
 pub mod avro;
 pub mod batch;

@@ -1,0 +1,182 @@
+//! The control request/reply client (`copilot-ingest control …`): builds a
+//! command, signs it, publishes it and waits for the instance's signed reply.
+
+use super::*;
+
+/// The command JSON for a CLI control action.
+pub(crate) fn control_command(
+    action: ControlAction,
+    command_id: &str,
+    entity: &str,
+) -> Result<serde_json::Value, String> {
+    use serde_json::json;
+    let (message, parameters) = match action {
+        ControlAction::ValidateRetentionConfig { fetchxml } => {
+            ("ValidateRetentionConfig", json!({"EntityName": entity, "FetchXml": fetchxml}))
+        }
+        ControlAction::Retain { target } => ("Retain", json!({"Target": target})),
+        ControlAction::BulkRetain { fetchxml, older_than, page_size } => {
+            let fetchxml = match (fetchxml, older_than) {
+                (Some(x), _) => x,
+                (None, Some(age)) => older_than_fetchxml(entity, &age)?,
+                (None, None) => return Err("bulk-retain needs --fetchxml or --older-than".into()),
+            };
+            let mut p = json!({"EntityName": entity, "FetchXml": fetchxml});
+            if let Some(n) = page_size {
+                p["PageSize"] = json!(n);
+            }
+            ("BulkRetain", p)
+        }
+        ControlAction::RollbackRetain { operation_id, target } => {
+            let mut p = json!({});
+            if let Some(op) = operation_id {
+                p["OperationId"] = json!(op);
+            }
+            if let Some(t) = target {
+                p["Target"] = json!(t);
+            }
+            ("RollbackRetain", p)
+        }
+        ControlAction::PurgeRetainedContent { max_version, fetchxml, page_size } => {
+            let mut p = json!({"EntityName": entity});
+            if let Some(v) = max_version {
+                p["MaxVersionToPurge"] = json!(v);
+            }
+            if let Some(x) = fetchxml {
+                p["FetchXml"] = json!(x);
+            }
+            if let Some(n) = page_size {
+                p["PageSize"] = json!(n);
+            }
+            ("PurgeRetainedContent", p)
+        }
+    };
+    Ok(json!({"command_id": command_id, "message": message, "parameters": parameters}))
+}
+
+/// `90d` / `12h` / `6m` → FetchXML on createdon.
+pub(crate) fn older_than_fetchxml(entity: &str, age: &str) -> Result<String, String> {
+    let age = age.trim();
+    let (number, unit) = age.split_at(age.len().saturating_sub(1));
+    let operator = match unit {
+        "d" => "olderthan-x-days",
+        "h" => "olderthan-x-hours",
+        "m" => "olderthan-x-months",
+        _ => return Err(format!("--older-than '{age}': use a number with d, h or m (e.g. 90d)")),
+    };
+    let n: u32 = number.parse().map_err(|_| format!("--older-than '{age}': not a number"))?;
+    Ok(format!(
+        "<fetch><entity name='{entity}'><filter><condition attribute='createdon' operator='{operator}' value='{n}'/></filter></entity></fetch>"
+    ))
+}
+
+pub(crate) async fn control_cmd(
+    config: Config,
+    action: ControlAction,
+    brokers: Option<String>,
+    timeout: Duration,
+    command_id: Option<String>,
+) -> anyhow::Result<i32> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let brokers = brokers.unwrap_or_else(|| config.kafka.brokers.clone());
+    if brokers.trim() == "embedded" {
+        eprintln!("control needs the service's broker: pass --brokers host:port or set kafka.brokers");
+        return Ok(EXIT_CONFIG);
+    }
+    let command_id = command_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let command = match control_command(action, &command_id, &crate::table::table().logical_name) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return Ok(EXIT_CONFIG);
+        }
+    };
+    let value = serde_json::to_vec(&command)?;
+    let options = pipeline::kafka_options(&config);
+    let reply_topic = config.kafka.control_reply_topic.clone();
+    let control_topic = config.kafka.control_topic.clone();
+    let auth = crate::control::Authenticator::new(&config.control);
+    let reply = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<serde_json::Value>> {
+        // Start reading replies at the current end, before the command goes out.
+        let mut cfg = rdkafka::ClientConfig::new();
+        cfg.set("bootstrap.servers", &brokers)
+            .set("group.id", format!("copilot-ingest-cli-{}", uuid::Uuid::new_v4()))
+            .set("enable.auto.commit", "false");
+        for (k, v) in &options {
+            cfg.set(k, v);
+        }
+        let consumer: BaseConsumer = cfg.create()?;
+        let metadata = consumer.fetch_metadata(Some(&reply_topic), Duration::from_secs(10))?;
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+        if partitions.is_empty() {
+            anyhow::bail!("reply topic {reply_topic} does not exist");
+        }
+        let mut tpl = rdkafka::TopicPartitionList::new();
+        for p in partitions {
+            let (_, high) = consumer.fetch_watermarks(&reply_topic, p, Duration::from_secs(10))?;
+            tpl.add_partition_offset(&reply_topic, p, rdkafka::Offset::Offset(high))?;
+        }
+        consumer.assign(&tpl)?;
+
+        let producer: BaseProducer = crate::dlq::producer_config(&brokers, &options).create()?;
+        let mut record = BaseRecord::to(&control_topic).key(&command_id).payload(&value);
+        if let Some(key) = auth.signing_key() {
+            record = record.headers(crate::control::signature_headers(key, &value));
+        }
+        producer.send(record).map_err(|(e, _)| e)?;
+        producer.flush(Duration::from_secs(30))?;
+
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
+            if m.key() != Some(command_id.as_bytes()) {
+                continue;
+            }
+            match accept_reply(&auth, &command_id, &m) {
+                Ok(reply) => return Ok(Some(reply)),
+                Err(problem) => eprintln!("ignored a reply to {command_id}: {problem}"),
+            }
+        }
+        Ok(None)
+    })
+    .await??;
+    match reply {
+        Some(reply) => {
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+            Ok(if reply["status"] == "Succeeded" { EXIT_OK } else { EXIT_REJECTED })
+        }
+        None => {
+            eprintln!("no reply within {}s (is copilot-ingest running against this broker?)", timeout.as_secs());
+            Ok(EXIT_REJECTED)
+        }
+    }
+}
+
+/// A reply the CLI believes: for the command id it sent, and, when a key is
+/// configured, signed by the instance (anyone may write to the reply topic).
+pub(crate) fn accept_reply(
+    auth: &crate::control::Authenticator,
+    command_id: &str,
+    message: &rdkafka::message::BorrowedMessage<'_>,
+) -> Result<serde_json::Value, String> {
+    use rdkafka::Message as _;
+    use rdkafka::message::Headers;
+    let body = message.payload().unwrap_or_default();
+    if let Some(key) = auth.signing_key() {
+        let header =
+            |name: &str| message.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value));
+        let (Some(timestamp), Some(signature)) =
+            (header(crate::control::SIGNATURE_TIMESTAMP_HEADER), header(crate::control::SIGNATURE_HEADER))
+        else {
+            return Err("it is not signed".into());
+        };
+        crate::control::verify_signature(&[key], body, timestamp, signature, chrono::Utc::now().timestamp())?;
+    }
+    let reply: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+    if reply["command_id"].as_str() != Some(command_id) {
+        return Err("its command_id is not the one sent".into());
+    }
+    Ok(reply)
+}

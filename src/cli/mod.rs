@@ -1,0 +1,343 @@
+//! The command line (SPEC §3). Exit codes: 0 success, 1 rejected input or
+//! failed command, 2 bad configuration or usage.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use tokio::sync::watch;
+
+use crate::config::{Config, ConfigErrors, Format};
+use crate::embedded::EmbeddedBroker;
+use crate::generator::Generator;
+use crate::http::{self, Readiness};
+use crate::metrics::Metrics;
+use crate::normalize::Normalizer;
+use crate::pipeline;
+
+mod control_client;
+mod demo;
+mod load;
+mod service;
+mod validate;
+
+use control_client::*;
+use demo::*;
+use load::*;
+pub(crate) use load::{Load, produce_events};
+use service::*;
+use validate::*;
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_REJECTED: i32 = 1;
+pub const EXIT_CONFIG: i32 = 2;
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "copilot-ingest", version, about = "Kafka → msdyn_copilotinteraction ingestor (SQLite, PostgreSQL)")]
+pub struct Cli {
+    /// Configuration file (default: ./copilot-ingest.toml if present).
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// No progress display (demo, produce, bench).
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (embedded broker and SQLite when nothing is configured).
+    Run,
+    /// Run on the embedded defaults with a built-in producer, print a summary, exit.
+    Demo {
+        /// Events to produce.
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Share of invalid events (0.0–1.0).
+        #[arg(long, default_value_t = 0.05)]
+        invalid_ratio: f64,
+        /// Events per second (0 = as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+    },
+    /// Validate events (one JSON per line) from FILE or stdin; print each result.
+    Validate {
+        /// A file, or - for standard input.
+        #[arg(default_value = "-")]
+        file: String,
+    },
+    /// Create or upgrade the sink's tables (idempotent).
+    Migrate,
+    /// Load generator: publish events to the configured (or given) broker.
+    Produce {
+        #[arg(long, default_value_t = 10_000)]
+        count: u64,
+        /// Events per second (0 = unlimited).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        #[arg(long, default_value_t = 0.0)]
+        invalid_ratio: f64,
+        #[arg(long, value_enum, default_value = "json")]
+        format: ProduceFormat,
+        /// Overrides kafka.brokers.
+        #[arg(long)]
+        brokers: Option<String>,
+        /// Overrides kafka.topic.
+        #[arg(long)]
+        topic: Option<String>,
+        /// Seed of the event generator.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Publish one control command (retention, purge), wait for its reply and print it.
+    Control {
+        #[command(subcommand)]
+        action: ControlAction,
+        /// Overrides kafka.brokers.
+        #[arg(long, global = true)]
+        brokers: Option<String>,
+        /// Seconds to wait for the reply.
+        #[arg(long, global = true, default_value_t = 60)]
+        timeout: u64,
+        /// The command id (default: a new UUID). Re-sending an id returns the stored reply.
+        #[arg(long, global = true)]
+        command_id: Option<String>,
+    },
+    /// End-to-end benchmark: raw consume and raw sink limits, then copilot-ingest, on one data set.
+    Bench(crate::bench::BenchArgs),
+    /// Run the embedded Kafka-protocol broker alone and print its address.
+    Broker {
+        /// Partitions of the event and DLQ topics.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Check, show or write out the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Print a shell completion script (e.g. `copilot-ingest completions bash > /etc/bash_completion.d/copilot-ingest`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `copilot-ingest man | man -l -`.
+    Man,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum ConfigAction {
+    /// Validate the file and the environment without connecting; every problem, then exit 2.
+    Check,
+    /// The effective configuration after the environment overrides, secrets masked.
+    Show,
+    /// A commented configuration file with every key and its default.
+    Example,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ControlAction {
+    /// Check FetchXML criteria against the table definition (changes nothing).
+    #[command(alias = "ValidateRetentionConfig")]
+    ValidateRetentionConfig {
+        #[arg(long)]
+        fetchxml: String,
+    },
+    /// Mark one live record retained.
+    #[command(alias = "Retain")]
+    Retain {
+        #[arg(long)]
+        target: String,
+    },
+    /// Mark every live record matching the criteria retained.
+    #[command(alias = "BulkRetain")]
+    BulkRetain {
+        #[arg(long, conflicts_with = "older_than", required_unless_present = "older_than")]
+        fetchxml: Option<String>,
+        /// Shorthand criteria on createdon: 90d, 12h or 6m (months).
+        #[arg(long)]
+        older_than: Option<String>,
+        #[arg(long)]
+        page_size: Option<i64>,
+    },
+    /// Return the records of an operation (or one record) to live.
+    #[command(alias = "RollbackRetain")]
+    RollbackRetain {
+        #[arg(long, required_unless_present = "target")]
+        operation_id: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Permanently delete retained records (tombstoning their ids).
+    #[command(alias = "PurgeRetainedContent")]
+    PurgeRetainedContent {
+        #[arg(long)]
+        max_version: Option<i64>,
+        #[arg(long)]
+        fetchxml: Option<String>,
+        #[arg(long)]
+        page_size: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum ProduceFormat {
+    Json,
+    Avro,
+}
+
+fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tokio_postgres=warn"));
+    // Colour only on a terminal (never into files, pipes or CI logs) and never with NO_COLOR.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(crate::progress::colour_allowed(std::io::stderr().is_terminal()))
+        .with_writer(crate::progress::LogWriter);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { EXIT_CONFIG } else { EXIT_OK };
+        }
+    };
+    init_tracing(cli.log_format);
+    match &cli.command {
+        Command::Config { action: ConfigAction::Example } => {
+            print!("{}", crate::config::example());
+            return EXIT_OK;
+        }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(*shell, &mut Cli::command(), "copilot-ingest", &mut std::io::stdout());
+            return EXIT_OK;
+        }
+        Command::Man => {
+            use clap::CommandFactory;
+            return match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
+                Ok(()) => EXIT_OK,
+                Err(e) => {
+                    eprintln!("cannot write the manual page: {e}");
+                    EXIT_REJECTED
+                }
+            };
+        }
+        _ => {}
+    }
+    if let Command::Validate { file } = &cli.command {
+        let config = match Config::load(cli.config.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return config_error(&e),
+        };
+        return validate(&config, file);
+    }
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    match &cli.command {
+        Command::Config { action: ConfigAction::Check } => {
+            let source = match &cli.config {
+                Some(path) => path.display().to_string(),
+                None if std::path::Path::new(crate::config::DEFAULT_CONFIG_FILE).exists() => {
+                    crate::config::DEFAULT_CONFIG_FILE.to_owned()
+                }
+                None => "defaults".to_owned(),
+            };
+            println!("configuration is valid ({source}, with the COPILOT_INGEST__ environment overrides)");
+            return EXIT_OK;
+        }
+        Command::Config { action: ConfigAction::Show } => {
+            print!("{}", crate::config::show(&config));
+            return EXIT_OK;
+        }
+        _ => {}
+    }
+    let quiet = cli.quiet;
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return EXIT_REJECTED;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run => run(config).await,
+            Command::Demo { count, invalid_ratio, rate } => demo(config, count, invalid_ratio, rate, quiet).await,
+            Command::Migrate => migrate(config).await,
+            Command::Produce { count, rate, invalid_ratio, format, brokers, topic, seed } => {
+                produce_cmd(config, count, rate, invalid_ratio, format, brokers, topic, seed, quiet).await
+            }
+            Command::Broker { partitions } => broker(config, partitions).await,
+            Command::Bench(args) => crate::bench::run(config, args, quiet).await,
+            Command::Control { action, brokers, timeout, command_id } => {
+                control_cmd(config, action, brokers, Duration::from_secs(timeout), command_id).await
+            }
+            Command::Validate { .. } | Command::Config { .. } | Command::Completions { .. } | Command::Man => {
+                Ok(EXIT_OK)
+            }
+        }
+    });
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(code) => code,
+        Err(e) if e.downcast_ref::<crate::config::FatalConfig>().is_some() || is_config_refusal(&e) => {
+            eprintln!("error: {}", safe_error(&e));
+            EXIT_CONFIG
+        }
+        Err(e) => {
+            eprintln!("error: {}", safe_error(&e));
+            EXIT_REJECTED
+        }
+    }
+}
+
+/// librdkafka refused a configuration property (a configuration error, exit 2).
+fn is_config_refusal(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        matches!(cause.downcast_ref::<rdkafka::error::KafkaError>(), Some(rdkafka::error::KafkaError::ClientConfig(..)))
+    })
+}
+
+/// An error chain for people and logs. rdkafka's text for a refused property
+/// ends with the property's value, which may be a credential: that one is
+/// described by its key alone.
+pub(crate) fn safe_error(e: &anyhow::Error) -> String {
+    for cause in e.chain() {
+        if let Some(rdkafka::error::KafkaError::ClientConfig(_, description, key, value)) =
+            cause.downcast_ref::<rdkafka::error::KafkaError>()
+        {
+            let description =
+                if value.is_empty() { description.clone() } else { description.replace(value.as_str(), "***") };
+            return format!("librdkafka refused the property {key}: {description}");
+        }
+    }
+    format!("{e:#}")
+}
+
+fn config_error(e: &ConfigErrors) -> i32 {
+    eprint!("{e}");
+    EXIT_CONFIG
+}

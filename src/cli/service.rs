@@ -1,0 +1,127 @@
+//! Service wiring: `run` (the pipeline, the control consumer, the HTTP
+//! endpoints and the embedded broker when configured), `migrate`, `broker`,
+//! and the shutdown signal they share.
+
+use super::*;
+
+/// A watch that turns true on SIGTERM or Ctrl-C.
+pub(crate) fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = match signal(SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::info!("shutdown requested");
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+pub(crate) async fn start_http(
+    config: &Config,
+    metrics: &Arc<Metrics>,
+    readiness: &Arc<Readiness>,
+    shutdown: &watch::Receiver<bool>,
+    required: bool,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    match tokio::net::TcpListener::bind(&config.metrics.listen).await {
+        Ok(listener) => {
+            let addr = listener.local_addr()?;
+            tracing::info!(%addr, "metrics and health endpoints listening");
+            tokio::spawn(http::serve(listener, Arc::clone(metrics), Arc::clone(readiness), shutdown.clone()));
+            Ok(Some(addr))
+        }
+        Err(e) if !required => {
+            tracing::warn!(listen = %config.metrics.listen, error = %e, "metrics endpoint not started");
+            Ok(None)
+        }
+        Err(e) => anyhow::bail!("metrics.listen {}: {e}", config.metrics.listen),
+    }
+}
+
+/// Starts the embedded broker when configured; returns it (to keep it alive) and the bootstrap list.
+pub(crate) fn brokers_for(config: &Config) -> anyhow::Result<(Option<EmbeddedBroker>, String)> {
+    if config.kafka.is_embedded() {
+        let broker = EmbeddedBroker::start(&config.kafka)?;
+        let addr = broker.bootstrap_servers();
+        println!(
+            "embedded Kafka broker listening on {addr} (topic {}, dlq {})",
+            config.kafka.topic, config.kafka.dlq_topic
+        );
+        let _ = std::io::stdout().flush();
+        Ok((Some(broker), addr))
+    } else {
+        Ok((None, config.kafka.brokers.clone()))
+    }
+}
+
+pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
+    local_defaults(&mut config);
+    if config.kafka.is_embedded() && config.control.hmac_key.is_empty() {
+        // The in-process broker is reachable only from this machine's
+        // loopback; local tools send unsigned commands to it.
+        config.control.allow_unsigned = true;
+    } else if config.control.allow_unsigned && config.control.hmac_key.is_empty() {
+        tracing::warn!(
+            brokers = %config.kafka.brokers,
+            "control.allow_unsigned = true: anyone who can write to the control topic can retain and purge records"
+        );
+    }
+    let shutdown = shutdown_signal();
+    let metrics = Arc::new(Metrics::new());
+    let readiness = Arc::new(Readiness::default());
+    start_http(&config, &metrics, &readiness, &shutdown, true).await?;
+    let (_broker, brokers) = brokers_for(&config)?;
+    let control = tokio::spawn(crate::control::consumer::supervised(
+        crate::control::consumer::run(config.clone(), brokers.clone(), Arc::clone(&metrics), shutdown.clone()),
+        Arc::clone(&readiness),
+    ));
+    tokio::spawn(crate::control::consumer::prune_periodically(config.clone(), shutdown.clone()));
+    pipeline::run(config, &brokers, metrics, readiness, shutdown).await?;
+    let _ = control.await;
+    Ok(EXIT_OK)
+}
+
+pub(crate) async fn migrate(config: Config) -> anyhow::Result<i32> {
+    let (_tx, mut rx) = watch::channel(false);
+    let Some(sink) = pipeline::open_sink(&config, &Arc::new(Metrics::new()), &mut rx).await? else {
+        return Ok(EXIT_REJECTED);
+    };
+    println!("{} sink migrated", sink.kind());
+    Ok(EXIT_OK)
+}
+
+pub(crate) async fn broker(mut config: Config, partitions: i32) -> anyhow::Result<i32> {
+    config.kafka.embedded_partitions = partitions;
+    let broker = EmbeddedBroker::start(&config.kafka)?;
+    println!("{}", broker.bootstrap_servers());
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "embedded Kafka broker on {} — topics {} and {} with {partitions} partitions; Ctrl-C to stop",
+        broker.bootstrap_servers(),
+        config.kafka.topic,
+        config.kafka.dlq_topic
+    );
+    let mut shutdown = shutdown_signal();
+    let _ = shutdown.changed().await;
+    Ok(EXIT_OK)
+}
+
+/// `run` and `demo` on the embedded broker are local: their metrics listen
+/// on loopback unless `metrics.listen` was set to something else.
+pub(crate) fn local_defaults(config: &mut Config) {
+    if config.kafka.is_embedded() && config.metrics.listen == crate::config::MetricsConfig::default().listen {
+        config.metrics.listen = "127.0.0.1:9464".into();
+    }
+}
