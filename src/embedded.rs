@@ -32,8 +32,12 @@ impl EmbeddedBroker {
         Ok(broker)
     }
 
-    /// The broker with the mock's default group delay (3 s), as the
-    /// multi-instance tests were written against.
+    /// The broker with the mock's default group delay (3 s), for the
+    /// multi-instance tests: with no delay, a member joining a group that
+    /// already consumes was observed to get its partitions in a second round
+    /// and then receive none of their messages (the two-instance rebalance
+    /// test stalled), on the mock cluster; a single member, as in `demo`,
+    /// is not affected.
     pub fn start_with_default_group_delay(kafka: &KafkaConfig) -> Result<EmbeddedBroker, KafkaError> {
         let owner: BaseProducer = ClientConfig::new().set("test.mock.num.brokers", "1").create()?;
         let broker = EmbeddedBroker { owner };
