@@ -524,18 +524,25 @@ async fn a_rebalance_loses_and_duplicates_nothing() {
 /// Two events claim one id with different contents. Whichever is stored
 /// stays a replay on every later pass, whatever the batch holds beside it
 /// and in whichever order: a record is never both a row and a dead letter.
+/// On SQLite, PostgreSQL and the Dataverse sink (against the emulator).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_record_is_a_replay_whatever_its_batch_holds() {
+    use crate::dataverse_emulator::{Behaviour, CLIENT_ID, CLIENT_SECRET, Emulator, TENANT};
     use copilot_ingest::batch::Entry;
     use copilot_ingest::sink::{Outcome, Sink};
     use copilot_ingest::source::Inbound;
     let (dir, sqlite) = temp_sqlite();
     let db = PgDb::create().await;
-    let mut urls = vec![sqlite];
+    let emulator = Emulator::start(Behaviour::default());
+    let mut urls = vec![sqlite, "dataverse://contoso.crm.dynamics.com".to_owned()];
     urls.extend(db.as_ref().map(|d| d.url.clone()));
     for url in urls {
         let mut config = copilot_ingest::config::Config::default();
         config.sink.url = copilot_ingest::config::Secret::new(url.clone());
+        let d = &mut config.sink.dataverse;
+        (d.tenant_id, d.client_id) = (TENANT.into(), CLIENT_ID.into());
+        d.client_secret = copilot_ingest::config::Secret::new(CLIENT_SECRET);
+        (d.authority, d.api_url) = (emulator.url.clone(), emulator.url.clone());
         let metrics = std::sync::Arc::new(copilot_ingest::metrics::Metrics::new());
         let sink = Sink::open(&config.sink_url().unwrap(), "t", 4, &metrics).await.unwrap();
         let normalizer = copilot_ingest::normalize::Normalizer::default();
@@ -575,7 +582,11 @@ async fn a_stored_record_is_a_replay_whatever_its_batch_holds() {
             assert!(conflict(&alone[0]), "{url}: {alone:?}");
             assert_eq!(write(vec![entry("stored", 85)]).await, [Outcome::Replay], "{url}");
         }
-        let rows = if let Some(path) = url.strip_prefix("sqlite://") {
+        let rows = if url.starts_with("dataverse://") {
+            let rows = emulator.rows();
+            assert_eq!(rows.len(), 1, "{rows:?}");
+            rows[0]["msdyn_name"].as_str().unwrap_or_default().to_owned()
+        } else if let Some(path) = url.strip_prefix("sqlite://") {
             rusqlite::Connection::open(path)
                 .unwrap()
                 .query_row("SELECT msdyn_name FROM msdyn_copilotinteraction", [], |r| r.get::<_, String>(0))
