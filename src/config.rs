@@ -197,11 +197,15 @@ pub struct AvroConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsConfig {
     pub listen: String,
+    /// Whether `listen` was set (file or environment) rather than defaulted:
+    /// `run`/`demo` on the embedded broker keep a set address as it is.
+    #[serde(skip)]
+    pub listen_set: bool,
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { listen: "0.0.0.0:9464".into() }
+        MetricsConfig { listen: "0.0.0.0:9464".into(), listen_set: false }
     }
 }
 
@@ -308,6 +312,7 @@ impl Config {
         apply_env(&mut root, &defaults, env, &mut errors);
 
         let mut config = Config::default();
+        let listen_set = root.get("metrics").and_then(|m| m.get("listen")).is_some();
         for (section, value) in root {
             let Some(toml::Value::Table(default_section)) = defaults.get(&section) else {
                 errors.push(format!("{section}: unknown section"));
@@ -329,6 +334,7 @@ impl Config {
                 _ => errors.push(format!("{section}: unknown section")),
             }
         }
+        config.metrics.listen_set = listen_set;
         config.check(&mut errors);
         if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
     }
@@ -860,6 +866,15 @@ mod tests {
         assert_eq!(c.batch.max_records, 500);
         assert_eq!(c.kafka.options.get("security.protocol").map(Secret::expose), Some("SASL_SSL"));
         assert_eq!(c.control.hmac_key.expose(), "s3cret-s3cret-s3cret-s3cret-0123");
+    }
+
+    #[test]
+    fn a_set_metrics_address_is_told_apart_from_the_default() {
+        assert!(!Config::from_sources(None, &[]).unwrap().metrics.listen_set);
+        let file = Config::from_sources(Some("[metrics]\nlisten = \"0.0.0.0:9464\"\n"), &[]).unwrap();
+        assert!(file.metrics.listen_set, "set to the default's value, but set");
+        let env = Config::from_sources(None, &env(&[("COPILOT_INGEST__METRICS__LISTEN", "0.0.0.0:9464")])).unwrap();
+        assert!(env.metrics.listen_set);
     }
 
     #[test]

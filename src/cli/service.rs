@@ -121,7 +121,7 @@ pub(crate) async fn broker(mut config: Config, partitions: i32) -> anyhow::Resul
 /// `run` and `demo` on the embedded broker are local: their metrics listen
 /// on loopback unless `metrics.listen` was set to something else.
 pub(crate) fn local_defaults(config: &mut Config) {
-    if config.kafka.is_embedded() && config.metrics.listen == crate::config::MetricsConfig::default().listen {
+    if config.kafka.is_embedded() && !config.metrics.listen_set {
         config.metrics.listen = "127.0.0.1:9464".into();
     }
 }
