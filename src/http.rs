@@ -1,14 +1,16 @@
-//! The HTTP endpoints of SPEC §7: `/metrics`, `/healthz`, `/readyz`. A tiny
-//! HTTP/1.1 responder (GET only, bounded request size) is all three need.
-//! It is bounded like any listener facing a network: at most
-//! [`MAX_CONNECTIONS`] at once (more wait in the kernel's backlog), 5 s to
-//! send a request head, and a failing `accept` (e.g. out of file
-//! descriptors) backs off instead of spinning.
+//! The HTTP endpoints of SPEC §7: `/metrics`, `/healthz`, `/readyz`, served
+//! by hyper (HTTP/1.1) with axum's routing. Bounded like any listener facing
+//! a network: at most [`MAX_CONNECTIONS`] at once (more wait in the kernel's
+//! backlog), [`HEAD_TIMEOUT`] to send a request head of at most
+//! [`MAX_HEAD_BYTES`], [`CONNECTION_TIMEOUT`] for a whole exchange, and a
+//! failing `accept` (e.g. out of file descriptors) backs off instead of
+//! spinning. On shutdown, answers under way finish.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::time::Duration;
+
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -16,6 +18,12 @@ use crate::metrics::Metrics;
 
 /// Connections served at once; the rest wait to be accepted.
 pub const MAX_CONNECTIONS: usize = 32;
+/// Time a client has to send its request head.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read (hyper's minimum buffer).
+pub const MAX_HEAD_BYTES: usize = 8 * 1024;
+/// Longest a connection is kept, answer included.
+pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `/readyz` reports: the pipeline sets these as it learns them.
 #[derive(Debug, Default)]
@@ -55,92 +63,91 @@ async fn serve_bounded(
     mut shutdown: watch::Receiver<bool>,
     max_connections: usize,
 ) {
+    let app = router(metrics, readiness);
     let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
-    let mut accept_backoff = std::time::Duration::from_millis(10);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut accept_backoff = Duration::from_millis(10);
     loop {
         // A permit before accepting: past the limit, connections queue in the backlog.
         let permit = tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
             permit = Arc::clone(&permits).acquire_owned() => match permit {
                 Ok(p) => p,
-                Err(_) => return,
+                Err(_) => break,
             },
         };
-        tokio::select! {
-            _ = shutdown.changed() => return,
-            accepted = listener.accept() => {
-                let mut stream = match accepted {
-                    Ok((stream, _)) => {
-                        accept_backoff = std::time::Duration::from_millis(10);
-                        stream
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "metrics endpoint: accept failed; backing off");
-                        tokio::time::sleep(accept_backoff).await;
-                        accept_backoff = (accept_backoff * 2).min(std::time::Duration::from_secs(1));
-                        continue;
-                    }
-                };
-                let metrics = Arc::clone(&metrics);
-                let readiness = Arc::clone(&readiness);
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    let mut buf = [0u8; 2048];
-                    let mut len = 0;
-                    // Read the request head only; anything beyond 2 KiB is refused.
-                    let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                        while len < buf.len() {
-                            match stream.read(&mut buf[len..]).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    len += n;
-                                    if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") { break; }
-                                }
-                            }
-                        }
-                    }).await;
-                    if read.is_err() { return; }
-                    let head = String::from_utf8_lossy(&buf[..len]);
-                    let mut parts = head.split_whitespace();
-                    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-                    let path = path.split('?').next().unwrap_or("");
-                    let (status, content_type, body) = match (method, path) {
-                        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-                        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-                        ("GET", "/readyz") => {
-                            if readiness.is_ready() {
-                                ("200 OK", "text/plain", "ready\n".to_owned())
-                            } else {
-                                let r = &readiness;
-                                let body = format!(
-                                    "not ready: broker_reachable={} sink_reachable={} partitions_assigned={} control_consumer={}\n",
-                                    r.broker_reachable.load(Ordering::Relaxed),
-                                    r.sink_reachable.load(Ordering::Relaxed),
-                                    r.assigned.load(Ordering::Relaxed),
-                                    if r.control_failed.load(Ordering::Relaxed) { "failed" } else { "ok" }
-                                );
-                                ("503 Service Unavailable", "text/plain", body)
-                            }
-                        }
-                        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-                        _ => ("405 Method Not Allowed", "text/plain", "method not allowed\n".to_owned()),
-                    };
-                    let response = format!(
-                        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                        body.len()
-                    );
-                    let _ = stream.write_all(response.as_bytes()).await;
-                    let _ = stream.shutdown().await;
-                });
+        let stream = tokio::select! {
+            _ = shutdown.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    accept_backoff = Duration::from_millis(10);
+                    stream
+                }
+                Err(e) => {
+                    // e.g. out of file descriptors: wait instead of spinning.
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed; backing off");
+                    tokio::time::sleep(accept_backoff).await;
+                    accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            },
+        };
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEAD_TIMEOUT)
+            .max_buf_size(MAX_HEAD_BYTES)
+            .keep_alive(false);
+        let connection = http.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(app.clone()),
+        );
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            let _permit = permit;
+            // A client that reads its answer slowly is cut off as well.
+            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
+        });
+    }
+    // Answers being written finish; the rest are dropped after a moment.
+    let _ = tokio::time::timeout(Duration::from_secs(2), connections.shutdown()).await;
+}
+
+/// The routes; a request for anything else is 404, another method 405.
+fn router(metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> axum::Router {
+    use axum::http::{StatusCode, header};
+    use axum::routing::get;
+    let metrics_route = get(move || {
+        let metrics = Arc::clone(&metrics);
+        async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], metrics.render()) }
+    });
+    let readyz = get(move || {
+        let r = Arc::clone(&readiness);
+        async move {
+            if r.is_ready() {
+                (StatusCode::OK, "ready\n".to_owned())
+            } else {
+                let body = format!(
+                    "not ready: broker_reachable={} sink_reachable={} partitions_assigned={} control_consumer={}\n",
+                    r.broker_reachable.load(Ordering::Relaxed),
+                    r.sink_reachable.load(Ordering::Relaxed),
+                    r.assigned.load(Ordering::Relaxed),
+                    if r.control_failed.load(Ordering::Relaxed) { "failed" } else { "ok" }
+                );
+                (StatusCode::SERVICE_UNAVAILABLE, body)
             }
         }
-    }
+    });
+    axum::Router::new()
+        .route("/metrics", metrics_route)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", readyz)
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     async fn get(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -167,5 +174,34 @@ mod tests {
         drop(idle_a);
         tokio::time::timeout(Duration::from_secs(10), waiting.read_to_end(&mut buf)).await.unwrap().unwrap();
         assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf));
+    }
+
+    /// A request head over the limit is refused without reading it all; a
+    /// wrong method or path gets its status; others are still served.
+    #[tokio::test]
+    async fn oversized_heads_wrong_methods_and_paths_are_answered_and_bounded() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(serve_bounded(listener, Arc::new(Metrics::new()), Arc::new(Readiness::default()), rx, 4));
+        let exchange = |request: Vec<u8>| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let _ = s.write_all(&request).await;
+            let mut buf = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+            String::from_utf8_lossy(&buf).into_owned()
+        };
+        let big =
+            [b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec(), vec![b'a'; 100 * 1024], b"\r\n\r\n".to_vec()]
+                .concat();
+        let answer = exchange(big).await;
+        assert!(answer.is_empty() || answer.starts_with("HTTP/1.1 431"), "{answer}");
+        let answer = exchange(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_vec()).await;
+        assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+        let answer = exchange(b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
+        assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+        let answer = exchange(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".to_vec()).await;
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.contains("copilot_ingest_build_info"), "{answer}");
+        assert!(answer.contains("text/plain; version=0.0.4"), "{answer}");
     }
 }
