@@ -13,6 +13,30 @@ use serde::Deserialize;
 const TABLE_JSON: &str = include_str!("../schemas/msdyn_copilotinteraction.table.json");
 
 /// The parsed table definition, built once at first use.
+/// What a stored column beyond the table definition holds; each backend maps
+/// it to its own type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtraColumnKind {
+    /// `msft_datastate`: 0 live, 1 retained (not null, default 0).
+    DataState,
+    Guid,
+    Text,
+    Int,
+    Bigint,
+}
+
+/// The columns every backend stores beside the table definition's: the
+/// retention state and the operation that retained the row, the Kafka source
+/// coordinates, and the content digest that tells a replay from a conflict.
+pub const EXTRA_COLUMNS: [(&str, ExtraColumnKind); 6] = [
+    ("msft_datastate", ExtraColumnKind::DataState),
+    ("msft_retention_operationid", ExtraColumnKind::Guid),
+    ("ingest_topic", ExtraColumnKind::Text),
+    ("ingest_partition", ExtraColumnKind::Int),
+    ("ingest_offset", ExtraColumnKind::Bigint),
+    ("ingest_content_hash", ExtraColumnKind::Guid),
+];
+
 pub fn table() -> &'static Table {
     static TABLE: LazyLock<Table> = LazyLock::new(|| {
         // The file is compiled into the binary and covered by unit tests, so a
@@ -142,9 +166,18 @@ pub struct Table {
     pub columns: Vec<Column>,
     #[serde(skip)]
     by_name: HashMap<String, usize, BuildHasherDefault<NameHasher>>,
+    /// `<logical_name>_tombstone`: ids purged or deleted, never re-created.
+    #[serde(skip)]
+    tombstone_table: String,
 }
 
 impl Table {
+    /// The table of tombstones (one row per purged or deleted id), the same
+    /// name in every backend.
+    pub fn tombstone_table(&self) -> &str {
+        &self.tombstone_table
+    }
+
     fn parse(text: &str) -> Result<Table, String> {
         let mut table: Table = serde_json::from_str(text).map_err(|e| e.to_string())?;
         for (i, col) in table.columns.iter_mut().enumerate() {
@@ -162,6 +195,7 @@ impl Table {
         if !table.by_name.contains_key(&table.primary_id_attribute) {
             return Err("primary id attribute is not a column".into());
         }
+        table.tombstone_table = format!("{}_tombstone", table.logical_name);
         Ok(table)
     }
 

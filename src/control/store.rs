@@ -72,9 +72,10 @@ pub fn postgres_ddl() -> String {
         "CREATE TABLE IF NOT EXISTS {OPERATION_TABLE} (operationid uuid PRIMARY KEY, command_id text NOT NULL, message text NOT NULL,
             criteria text, status text NOT NULL, total bigint NOT NULL DEFAULT 0, started_on timestamptz NOT NULL, ended_on timestamptz);
          CREATE TABLE IF NOT EXISTS {REPLY_TABLE} (command_id text PRIMARY KEY, message text, reply text NOT NULL, created_on timestamptz NOT NULL);
-         ALTER TABLE {name}_tombstone ADD COLUMN IF NOT EXISTS retention_operationid uuid;
+         ALTER TABLE {tombstones} ADD COLUMN IF NOT EXISTS retention_operationid uuid;
          CREATE INDEX IF NOT EXISTS {name}_retention_op_idx ON {name} (msft_retention_operationid);",
-        name = t.logical_name
+        name = t.logical_name,
+        tombstones = t.tombstone_table()
     )
 }
 
@@ -366,7 +367,7 @@ impl Store {
                 let update = format!(
                     "UPDATE {name} SET msft_datastate = 0, versionnumber = ?2, msft_retention_operationid = NULL WHERE msft_datastate = 1 AND {filter_sql_sqlite}"
                 );
-                let purged = format!("SELECT count(*) FROM {name}_tombstone WHERE {tombstone_filter} = ?1");
+                let purged = format!("SELECT count(*) FROM {} WHERE {tombstone_filter} = ?1", t.tombstone_table());
                 blocking(move || {
                     let mut conn = crate::sink::sqlite::open_connection(&path)?;
                     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -388,7 +389,10 @@ impl Store {
                     )
                     .await? as i64;
                 let purged: i64 = tx
-                    .query_one(&format!("SELECT count(*) FROM {name}_tombstone WHERE {tombstone_filter} = $1"), &[&key])
+                    .query_one(
+                        &format!("SELECT count(*) FROM {} WHERE {tombstone_filter} = $1", t.tombstone_table()),
+                        &[&key],
+                    )
                     .await?
                     .get(0);
                 tx.commit().await?;
@@ -447,7 +451,7 @@ impl Store {
         limit: i64,
     ) -> Result<i64, StoreError> {
         let t = table();
-        let (name, id) = (&t.logical_name, &t.primary_id_attribute);
+        let (name, id, tombstones) = (&t.logical_name, &t.primary_id_attribute, t.tombstone_table());
         match self {
             Store::Sqlite(path) => {
                 let predicate = criteria.compile(Dialect::Sqlite, 3);
@@ -466,7 +470,7 @@ impl Store {
                     let now = format_datetime(&Utc::now());
                     {
                         let mut tomb = tx.prepare(&format!(
-                            "INSERT INTO {name}_tombstone ({id}, purgedon, versionnumber, retention_operationid)
+                            "INSERT INTO {tombstones} ({id}, purgedon, versionnumber, retention_operationid)
                              SELECT {id}, ?2, versionnumber, msft_retention_operationid FROM {name} WHERE {id} = ?1
                              ON CONFLICT({id}) DO NOTHING"
                         ))?;
@@ -489,7 +493,7 @@ impl Store {
                             SELECT {id} FROM {name} WHERE msft_datastate = 1 AND ($1::bigint IS NULL OR versionnumber <= $1::bigint) AND ({})
                             LIMIT $2 FOR UPDATE SKIP LOCKED)
                         RETURNING {id}, versionnumber, msft_retention_operationid)
-                     INSERT INTO {name}_tombstone ({id}, purgedon, versionnumber, retention_operationid)
+                     INSERT INTO {tombstones} ({id}, purgedon, versionnumber, retention_operationid)
                      SELECT {id}, now(), versionnumber, msft_retention_operationid FROM doomed
                      ON CONFLICT ({id}) DO NOTHING",
                     predicate.sql
@@ -569,8 +573,9 @@ impl Store {
                     let state = conn
                         .query_row(&format!("SELECT msft_datastate FROM {name} WHERE {id} = ?1"), [&key], |r| r.get(0))
                         .optional()?;
-                    let purged =
-                        conn.prepare(&format!("SELECT 1 FROM {name}_tombstone WHERE {id} = ?1"))?.exists([&key])?;
+                    let purged = conn
+                        .prepare(&format!("SELECT 1 FROM {name} WHERE {id} = ?1", name = table().tombstone_table()))?
+                        .exists([&key])?;
                     Ok((state, purged))
                 })
                 .await?
@@ -582,7 +587,7 @@ impl Store {
                     .await?
                     .map(|r| i64::from(r.get::<_, i32>(0)));
                 let purged = client
-                    .query_opt(&format!("SELECT 1 FROM {name}_tombstone WHERE {id} = $1"), &[&record])
+                    .query_opt(&format!("SELECT 1 FROM {} WHERE {id} = $1", t.tombstone_table()), &[&record])
                     .await?
                     .is_some();
                 (state, purged)

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::{DEAD_LETTER_TABLE, DeadLetterKey, DeadLetterOp, Outcome, SinkError, classify_existing};
 use crate::batch::Batch;
 use crate::record::{Value, create_columns, write_datetime};
-use crate::table::{ColumnType, table};
+use crate::table::{ColumnType, EXTRA_COLUMNS, ExtraColumnKind, table};
 
 enum Job {
     Write {
@@ -61,15 +61,14 @@ fn sqlite_type(t: ColumnType) -> &'static str {
     }
 }
 
-/// Columns beyond the table definition: retention state and source coordinates.
-const EXTRA_COLUMNS: [(&str, &str); 6] = [
-    ("msft_datastate", "INTEGER NOT NULL DEFAULT 0"),
-    ("msft_retention_operationid", "TEXT"),
-    ("ingest_topic", "TEXT"),
-    ("ingest_partition", "INTEGER"),
-    ("ingest_offset", "INTEGER"),
-    ("ingest_content_hash", "TEXT"),
-];
+/// SQLite's type for each column beyond the table definition.
+fn extra_type(kind: ExtraColumnKind) -> &'static str {
+    match kind {
+        ExtraColumnKind::DataState => "INTEGER NOT NULL DEFAULT 0",
+        ExtraColumnKind::Guid | ExtraColumnKind::Text => "TEXT",
+        ExtraColumnKind::Int | ExtraColumnKind::Bigint => "INTEGER",
+    }
+}
 
 /// Creates or upgrades the tables; idempotent.
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
@@ -83,12 +82,12 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         }
         defs.push(def);
     }
-    for (col, ty) in EXTRA_COLUMNS {
-        defs.push(format!("{col} {ty}"));
+    for (col, kind) in EXTRA_COLUMNS {
+        defs.push(format!("{col} {}", extra_type(kind)));
     }
     conn.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {name} ({});
-         CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} TEXT PRIMARY KEY NOT NULL, purgedon TEXT NOT NULL, versionnumber INTEGER,
+         CREATE TABLE IF NOT EXISTS {tombstones} ({id} TEXT PRIMARY KEY NOT NULL, purgedon TEXT NOT NULL, versionnumber INTEGER,
              retention_operationid TEXT);
          CREATE TABLE IF NOT EXISTS copilot_ingest_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (ingest_topic TEXT NOT NULL, ingest_partition INTEGER NOT NULL,
@@ -97,6 +96,7 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
              PRIMARY KEY (ingest_topic, ingest_partition, ingest_offset, message_digest)) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);",
         defs.join(", "),
+        tombstones = t.tombstone_table(),
         id = t.primary_id_attribute
     ))?;
     // Upgrade: add any column the definition gained since the table was made.
@@ -338,7 +338,7 @@ fn write_rows(
 ) -> Result<Vec<Outcome>, SinkError> {
     let t = table();
     let insert = insert_sql();
-    let tombstone_sql = format!("SELECT 1 FROM {0}_tombstone WHERE {1} = ?1", t.logical_name, t.primary_id_attribute);
+    let tombstone_sql = format!("SELECT 1 FROM {} WHERE {} = ?1", t.tombstone_table(), t.primary_id_attribute);
     let existing_sql =
         format!("SELECT ingest_content_hash FROM {0} WHERE {1} = ?1", t.logical_name, t.primary_id_attribute);
     let mut outcomes = Vec::with_capacity(indices.len());
@@ -347,7 +347,7 @@ fn write_rows(
     let mut existing_stmt = tx.prepare_cached(&existing_sql).map_err(classify)?;
     // Nothing was ever purged (the usual case): no per-row tombstone probe.
     let any_tombstone: bool = tx
-        .query_row(&format!("SELECT EXISTS (SELECT 1 FROM {}_tombstone)", t.logical_name), [], |r| r.get(0))
+        .query_row(&format!("SELECT EXISTS (SELECT 1 FROM {})", t.tombstone_table()), [], |r| r.get(0))
         .map_err(classify)?;
     // Per id seen in this batch: the content hash the table holds for it now (`None`: purged).
     let mut seen: std::collections::HashMap<Uuid, Option<Uuid>> =

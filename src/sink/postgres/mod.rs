@@ -22,7 +22,7 @@ pub mod connect;
 use super::{Outcome, SinkError, classify_existing};
 use crate::batch::Batch;
 use crate::record::{Value, create_columns};
-use crate::table::{Column, ColumnType, table};
+use crate::table::{Column, ColumnType, EXTRA_COLUMNS, ExtraColumnKind, table};
 
 pub struct PostgresSink {
     url: String,
@@ -81,15 +81,16 @@ fn pg_type(c: &Column) -> String {
     }
 }
 
-/// Columns beyond the table definition: retention state and source coordinates.
-const EXTRA_COLUMNS: [(&str, &str); 6] = [
-    ("msft_datastate", "integer NOT NULL DEFAULT 0"),
-    ("msft_retention_operationid", "uuid"),
-    ("ingest_topic", "text"),
-    ("ingest_partition", "integer"),
-    ("ingest_offset", "bigint"),
-    ("ingest_content_hash", "uuid"),
-];
+/// PostgreSQL's type for each column beyond the table definition.
+fn extra_type(kind: ExtraColumnKind) -> &'static str {
+    match kind {
+        ExtraColumnKind::DataState => "integer NOT NULL DEFAULT 0",
+        ExtraColumnKind::Guid => "uuid",
+        ExtraColumnKind::Text => "text",
+        ExtraColumnKind::Int => "integer",
+        ExtraColumnKind::Bigint => "bigint",
+    }
+}
 
 /// Creates or upgrades the tables; idempotent and safe to run from several
 /// instances at once (serialized by an advisory lock).
@@ -108,8 +109,8 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
         }
         defs.push(def);
     }
-    for (col, ty) in EXTRA_COLUMNS {
-        defs.push(format!("{col} {ty}"));
+    for (col, kind) in EXTRA_COLUMNS {
+        defs.push(format!("{col} {}", extra_type(kind)));
     }
     client.batch_execute("SELECT pg_advisory_lock(7215300001)").await?;
     let result = async {
@@ -117,14 +118,15 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
             .batch_execute(&format!(
                 "CREATE SEQUENCE IF NOT EXISTS {seq};
                  CREATE TABLE IF NOT EXISTS {name} ({});
-                 CREATE TABLE IF NOT EXISTS {name}_tombstone ({id} uuid PRIMARY KEY, purgedon timestamptz NOT NULL, versionnumber bigint,
+                 CREATE TABLE IF NOT EXISTS {tombstones} ({id} uuid PRIMARY KEY, purgedon timestamptz NOT NULL, versionnumber bigint,
                      retention_operationid uuid);
                  CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);
                  CREATE TABLE IF NOT EXISTS {ledger} (ingest_topic text NOT NULL, ingest_partition integer NOT NULL,
                      ingest_offset bigint NOT NULL, message_digest text NOT NULL, sent_at timestamptz NOT NULL DEFAULT now(),
                      PRIMARY KEY (ingest_topic, ingest_partition, ingest_offset, message_digest));",
                 defs.join(", "),
-                ledger = super::DEAD_LETTER_TABLE
+                ledger = super::DEAD_LETTER_TABLE,
+                tombstones = t.tombstone_table()
             ))
             .await?;
         for def in defs.iter().skip(1) {
@@ -316,7 +318,7 @@ impl PostgresSink {
         let ids: Vec<Uuid> = candidates.iter().map(|&k| batch[indices[k]].record.id()).collect();
         let tombstoned: HashSet<Uuid> = tx
             .query(
-                &format!("SELECT {1} FROM {0}_tombstone WHERE {1} = ANY($1)", t.logical_name, t.primary_id_attribute),
+                &format!("SELECT {1} FROM {0} WHERE {1} = ANY($1)", t.tombstone_table(), t.primary_id_attribute),
                 &[&ids],
             )
             .await
@@ -513,7 +515,7 @@ async fn undo_purged_inserts(tx: &tokio_postgres::Transaction<'_>, ids: &[Uuid])
     let t = table();
     let (name, id) = (&t.logical_name, &t.primary_id_attribute);
     let tombstoned: HashSet<Uuid> = tx
-        .query(&format!("SELECT {id} FROM {name}_tombstone WHERE {id} = ANY($1)"), &[&ids])
+        .query(&format!("SELECT {id} FROM {} WHERE {id} = ANY($1)", t.tombstone_table()), &[&ids])
         .await
         .map_err(classify)?
         .iter()
