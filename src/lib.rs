@@ -6,7 +6,8 @@
 //! - [`config`]: the TOML + environment configuration, checked once.
 //! - [`table`]: the table definition read from `schemas/` (one source of truth).
 //! - [`source`]: the Kafka consumer thread, pause-based backpressure, rebalances.
-//! - [`decode`] ([`avro`] or JSON) → [`normalize`] → [`record`]: bytes → validated record; [`reason`]: rejection codes.
+//! - [`decode`] (`decode/json.rs` with its direct reader `decode/flat_json.rs`, or `decode/avro.rs`) → event fields →
+//!   [`normalize`] → [`record`]: bytes → validated record; [`reason`]: rejection codes.
 //! - [`batch`]: count / bytes / linger batching.
 //! - [`sink`]: CreateMultiple writes (SQLite, PostgreSQL), retry and bisection.
 //! - [`dlq`]: dead letters with `x-ingest-*` headers.
@@ -19,16 +20,16 @@
 //!   request/reply client, `cli/load.rs` the load generator, `cli/demo.rs`, `cli/validate.rs`);
 //!   [`progress`]: the progress display and the log writer beside it.
 
-pub mod avro;
 pub mod batch;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod decode;
+/// The Avro decoder, also reachable at the crate root.
+pub use decode::avro;
 pub mod dlq;
 pub mod embedded;
-mod flat_json;
 pub mod generator;
 pub mod http;
 pub mod http_client;

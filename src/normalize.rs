@@ -1,14 +1,14 @@
-//! Bytes → event → validated [`Record`]: decoding, validation against the
-//! table definition and normalization (SPEC §5). Every limit comes from
+//! Event fields → validated [`Record`]: validation against the table
+//! definition and normalization (SPEC §5); the fields come from
+//! [`crate::decode`] (JSON or Avro). Every limit comes from
 //! [`crate::table`]; every failure is a [`Rejection`] with a stable reason.
 
 use std::borrow::Cow;
-use std::fmt;
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
-use serde::de::{self, Deserializer, MapAccess, Visitor};
 use uuid::Uuid;
 
+use crate::decode::json::{CompactError, MAX_JSON_DEPTH, compact_json};
 use crate::reason::{Reason, Rejection};
 use crate::record::{self, Origin, Record, Value, create_columns};
 use crate::table::{Column, ColumnType, table};
@@ -59,7 +59,7 @@ pub enum FieldValue<'a> {
 }
 
 impl FieldValue<'_> {
-    fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             FieldValue::Null => "null",
             FieldValue::Bool => "a boolean",
@@ -70,243 +70,6 @@ impl FieldValue<'_> {
             FieldValue::Unsupported(kind) => kind,
         }
     }
-}
-
-impl<'de> de::Deserialize<'de> for FieldValue<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = FieldValue<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON value")
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(FieldValue::Null)
-            }
-            fn visit_none<E>(self) -> Result<Self::Value, E> {
-                Ok(FieldValue::Null)
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(FieldValue::Bool)
-            }
-            fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
-                Ok(FieldValue::Int(v))
-            }
-            fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
-                Ok(match i64::try_from(v) {
-                    Ok(i) => FieldValue::Int(i),
-                    Err(_) => FieldValue::UInt(v),
-                })
-            }
-            fn visit_f64<E>(self, v: f64) -> Result<Self::Value, E> {
-                Ok(FieldValue::Float(v))
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(FieldValue::Str(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(FieldValue::Str(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(FieldValue::Str(Cow::Owned(v)))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
-                let value = de::Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(FieldValue::Object(serde_json::Value::Object(value)))
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-                Ok(FieldValue::Array)
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// The top level of an event: an object as a list of fields in document
-/// order, or a note of what else it was.
-enum TopLevel<'a> {
-    Object(Vec<(Cow<'a, str>, FieldValue<'a>)>),
-    Other(&'static str),
-}
-
-impl<'de> de::Deserialize<'de> for TopLevel<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = TopLevel<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut fields = Vec::with_capacity(16);
-                while let Some(FieldName(key)) = map.next_key::<FieldName<'de>>()? {
-                    let value = if is_memo_column(&key) {
-                        // Kept as text: building a map only to print it again
-                        // was the largest cost of a typical event.
-                        memo_value(map.next_value::<&'de serde_json::value::RawValue>()?.get())
-                            .map_err(de::Error::custom)?
-                    } else {
-                        map.next_value::<FieldValue<'de>>()?
-                    };
-                    fields.push((key, value));
-                }
-                Ok(TopLevel::Object(fields))
-            }
-            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                while seq.next_element::<de::IgnoredAny>()?.is_some() {}
-                Ok(TopLevel::Other("an array"))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(TopLevel::Other("null"))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(TopLevel::Other("a boolean"))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(TopLevel::Other("a number"))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(TopLevel::Other("a number"))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(TopLevel::Other("a number"))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(TopLevel::Other("a string"))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
-
-/// The reference reading of an event's JSON (every payload the flat reader
-/// declines goes through it).
-fn fields_with_serde(text: &str) -> Result<TopLevel<'_>, serde_json::Error> {
-    let mut de = serde_json::Deserializer::from_str(text);
-    let top = <TopLevel as de::Deserialize>::deserialize(&mut de)?;
-    de.end()?;
-    Ok(top)
-}
-
-/// A field name, borrowed from the payload unless it has escapes (serde's own
-/// `Cow<str>` always copies).
-struct FieldName<'a>(Cow<'a, str>);
-
-impl<'de> de::Deserialize<'de> for FieldName<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = FieldName<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a field name")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(FieldName(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(FieldName(Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(FieldName(Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
-/// Whether a field name (as [`lookup_column`] matches it) is a memo column.
-fn is_memo_column(key: &str) -> bool {
-    static MEMO_COLUMNS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
-        table().columns.iter().filter(|c| c.column_type == ColumnType::Memo).map(|c| c.logical_name.as_str()).collect()
-    });
-    MEMO_COLUMNS.contains(&key)
-}
-
-/// A memo column's value from its JSON text: objects stay text, anything else
-/// is decoded as usual.
-fn memo_value(raw: &str) -> Result<FieldValue<'_>, serde_json::Error> {
-    match raw.as_bytes().first() {
-        Some(b'{') => Ok(FieldValue::RawObject(raw)),
-        // Skipped without recursion (arrays are not accepted anyway).
-        Some(b'[') => Ok(FieldValue::Array),
-        _ => serde_json::from_str(raw),
-    }
-}
-
-/// Deepest nesting accepted in a JSON object stored as text (serde_json's own
-/// limit for parsed values).
-const MAX_JSON_DEPTH: usize = 128;
-
-/// Why an object stored as text was refused.
-#[derive(Debug, PartialEq, Eq)]
-enum CompactError {
-    TooDeep,
-    /// A key repeated inside one object (its text, as sent).
-    DuplicateKey(String),
-}
-
-/// The compact form of valid JSON text: whitespace between tokens removed,
-/// everything else (member order, numbers, escapes) exactly as sent. Refuses
-/// nesting deeper than [`MAX_JSON_DEPTH`] and a key repeated inside one
-/// object (compared as sent: `"a"` and `"\u0061"` count as different).
-fn compact_json(raw: &str) -> Result<String, CompactError> {
-    let bytes = raw.as_bytes();
-    let mut out = String::with_capacity(raw.len());
-    let (mut start, mut i) = (0usize, 0usize);
-    // Per open container: its keys so far when it is an object (`None`: an array).
-    let mut open: Vec<Option<std::collections::HashSet<&str>>> = Vec::new();
-    let mut expect_key = false;
-    // Copies runs between whitespace in one go; only structural bytes and
-    // string boundaries are looked at one by one.
-    while i < bytes.len() {
-        match bytes[i] {
-            b' ' | b'\t' | b'\n' | b'\r' => {
-                out.push_str(&raw[start..i]);
-                start = i + 1;
-            }
-            b'"' => {
-                let opening = i;
-                i += 1;
-                while i < bytes.len() && bytes[i] != b'"' {
-                    i += if bytes[i] == b'\\' { 2 } else { 1 };
-                }
-                if expect_key {
-                    expect_key = false;
-                    let key = raw.get(opening + 1..i.min(raw.len())).unwrap_or("");
-                    if let Some(Some(keys)) = open.last_mut()
-                        && !keys.insert(key)
-                    {
-                        return Err(CompactError::DuplicateKey(key.to_owned()));
-                    }
-                }
-            }
-            b'{' => {
-                if open.len() >= MAX_JSON_DEPTH {
-                    return Err(CompactError::TooDeep);
-                }
-                open.push(Some(std::collections::HashSet::new()));
-                expect_key = true;
-            }
-            b'[' => {
-                if open.len() >= MAX_JSON_DEPTH {
-                    return Err(CompactError::TooDeep);
-                }
-                open.push(None);
-                expect_key = false;
-            }
-            b'}' | b']' => {
-                open.pop();
-                expect_key = false;
-            }
-            b',' => expect_key = matches!(open.last(), Some(Some(_))),
-            b':' => expect_key = false,
-            _ => {}
-        }
-        i += 1;
-    }
-    out.push_str(&raw[start..]);
-    Ok(out)
 }
 
 impl Normalizer {
@@ -320,45 +83,7 @@ impl Normalizer {
         origin: Option<&Origin>,
         now: DateTime<Utc>,
     ) -> Result<Record, Rejection> {
-        if payload.len() > self.max_payload_bytes {
-            return Err(Rejection::new(
-                Reason::PayloadTooLarge,
-                None,
-                format!("message is {} bytes; the limit is {}", payload.len(), self.max_payload_bytes),
-            ));
-        }
-        if payload.iter().all(u8::is_ascii_whitespace) {
-            return Err(Rejection::new(Reason::MalformedJson, None, "empty message"));
-        }
-        // One validation of the whole payload is cheaper than serde_json's
-        // per-string checks, which reading from a `str` skips.
-        let text = match std::str::from_utf8(payload) {
-            Ok(t) => t,
-            Err(e) => {
-                return Err(Rejection::new(
-                    Reason::MalformedJson,
-                    None,
-                    format!("not valid JSON: invalid UTF-8 at byte {}", e.valid_up_to()),
-                ));
-            }
-        };
-        if let Some(fields) = crate::flat_json::read_flat_object(text, is_memo_column) {
-            return self.normalize_fields(fields, origin, now);
-        }
-        let top = match fields_with_serde(text) {
-            Ok(t) => t,
-            Err(e) => return Err(Rejection::new(Reason::MalformedJson, None, format!("not valid JSON: {e}"))),
-        };
-        let fields = match top {
-            TopLevel::Object(fields) => fields,
-            TopLevel::Other(kind) => {
-                return Err(Rejection::new(
-                    Reason::NotAnObject,
-                    None,
-                    format!("the event is {kind}, not a JSON object"),
-                ));
-            }
-        };
+        let fields = crate::decode::json::event_fields(payload, self.max_payload_bytes)?;
         self.normalize_fields(fields, origin, now)
     }
 
@@ -747,6 +472,7 @@ fn truncate_to_millis(d: DateTime<Utc>) -> DateTime<Utc> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::decode::json::{TopLevel, fields_with_serde, is_memo_column};
     use proptest::prelude::*;
     use serde_json::json;
 
@@ -1202,12 +928,12 @@ mod tests {
             "flag": true
         });
         for text in [typical.to_string(), serde_json::to_string_pretty(&typical).unwrap()] {
-            let fields = crate::flat_json::read_flat_object(&text, is_memo_column).expect("the flat shape");
+            let fields = crate::decode::flat_json::read_flat_object(&text, is_memo_column).expect("the flat shape");
             assert_eq!(fields.len(), 6);
             assert!(matches!(fields[3].1, FieldValue::RawObject(raw) if raw.starts_with('{') && raw.ends_with('}')));
         }
         for declined in [r#"{"a":"\n"}"#, r#"{"a":1.5}"#, r#"{"a":[1]}"#, r#"{"a":{}}"#, r#"{"a":1,}"#, "[]", "{} x"] {
-            assert!(crate::flat_json::read_flat_object(declined, is_memo_column).is_none(), "{declined}");
+            assert!(crate::decode::flat_json::read_flat_object(declined, is_memo_column).is_none(), "{declined}");
         }
     }
 
@@ -1217,7 +943,7 @@ mod tests {
         /// fields; whatever it declines falls back to serde_json.
         #[test]
         fn flat_reader_agrees_with_serde(text in event_texts()) {
-            if let Some(fast) = crate::flat_json::read_flat_object(&text, is_memo_column) {
+            if let Some(fast) = crate::decode::flat_json::read_flat_object(&text, is_memo_column) {
                 match fields_with_serde(&text) {
                     Ok(TopLevel::Object(reference)) => prop_assert_eq!(format!("{fast:?}"), format!("{reference:?}")),
                     Ok(TopLevel::Other(kind)) => prop_assert!(false, "flat reader accepted {}: {}", kind, text),

@@ -25,8 +25,8 @@ use crate::reason::{Reason, Rejection};
 
 /// The bundled schemas: (id, text), used when nothing is configured.
 pub const BUNDLED: [(u32, &str); 2] = [
-    (1, include_str!("../schemas/copilot_interaction_event.v1.avsc")),
-    (2, include_str!("../schemas/copilot_interaction_event.avsc")),
+    (1, include_str!("../../schemas/copilot_interaction_event.v1.avsc")),
+    (2, include_str!("../../schemas/copilot_interaction_event.avsc")),
 ];
 
 /// Upper bound of any single allocation the Avro decoder makes (a hostile

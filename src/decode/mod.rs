@@ -4,11 +4,15 @@
 
 use chrono::{DateTime, Utc};
 
-use crate::avro::{self, AvroSchemas, Lookup};
+pub mod avro;
+pub(crate) mod flat_json;
+pub(crate) mod json;
+
 use crate::config::Format;
 use crate::normalize::Normalizer;
 use crate::reason::{Reason, Rejection};
 use crate::record::{Origin, Record};
+use avro::{AvroSchemas, Lookup};
 
 pub enum Decoded {
     Record(Record),
