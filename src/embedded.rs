@@ -23,6 +23,8 @@ impl EmbeddedBroker {
     /// before the first assignment, which a local demo would spend idle.
     pub fn start(kafka: &KafkaConfig) -> Result<EmbeddedBroker, KafkaError> {
         let broker = EmbeddedBroker::start_with_default_group_delay(kafka)?;
+        // SAFETY: the pointer is the live client `broker.owner`; librdkafka
+        // returns its mock cluster, or null if it has none (checked below).
         let handle = unsafe { rdkafka_sys::rd_kafka_handle_mock_cluster(broker.owner.client().native_ptr()) };
         if handle.is_null() {
             return Err(KafkaError::MockCluster(rdkafka::types::RDKafkaErrorCode::Fail));
