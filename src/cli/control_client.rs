@@ -15,6 +15,10 @@ pub(crate) fn control_command(
             ("ValidateRetentionConfig", json!({"EntityName": entity, "FetchXml": fetchxml}))
         }
         ControlAction::Retain { target } => ("Retain", json!({"Target": target})),
+        ControlAction::Retrieve { target, columns } => {
+            let columns = columns.map(|c| json!(c)).unwrap_or_else(|| json!("all"));
+            ("Retrieve", json!({"Target": target, "ColumnSet": columns}))
+        }
         ControlAction::BulkRetain { fetchxml, older_than, page_size } => {
             let fetchxml = match (fetchxml, older_than) {
                 (Some(x), _) => x,
@@ -179,4 +183,23 @@ pub(crate) fn accept_reply(
         return Err("its command_id is not the one sent".into());
     }
     Ok(reply)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retrieve_sends_the_asked_columns_or_all() {
+        let entity = "msdyn_copilotinteraction";
+        let some = ControlAction::Retrieve {
+            target: "t".into(),
+            columns: Some(vec!["msdyn_name".into(), "statecode".into()]),
+        };
+        let command = control_command(some, "c1", entity).unwrap();
+        assert_eq!(command["message"], "Retrieve");
+        assert_eq!(command["parameters"], serde_json::json!({"Target": "t", "ColumnSet": ["msdyn_name", "statecode"]}));
+        let all = control_command(ControlAction::Retrieve { target: "t".into(), columns: None }, "c2", entity).unwrap();
+        assert_eq!(all["parameters"]["ColumnSet"], "all");
+    }
 }

@@ -181,6 +181,15 @@ pub enum ControlAction {
         #[arg(long)]
         target: Option<String>,
     },
+    /// Read one record (live or retained): its id and the given columns (default: all).
+    #[command(alias = "Retrieve")]
+    Retrieve {
+        #[arg(long)]
+        target: String,
+        /// Comma-separated logical names.
+        #[arg(long, value_delimiter = ',')]
+        columns: Option<Vec<String>>,
+    },
     /// Permanently delete retained records (tombstoning their ids).
     #[command(alias = "PurgeRetainedContent")]
     PurgeRetainedContent {

@@ -31,15 +31,17 @@ pub enum Message {
     BulkRetain,
     RollbackRetain,
     PurgeRetainedContent,
+    Retrieve,
 }
 
 impl Message {
-    pub const ALL: [Message; 5] = [
+    pub const ALL: [Message; 6] = [
         Message::ValidateRetentionConfig,
         Message::Retain,
         Message::BulkRetain,
         Message::RollbackRetain,
         Message::PurgeRetainedContent,
+        Message::Retrieve,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +51,7 @@ impl Message {
             Message::BulkRetain => "BulkRetain",
             Message::RollbackRetain => "RollbackRetain",
             Message::PurgeRetainedContent => "PurgeRetainedContent",
+            Message::Retrieve => "Retrieve",
         }
     }
 
@@ -133,11 +136,31 @@ pub struct Command {
 /// Parameters, checked per message.
 #[derive(Debug, Clone)]
 pub enum Parameters {
-    ValidateRetentionConfig { fetch_xml: String },
-    Retain { target: Uuid },
-    BulkRetain { criteria: fetchxml::Criteria, fetch_xml: String, page_size: i64 },
-    RollbackRetain { operation_id: Option<Uuid>, target: Option<Uuid> },
-    PurgeRetainedContent { max_version: Option<i64>, criteria: Option<fetchxml::Criteria>, page_size: i64 },
+    ValidateRetentionConfig {
+        fetch_xml: String,
+    },
+    Retain {
+        target: Uuid,
+    },
+    BulkRetain {
+        criteria: fetchxml::Criteria,
+        fetch_xml: String,
+        page_size: i64,
+    },
+    RollbackRetain {
+        operation_id: Option<Uuid>,
+        target: Option<Uuid>,
+    },
+    PurgeRetainedContent {
+        max_version: Option<i64>,
+        criteria: Option<fetchxml::Criteria>,
+        page_size: i64,
+    },
+    /// `columns`: indices of stored table columns (the id is always returned).
+    Retrieve {
+        target: Uuid,
+        columns: Vec<usize>,
+    },
 }
 
 impl Command {
@@ -372,6 +395,7 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
         Message::PurgeRetainedContent => {
             &["EntityName", "MaxVersionToPurge", "FetchXml", "PageSize", "OperationId", "AllowAll"]
         }
+        Message::Retrieve => &["Target", "ColumnSet"],
     };
     if let Some(unknown) = params.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(reject("InvalidParameters", format!("unknown parameter '{}' for {name}", truncate(unknown))));
@@ -470,6 +494,39 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
                 None => None,
             };
             Parameters::PurgeRetainedContent { max_version, criteria, page_size: page_size()? }
+        }
+        Message::Retrieve => {
+            let target = guid("Target")?
+                .ok_or_else(|| reject("InvalidParameters", "Target (a record id) is required".into()))?;
+            let t = table();
+            let stored = || t.columns.iter().enumerate().filter(|(_, c)| c.stored).map(|(i, _)| i).collect();
+            let columns = match params.get("ColumnSet") {
+                None | Some(Json::Null) => stored(),
+                Some(Json::String(all)) if all == "all" => stored(),
+                Some(Json::Array(names)) => {
+                    let mut columns = Vec::with_capacity(names.len());
+                    for name in names {
+                        let name = name.as_str().unwrap_or_default();
+                        match t.index_of(name).filter(|&i| t.columns[i].stored) {
+                            Some(i) => columns.push(i),
+                            None => {
+                                return Err(reject(
+                                    "InvalidParameters",
+                                    format!("ColumnSet: '{}' is not a column of {}", truncate(name), t.logical_name),
+                                ));
+                            }
+                        }
+                    }
+                    columns
+                }
+                Some(_) => {
+                    return Err(reject(
+                        "InvalidParameters",
+                        "ColumnSet must be \"all\" or a list of column names".into(),
+                    ));
+                }
+            };
+            Parameters::Retrieve { target, columns }
         }
     };
     Ok(Command { command_id: id, message, parameters })

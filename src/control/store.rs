@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
+use serde_json::{Value as Json, json};
 use uuid::Uuid;
 
 use super::fetchxml::{Criteria, Dialect, Param, Predicate};
@@ -198,6 +198,7 @@ impl Store {
             Parameters::PurgeRetainedContent { max_version, criteria, page_size } => {
                 self.purge(command, *max_version, criteria.as_ref(), *page_size).await
             }
+            Parameters::Retrieve { target, columns } => self.retrieve(command, *target, columns).await,
         };
         match result {
             Err(StoreError::Permanent(e)) => Ok(Reply::failed(command, "ExecutionFailed", e)),
@@ -503,6 +504,87 @@ impl Store {
         }
     }
 
+    /// One record, live or retained, as Dataverse's `Entity`: the id and the
+    /// asked columns by logical name, option sets as values with their
+    /// labels as `<column>@OData.Community.Display.V1.FormattedValue`.
+    async fn retrieve(&self, command: &Command, target: Uuid, columns: &[usize]) -> Result<Reply, StoreError> {
+        let t = table();
+        let id_index = t.index_of(&t.primary_id_attribute).unwrap_or(0);
+        let mut wanted: Vec<usize> = vec![id_index];
+        wanted.extend(columns.iter().copied().filter(|&c| c != id_index));
+        let names: Vec<&str> = wanted.iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
+        let values: Option<Vec<Json>> = match self {
+            Store::Sqlite(path) => {
+                let sql = format!(
+                    "SELECT {} FROM {} WHERE {} = ?1",
+                    names.join(", "),
+                    t.logical_name,
+                    t.primary_id_attribute
+                );
+                let count = wanted.len();
+                sqlite(path, move |conn| {
+                    use rusqlite::OptionalExtension;
+                    Ok(conn
+                        .query_row(&sql, [target.hyphenated().to_string()], |row| {
+                            (0..count)
+                                .map(|i| {
+                                    Ok(match row.get::<_, rusqlite::types::Value>(i)? {
+                                        rusqlite::types::Value::Integer(n) => Json::from(n),
+                                        rusqlite::types::Value::Real(f) => Json::from(f),
+                                        rusqlite::types::Value::Text(s) => Json::String(s),
+                                        rusqlite::types::Value::Null | rusqlite::types::Value::Blob(_) => Json::Null,
+                                    })
+                                })
+                                .collect::<Result<Vec<_>, rusqlite::Error>>()
+                        })
+                        .optional()?)
+                })
+                .await?
+            }
+            Store::Postgres(url) => {
+                let client = pg(url).await?;
+                let sql = format!(
+                    "SELECT {} FROM {} WHERE {} = $1",
+                    names.join(", "),
+                    t.logical_name,
+                    t.primary_id_attribute
+                );
+                match client.query_opt(&sql, &[&target]).await? {
+                    None => None,
+                    Some(row) => Some(
+                        wanted
+                            .iter()
+                            .enumerate()
+                            .map(|(k, &i)| pg_json(&row, k, t.columns[i].column_type))
+                            .collect::<Result<Vec<_>, tokio_postgres::Error>>()?,
+                    ),
+                }
+            }
+        };
+        let Some(values) = values else {
+            // Dataverse's "does not exist" (also for a purged or deleted id).
+            return Ok(Reply::failed(
+                command,
+                "0x80040217",
+                format!("{} With Id = {target} Does Not Exist", t.logical_name),
+            ));
+        };
+        let mut entity = serde_json::Map::new();
+        for (&i, value) in wanted.iter().zip(values) {
+            let column = &t.columns[i];
+            if column.column_type.is_option_set()
+                && let Some(label) = value.as_i64().and_then(|v| i32::try_from(v).ok()).and_then(|v| column.option(v))
+            {
+                entity.insert(
+                    format!("{}@OData.Community.Display.V1.FormattedValue", column.logical_name),
+                    Json::String(label.label.clone()),
+                );
+            }
+            entity.insert(column.logical_name.clone(), value);
+        }
+        Ok(Reply::succeeded(command, json!({ "Entity": entity })))
+    }
+
     /// The message that started an operation, if it exists.
     async fn operation_message(&self, op: Uuid) -> Result<Option<String>, StoreError> {
         match self {
@@ -600,6 +682,31 @@ impl Store {
             (None, false) => RecordState::Missing,
         })
     }
+}
+
+/// A PostgreSQL column as JSON: ids lowercase hyphenated, datetimes as the
+/// sinks format them, numbers as numbers.
+fn pg_json(
+    row: &tokio_postgres::Row,
+    k: usize,
+    column_type: crate::table::ColumnType,
+) -> Result<Json, tokio_postgres::Error> {
+    use crate::table::ColumnType;
+    Ok(match column_type {
+        ColumnType::Uniqueidentifier | ColumnType::Lookup => {
+            row.try_get::<_, Option<Uuid>>(k)?.map(|u| Json::String(u.hyphenated().to_string())).unwrap_or(Json::Null)
+        }
+        ColumnType::String | ColumnType::Memo => {
+            row.try_get::<_, Option<String>>(k)?.map(Json::String).unwrap_or(Json::Null)
+        }
+        ColumnType::Picklist | ColumnType::State | ColumnType::Status | ColumnType::Integer => {
+            row.try_get::<_, Option<i32>>(k)?.map(Json::from).unwrap_or(Json::Null)
+        }
+        ColumnType::Bigint => row.try_get::<_, Option<i64>>(k)?.map(Json::from).unwrap_or(Json::Null),
+        ColumnType::Datetime => {
+            row.try_get::<_, Option<DateTime<Utc>>>(k)?.map(|d| Json::String(format_datetime(&d))).unwrap_or(Json::Null)
+        }
+    })
 }
 
 /// A value bound in a statement written once for both dialects.
