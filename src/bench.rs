@@ -506,7 +506,7 @@ async fn latency(
     Ok((quantile(&text, 0.5), quantile(&text, 0.99)))
 }
 
-/// A quantile of `copilot_ingest_end_to_end_seconds`, interpolated within its bucket.
+/// A quantile of `copilot_ingest_end_to_end_seconds` from a scrape (NaN without observations).
 fn quantile(text: &str, q: f64) -> f64 {
     let mut buckets: Vec<(f64, f64)> = text
         .lines()
@@ -518,21 +518,5 @@ fn quantile(text: &str, q: f64) -> f64 {
         })
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let total = buckets.last().map(|b| b.1).unwrap_or(0.0);
-    if total == 0.0 {
-        return f64::NAN;
-    }
-    let target = q * total;
-    let mut prev = (0.0, 0.0);
-    for (le, count) in buckets {
-        if count >= target {
-            if le.is_infinite() {
-                return prev.0;
-            }
-            let within = (target - prev.1) / (count - prev.1).max(1.0);
-            return prev.0 + (le - prev.0) * within;
-        }
-        prev = (le, count);
-    }
-    prev.0
+    crate::metrics::bucket_quantile(&buckets, q).unwrap_or(f64::NAN)
 }

@@ -235,6 +235,37 @@ impl Default for Metrics {
     }
 }
 
+/// The `q` quantile of a histogram given as `(upper bound, cumulative count)`
+/// buckets in ascending order, interpolated linearly inside its bucket (as
+/// Prometheus' `histogram_quantile` does). `None` without observations.
+pub fn bucket_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let total = buckets.last().map(|b| b.1).filter(|t| *t > 0.0)?;
+    let rank = q * total;
+    let mut prev = (0.0, 0.0);
+    for &(upper, count) in buckets {
+        if count >= rank {
+            if upper.is_infinite() {
+                return Some(prev.0);
+            }
+            let within = ((rank - prev.1) / (count - prev.1).max(1.0)).clamp(0.0, 1.0);
+            return Some(prev.0 + (upper - prev.0) * within);
+        }
+        prev = (upper, count);
+    }
+    Some(prev.0)
+}
+
+/// The `q` quantile of a registered histogram (see [`bucket_quantile`]).
+pub fn histogram_quantile(histogram: &Histogram, q: f64) -> Option<f64> {
+    use prometheus::core::Collector;
+    let families = histogram.collect();
+    let h = families.first()?.get_metric().first()?.get_histogram().clone();
+    let mut buckets: Vec<(f64, f64)> =
+        h.get_bucket().iter().map(|b| (b.upper_bound(), b.cumulative_count() as f64)).collect();
+    buckets.push((f64::INFINITY, h.get_sample_count() as f64));
+    bucket_quantile(&buckets, q)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,5 +323,23 @@ mod tests {
             assert!(names.iter().any(|n| n == name), "{name} missing");
         }
         assert!(m.render().contains("copilot_ingest_build_info{version=\""));
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_their_bucket() {
+        let buckets = [(0.1, 50.0), (0.5, 90.0), (1.0, 100.0), (f64::INFINITY, 100.0)];
+        assert_eq!(bucket_quantile(&buckets, 0.5), Some(0.1));
+        assert!((bucket_quantile(&buckets, 0.7).unwrap() - 0.3).abs() < 1e-9);
+        assert!((bucket_quantile(&buckets, 0.99).unwrap() - 0.95).abs() < 1e-9);
+        assert_eq!(bucket_quantile(&[(1.0, 0.0), (f64::INFINITY, 0.0)], 0.5), None);
+        let beyond = [(1.0, 10.0), (f64::INFINITY, 20.0)];
+        assert_eq!(bucket_quantile(&beyond, 0.99), Some(1.0), "the +Inf bucket reports its lower bound");
+        let m = Metrics::new();
+        assert_eq!(histogram_quantile(&m.end_to_end_seconds, 0.5), None);
+        for _ in 0..10 {
+            m.end_to_end_seconds.observe(0.2);
+        }
+        let p50 = histogram_quantile(&m.end_to_end_seconds, 0.5).unwrap();
+        assert!((0.1..=0.25).contains(&p50), "{p50}");
     }
 }

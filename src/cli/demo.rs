@@ -141,9 +141,10 @@ pub(crate) async fn demo(
         }
         None => println!("  first event         none received in {elapsed:.1} s"),
     }
-    if let (Some(p50), Some(p99)) =
-        (histogram_quantile(&metrics.end_to_end_seconds, 0.5), histogram_quantile(&metrics.end_to_end_seconds, 0.99))
-    {
+    if let (Some(p50), Some(p99)) = (
+        crate::metrics::histogram_quantile(&metrics.end_to_end_seconds, 0.5),
+        crate::metrics::histogram_quantile(&metrics.end_to_end_seconds, 0.99),
+    ) {
         println!("  end-to-end latency  p50 {:.0} ms, p99 {:.0} ms (Kafka timestamp to durable)", p50 * 1e3, p99 * 1e3);
     }
     if let Some(rows) = sink_rows(&sink).await {
@@ -152,28 +153,6 @@ pub(crate) async fn demo(
     println!("  elapsed             {elapsed:.2} s");
     print_next_steps(&sink, metrics_addr);
     Ok(if interrupted { EXIT_REJECTED } else { EXIT_OK })
-}
-
-/// The `q` quantile of a histogram, interpolated inside its bucket.
-pub(crate) fn histogram_quantile(histogram: &prometheus::Histogram, q: f64) -> Option<f64> {
-    use prometheus::core::Collector;
-    let families = histogram.collect();
-    let h = families.first()?.get_metric().first()?.get_histogram().clone();
-    let total = h.get_sample_count();
-    if total == 0 {
-        return None;
-    }
-    let rank = q * total as f64;
-    let (mut lower, mut below) = (0.0, 0u64);
-    for bucket in h.get_bucket() {
-        let (upper, cumulative) = (bucket.upper_bound(), bucket.cumulative_count());
-        if cumulative as f64 >= rank {
-            let inside = (cumulative - below).max(1) as f64;
-            return Some(lower + (upper - lower) * ((rank - below as f64) / inside).clamp(0.0, 1.0));
-        }
-        (lower, below) = (upper, cumulative);
-    }
-    Some(lower)
 }
 
 /// Rows in the sink's table, for the summary (`None` for Dataverse or if unreachable).
