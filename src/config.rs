@@ -716,11 +716,7 @@ fn check_kafka_options(options: &BTreeMap<String, Secret>, errors: &mut Vec<Stri
         let mut single = rdkafka::ClientConfig::new();
         single.set(key, value.expose());
         if let Err(e) = single.create_native_config() {
-            let description = match &e {
-                rdkafka::error::KafkaError::ClientConfig(_, description, _, _) => description.clone(),
-                other => other.to_string(),
-            };
-            let description = if value.is_empty() { description } else { description.replace(value.expose(), "***") };
+            let description = crate::kafka_log::refused_property(&e).map_or_else(|| e.to_string(), |(_, d)| d);
             errors.push(format!("kafka.options.{key}: refused by librdkafka: {}", without_quoted_values(&description)));
         }
     }

@@ -335,11 +335,9 @@ fn is_config_refusal(e: &anyhow::Error) -> bool {
 /// described by its key alone.
 pub(crate) fn safe_error(e: &anyhow::Error) -> String {
     for cause in e.chain() {
-        if let Some(rdkafka::error::KafkaError::ClientConfig(_, description, key, value)) =
-            cause.downcast_ref::<rdkafka::error::KafkaError>()
+        if let Some((key, description)) =
+            cause.downcast_ref::<rdkafka::error::KafkaError>().and_then(crate::kafka_log::refused_property)
         {
-            let description =
-                if value.is_empty() { description.clone() } else { description.replace(value.as_str(), "***") };
             return format!("librdkafka refused the property {key}: {description}");
         }
     }
