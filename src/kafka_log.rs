@@ -129,6 +129,15 @@ impl ClientContext for QuietContext {
 
 impl ConsumerContext for QuietContext {}
 
+/// librdkafka's reason for refusing a configuration property, with the
+/// property's value masked wherever its text quotes it (the value may be a
+/// credential); `None` for any other error.
+pub fn refused_property(e: &rdkafka::error::KafkaError) -> Option<(String, String)> {
+    let rdkafka::error::KafkaError::ClientConfig(_, description, key, value) = e else { return None };
+    let description = if value.is_empty() { description.clone() } else { description.replace(value.as_str(), "***") };
+    Some((key.clone(), description))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,13 +173,4 @@ mod tests {
         assert!(is_fatal(&KafkaError::Global(RDKafkaErrorCode::Authentication), "SASL authentication error"));
         assert!(!is_fatal(&KafkaError::Global(RDKafkaErrorCode::AllBrokersDown), "1/1 brokers are down"));
     }
-}
-
-/// librdkafka's reason for refusing a configuration property, with the
-/// property's value masked wherever its text quotes it (the value may be a
-/// credential); `None` for any other error.
-pub fn refused_property(e: &rdkafka::error::KafkaError) -> Option<(String, String)> {
-    let rdkafka::error::KafkaError::ClientConfig(_, description, key, value) = e else { return None };
-    let description = if value.is_empty() { description.clone() } else { description.replace(value.as_str(), "***") };
-    Some((key.clone(), description))
 }

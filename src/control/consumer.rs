@@ -7,17 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message as _};
+use rdkafka::message::Message as _;
 use rdkafka::producer::FutureRecord;
 use rdkafka::util::Timeout;
 use serde_json::Value as Json;
 use tokio::sync::watch;
 
 use super::store::{Store, StoreError};
-use super::{
-    Authenticator, Reply, SIGNATURE_HEADER, SIGNATURE_TIMESTAMP_HEADER, Status, loggable, parse_command,
-    signature_headers,
-};
+use super::{Authenticator, Reply, Status, loggable, parse_command, signature_headers};
 use crate::config::Config;
 use crate::kafka_log::QuietContext;
 use crate::metrics::Metrics;
@@ -66,9 +63,7 @@ pub async fn run(
             }
         };
         let value = message.payload().unwrap_or_default();
-        let header =
-            |name: &str| message.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value));
-        let headers = (header(SIGNATURE_TIMESTAMP_HEADER), header(SIGNATURE_HEADER));
+        let headers = super::signature_headers_of(&message);
         let Some(reply) = handle(store.as_ref(), &auth, value, headers, &mut shutdown, &metrics).await else {
             // Shutting down in the middle of a command: left uncommitted, it
             // resumes after the restart.

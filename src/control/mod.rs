@@ -310,6 +310,13 @@ pub fn sign(key: &str, timestamp_unix: i64, value: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
+/// The signature headers of a Kafka message: (`x-signature-timestamp`, `x-signature`).
+pub fn signature_headers_of<M: rdkafka::Message>(message: &M) -> (Option<&[u8]>, Option<&[u8]>) {
+    use rdkafka::message::Headers;
+    let header = |name: &str| message.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value));
+    (header(SIGNATURE_TIMESTAMP_HEADER), header(SIGNATURE_HEADER))
+}
+
 /// The two signature headers for `value`, signed now with `key`.
 pub fn signature_headers(key: &str, value: &[u8]) -> rdkafka::message::OwnedHeaders {
     use rdkafka::message::{Header, OwnedHeaders};
