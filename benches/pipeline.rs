@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use copilot_ingest::normalize::Normalizer;
-use copilot_ingest::offsets::OffsetTracker;
 use copilot_ingest::record::Origin;
+use copilot_ingest::transport::ingest::offsets::OffsetTracker;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 fn typical_event() -> Vec<u8> {
@@ -81,7 +81,7 @@ fn offsets(c: &mut Criterion) {
 /// batcher at the default limits (one batch comes out).
 fn batches(c: &mut Criterion) {
     use copilot_ingest::batch::{Batcher, Entry};
-    use copilot_ingest::source::Inbound;
+    use copilot_ingest::transport::ingest::source::Inbound;
 
     let payload = typical_event();
     let record = Normalizer::default().normalize_json(&payload, None, Utc::now()).unwrap();
@@ -122,7 +122,7 @@ fn batches(c: &mut Criterion) {
 /// 1000 distinct normalized records with their messages, as a batch.
 fn thousand_record_batch() -> copilot_ingest::batch::Batch {
     use copilot_ingest::batch::Entry;
-    use copilot_ingest::source::Inbound;
+    use copilot_ingest::transport::ingest::source::Inbound;
     let normalizer = Normalizer::default();
     let now = Utc::now();
     (0..1000)
@@ -153,7 +153,7 @@ fn sink_input(c: &mut Criterion) {
         let mut out = bytes::BytesMut::new();
         b.iter(|| {
             out.clear();
-            copilot_ingest::sink::postgres::encode_copy_rows("copilot.interactions", &batch, &indices, &mut out)
+            copilot_ingest::backend::postgres::encode_copy_rows("copilot.interactions", &batch, &indices, &mut out)
                 .unwrap();
             black_box(out.len())
         })
@@ -161,7 +161,7 @@ fn sink_input(c: &mut Criterion) {
     // Binding and inserting 1000 rows into an empty in-memory table in one
     // transaction: the writer's per-row cost without the disk.
     group.bench_function("sqlite_bind_insert_1000_rows_in_memory", |b| {
-        use copilot_ingest::sink::sqlite;
+        use copilot_ingest::backend::sqlite;
         b.iter_batched(
             || {
                 let conn = rusqlite::Connection::open_in_memory().unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::record::Record;
-use crate::source::Inbound;
+use crate::transport::ingest::source::Inbound;
 
 /// One record with the Kafka message it came from (kept for the DLQ, which
 /// must carry the original key, value and headers).

@@ -120,7 +120,7 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
             }
             "postgres" => {
                 let admin =
-                    crate::sink::postgres::connect(&args.pg_admin_url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    crate::backend::postgres::connect(&args.pg_admin_url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
                 let raw_db = format!("copilot_bench_raw_{}", uuid::Uuid::new_v4().simple());
                 let e2e_db = format!("copilot_bench_e2e_{}", uuid::Uuid::new_v4().simple());
                 admin.batch_execute(&format!("CREATE DATABASE {raw_db}; ")).await?;
@@ -168,7 +168,7 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
                 format!("sqlite://{}", dir.join("latency.db").display())
             } else {
                 let admin =
-                    crate::sink::postgres::connect(&args.pg_admin_url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                    crate::backend::postgres::connect(&args.pg_admin_url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
                 let db = format!("copilot_bench_lat_{}", uuid::Uuid::new_v4().simple());
                 admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
                 let base = args.pg_admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or_default();
@@ -220,10 +220,13 @@ async fn raw_consume(brokers: &str, topic: &str, n: u64) -> anyhow::Result<f64> 
     let brokers = brokers.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
-        let consumer: BaseConsumer =
-            crate::source::consumer_config(&brokers, &format!("bench-raw-{}", uuid::Uuid::new_v4().simple()), &[])
-                .set("statistics.interval.ms", "0")
-                .create()?;
+        let consumer: BaseConsumer = crate::transport::ingest::source::consumer_config(
+            &brokers,
+            &format!("bench-raw-{}", uuid::Uuid::new_v4().simple()),
+            &[],
+        )
+        .set("statistics.interval.ms", "0")
+        .create()?;
         consumer.subscribe(&[&topic])?;
         let mut seen = 0u64;
         let mut started = None;
@@ -241,8 +244,8 @@ async fn raw_consume(brokers: &str, topic: &str, n: u64) -> anyhow::Result<f64> 
 }
 
 fn raw_sqlite(path: &std::path::Path, records: &[Record]) -> anyhow::Result<f64> {
-    let mut conn = crate::sink::sqlite::open_connection(path)?;
-    crate::sink::sqlite::migrate(&conn)?;
+    let mut conn = crate::backend::sqlite::open_connection(path)?;
+    crate::backend::sqlite::migrate(&conn)?;
     let t = table();
     let cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
     let sql = format!(
@@ -306,8 +309,8 @@ fn copy_text(out: &mut String, s: &str) {
 
 async fn raw_copy(url: &str, records: &[Record]) -> anyhow::Result<f64> {
     use futures_util::SinkExt;
-    let client = crate::sink::postgres::connect(url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    crate::sink::postgres::migrate(&client).await?;
+    let client = crate::backend::postgres::connect(url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    crate::backend::postgres::migrate(&client).await?;
     let t = table();
     let cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
     let started = Instant::now();

@@ -49,14 +49,16 @@ impl Metrics {
         for outcome in ["ok", "retried", "split"] {
             self.batches_total.with_label_values(&[outcome]);
         }
-        for message in crate::control::Message::ALL {
-            for status in
-                [crate::control::Status::Succeeded, crate::control::Status::Failed, crate::control::Status::Rejected]
-            {
+        for message in crate::transport::control::Message::ALL {
+            for status in [
+                crate::transport::control::Status::Succeeded,
+                crate::transport::control::Status::Failed,
+                crate::transport::control::Status::Rejected,
+            ] {
                 self.control_commands_total.with_label_values(&[message.name(), status.name()]);
             }
         }
-        self.control_commands_total.with_label_values(&["invalid", crate::control::Status::Rejected.name()]);
+        self.control_commands_total.with_label_values(&["invalid", crate::transport::control::Status::Rejected.name()]);
         for action in ["retained", "rolled_back", "purged"] {
             self.retention_records_total.with_label_values(&[action]);
         }

@@ -100,7 +100,7 @@ pub(crate) async fn control_cmd(
     let options = pipeline::kafka_options(&config);
     let reply_topic = config.kafka.control_reply_topic.clone();
     let control_topic = config.kafka.control_topic.clone();
-    let auth = crate::control::Authenticator::new(&config.control);
+    let auth = crate::transport::control::Authenticator::new(&config.control);
     let reply = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<serde_json::Value>> {
         // Start reading replies at the current end, before the command goes out.
         let mut cfg = rdkafka::ClientConfig::new();
@@ -124,10 +124,10 @@ pub(crate) async fn control_cmd(
         }
         consumer.assign(&tpl)?;
 
-        let producer: BaseProducer = crate::dlq::producer_config(&brokers, &options).create()?;
+        let producer: BaseProducer = crate::transport::ingest::dlq::producer_config(&brokers, &options).create()?;
         let mut record = BaseRecord::to(&control_topic).key(&command_id).payload(&value);
         if let Some(key) = auth.signing_key() {
-            record = record.headers(crate::control::signature_headers(key, &value));
+            record = record.headers(crate::transport::control::signature_headers(key, &value));
         }
         producer.send(record).map_err(|(e, _)| e)?;
         producer.flush(Duration::from_secs(30))?;
@@ -161,7 +161,7 @@ pub(crate) async fn control_cmd(
 /// A reply the CLI believes: for the command id it sent, and, when a key is
 /// configured, signed by the instance (anyone may write to the reply topic).
 pub(crate) fn accept_reply(
-    auth: &crate::control::Authenticator,
+    auth: &crate::transport::control::Authenticator,
     command_id: &str,
     message: &rdkafka::message::BorrowedMessage<'_>,
 ) -> Result<serde_json::Value, String> {
@@ -170,7 +170,7 @@ pub(crate) fn accept_reply(
     // With a key, the reply must verify as a command would (same headers, same
     // freshness); without one there is nothing to verify against.
     if auth.signing_key().is_some() {
-        let (timestamp, signature) = crate::control::signature_headers_of(message);
+        let (timestamp, signature) = crate::transport::control::signature_headers_of(message);
         auth.check(body, timestamp, signature, chrono::Utc::now().timestamp()).map_err(|f| f.message().to_owned())?;
     }
     let reply: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;

@@ -164,7 +164,7 @@ pub(crate) async fn sink_rows(sink: &crate::config::SinkUrl) -> Option<u64> {
             conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get::<_, i64>(0)).ok().map(|n| n as u64)
         }
         crate::config::SinkUrl::Postgres(url) => {
-            let client = crate::sink::postgres::connect(url).await.ok()?;
+            let client = crate::backend::postgres::connect(url).await.ok()?;
             let row = client.query_one(&format!("SELECT count(*) FROM {table}"), &[]).await.ok()?;
             Some(row.get::<_, i64>(0) as u64)
         }

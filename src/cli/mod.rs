@@ -13,10 +13,10 @@ use tokio::sync::watch;
 use crate::config::{Config, ConfigErrors, Format};
 use crate::embedded::EmbeddedBroker;
 use crate::generator::Generator;
-use crate::http::{self, Readiness};
 use crate::metrics::Metrics;
 use crate::normalize::Normalizer;
-use crate::pipeline;
+use crate::transport::http::{self, Readiness};
+use crate::transport::ingest::pipeline;
 
 mod control_client;
 mod demo;

@@ -83,11 +83,16 @@ pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
     let readiness = Arc::new(Readiness::default());
     start_http(&config, &metrics, &readiness, &shutdown, true).await?;
     let (_broker, brokers) = brokers_for(&config)?;
-    let control = tokio::spawn(crate::control::consumer::supervised(
-        crate::control::consumer::run(config.clone(), brokers.clone(), Arc::clone(&metrics), shutdown.clone()),
+    let control = tokio::spawn(crate::transport::control::consumer::supervised(
+        crate::transport::control::consumer::run(
+            config.clone(),
+            brokers.clone(),
+            Arc::clone(&metrics),
+            shutdown.clone(),
+        ),
         Arc::clone(&readiness),
     ));
-    tokio::spawn(crate::control::consumer::prune_periodically(config.clone(), shutdown.clone()));
+    tokio::spawn(crate::transport::control::consumer::prune_periodically(config.clone(), shutdown.clone()));
     pipeline::run(config, &brokers, metrics, readiness, shutdown).await?;
     let _ = control.await;
     Ok(EXIT_OK)

@@ -396,7 +396,7 @@ impl Config {
         if let Err(problems) = crate::avro::AvroSchemas::load(&self.avro) {
             errors.extend(problems);
         }
-        let min = crate::control::MIN_KEY_BYTES;
+        let min = crate::transport::control::MIN_KEY_BYTES;
         for (key, value) in [
             ("control.hmac_key", &self.control.hmac_key),
             ("control.hmac_key_previous", &self.control.hmac_key_previous),

@@ -345,7 +345,7 @@ async fn the_control_cli_ignores_forged_replies() {
             FutureRecord::to(&kafka.config.kafka.control_reply_topic)
                 .key(&command_id)
                 .payload(&reply)
-                .headers(copilot_ingest::control::signature_headers(forged_key, reply.as_bytes())),
+                .headers(copilot_ingest::transport::control::signature_headers(forged_key, reply.as_bytes())),
         ];
         if genuine {
             records.push(

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use copilot_ingest::config::Config;
 use copilot_ingest::embedded::EmbeddedBroker;
 use copilot_ingest::generator::Generator;
-use copilot_ingest::http::Readiness;
 use copilot_ingest::metrics::Metrics;
 use copilot_ingest::reason::Reason;
+use copilot_ingest::transport::http::Readiness;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -110,7 +110,7 @@ pub const TEST_HMAC_KEY: &str = "copilot-ingest-test-key-0123456789abcdef";
 
 /// The signature headers of a control command (or reply) under [`TEST_HMAC_KEY`].
 pub fn signed(value: &[u8]) -> rdkafka::message::OwnedHeaders {
-    copilot_ingest::control::signature_headers(TEST_HMAC_KEY, value)
+    copilot_ingest::transport::control::signature_headers(TEST_HMAC_KEY, value)
 }
 
 /// A broker with the product's topics, and a config pointing at it.
@@ -342,7 +342,9 @@ impl RunningPipeline {
         let task = {
             let metrics = Arc::clone(&metrics);
             let readiness = Arc::clone(&readiness);
-            tokio::spawn(async move { copilot_ingest::pipeline::run(config, &brokers, metrics, readiness, rx).await })
+            tokio::spawn(async move {
+                copilot_ingest::transport::ingest::pipeline::run(config, &brokers, metrics, readiness, rx).await
+            })
         };
         RunningPipeline { metrics, readiness, stop, task }
     }
@@ -385,7 +387,7 @@ impl PgDb {
     /// `None` (test skipped) when PostgreSQL is not running — except under
     /// CI, where a missing server fails the test.
     pub async fn create() -> Option<PgDb> {
-        let admin = match copilot_ingest::sink::postgres::connect(PG_ADMIN_URL).await {
+        let admin = match copilot_ingest::backend::postgres::connect(PG_ADMIN_URL).await {
             Ok(c) => c,
             Err(e) => {
                 if std::env::var("CI").is_ok_and(|v| v == "true") {
@@ -402,7 +404,7 @@ impl PgDb {
     }
 
     pub async fn client(&self) -> tokio_postgres::Client {
-        copilot_ingest::sink::postgres::connect(&self.url).await.expect("connect to test database")
+        copilot_ingest::backend::postgres::connect(&self.url).await.expect("connect to test database")
     }
 
     /// Takes the database away: new connections are refused and open ones are
@@ -448,7 +450,7 @@ impl PgDb {
     }
 
     pub async fn admin() -> tokio_postgres::Client {
-        copilot_ingest::sink::postgres::connect(PG_ADMIN_URL).await.expect("connect as admin")
+        copilot_ingest::backend::postgres::connect(PG_ADMIN_URL).await.expect("connect as admin")
     }
 }
 
@@ -459,7 +461,7 @@ impl Drop for PgDb {
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             rt.block_on(async {
-                let admin = copilot_ingest::sink::postgres::connect(PG_ADMIN_URL).await.ok()?;
+                let admin = copilot_ingest::backend::postgres::connect(PG_ADMIN_URL).await.ok()?;
                 admin.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true")).await.ok();
                 admin.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).await.ok()
             })

@@ -34,7 +34,8 @@ impl ControlService {
         let metrics = Arc::new(Metrics::new());
         let (stop, rx) = tokio::sync::watch::channel(false);
         let brokers = config.kafka.brokers.clone();
-        let task = tokio::spawn(copilot_ingest::control::consumer::run(config, brokers, Arc::clone(&metrics), rx));
+        let task =
+            tokio::spawn(copilot_ingest::transport::control::consumer::run(config, brokers, Arc::clone(&metrics), rx));
         ControlService { metrics, stop, task }
     }
 
@@ -116,7 +117,7 @@ async fn query_i64(url: &str, sql: &str) -> i64 {
         let conn = rusqlite::Connection::open(path).unwrap();
         conn.query_row(sql, [], |r| r.get(0)).unwrap()
     } else {
-        let client = copilot_ingest::sink::postgres::connect(url).await.unwrap();
+        let client = copilot_ingest::backend::postgres::connect(url).await.unwrap();
         client.query_one(sql, &[]).await.unwrap().get(0)
     }
 }
@@ -302,7 +303,7 @@ async fn query_text(url: &str, sql: &str) -> String {
         let conn = rusqlite::Connection::open(path).unwrap();
         conn.query_row(sql, [], |r| r.get(0)).unwrap()
     } else {
-        let client = copilot_ingest::sink::postgres::connect(url).await.unwrap();
+        let client = copilot_ingest::backend::postgres::connect(url).await.unwrap();
         let sql = sql.replace("SELECT msdyn_copilotinteractionid ", "SELECT msdyn_copilotinteractionid::text ");
         client.query_one(&sql, &[]).await.unwrap().get(0)
     }
@@ -409,8 +410,8 @@ async fn commands_run_only_when_signed_fresh_or_explicitly_allowed() {
     let kafka = TestKafka::new(1);
     let (_dir, url) = temp_sqlite();
     let config = kafka.config_with_sink(&url);
-    copilot_ingest::sink::sqlite::migrate(
-        &copilot_ingest::sink::sqlite::open_connection(std::path::Path::new(url.trim_start_matches("sqlite://")))
+    copilot_ingest::backend::sqlite::migrate(
+        &copilot_ingest::backend::sqlite::open_connection(std::path::Path::new(url.trim_start_matches("sqlite://")))
             .unwrap(),
     )
     .unwrap();
@@ -431,12 +432,13 @@ async fn commands_run_only_when_signed_fresh_or_explicitly_allowed() {
     client.publish_with(&command("unsigned"), None).await;
     assert_eq!(outcome(&client.reply("unsigned", Duration::from_secs(60))), rejected("Unauthorized"));
 
-    let wrong = copilot_ingest::control::sign("another-key-another-key-another-key", now, body("wrong").as_bytes());
+    let wrong =
+        copilot_ingest::transport::control::sign("another-key-another-key-another-key", now, body("wrong").as_bytes());
     client.publish_with(&command("wrong"), Some(headers(now, &wrong))).await;
     assert_eq!(outcome(&client.reply("wrong", Duration::from_secs(30))), rejected("InvalidSignature"));
 
     // The value alone signed, as before timestamps were bound: refused.
-    let value_only = copilot_ingest::control::sign(TEST_HMAC_KEY, now, body("value-only").as_bytes());
+    let value_only = copilot_ingest::transport::control::sign(TEST_HMAC_KEY, now, body("value-only").as_bytes());
     client
         .publish_with(
             &command("value-only"),
@@ -447,7 +449,7 @@ async fn commands_run_only_when_signed_fresh_or_explicitly_allowed() {
 
     // A captured command replayed six minutes later: refused.
     let stale_at = now - 360;
-    let stale = copilot_ingest::control::sign(TEST_HMAC_KEY, stale_at, body("stale").as_bytes());
+    let stale = copilot_ingest::transport::control::sign(TEST_HMAC_KEY, stale_at, body("stale").as_bytes());
     client.publish_with(&command("stale"), Some(headers(stale_at, &stale))).await;
     assert_eq!(outcome(&client.reply("stale", Duration::from_secs(30))), rejected("InvalidSignature"));
 
@@ -621,10 +623,15 @@ async fn old_ledger_entries_and_replies_are_pruned_and_tombstones_kept() {
             if let Some(path) = url.strip_prefix("sqlite://") {
                 rusqlite::Connection::open(path).unwrap().execute(sql, []).unwrap();
             } else {
-                copilot_ingest::sink::postgres::connect(&url).await.unwrap().execute(sql.as_str(), &[]).await.unwrap();
+                copilot_ingest::backend::postgres::connect(&url)
+                    .await
+                    .unwrap()
+                    .execute(sql.as_str(), &[])
+                    .await
+                    .unwrap();
             }
         }
-        let store = copilot_ingest::control::store::Store::new(&config.sink_url().unwrap()).unwrap();
+        let store = copilot_ingest::transport::control::store::Store::new(&config.sink_url().unwrap()).unwrap();
         let pruned = store.prune(chrono::Utc::now() - chrono::Duration::hours(168)).await.unwrap();
         assert_eq!(pruned, (1, 1), "{url}");
         assert_eq!(

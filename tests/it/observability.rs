@@ -26,7 +26,12 @@ async fn serve_http(pipeline: &RunningPipeline) -> (std::net::SocketAddr, tokio:
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(copilot_ingest::http::serve(listener, pipeline.metrics.clone(), pipeline.readiness.clone(), rx));
+    tokio::spawn(copilot_ingest::transport::http::serve(
+        listener,
+        pipeline.metrics.clone(),
+        pipeline.readiness.clone(),
+        rx,
+    ));
     (addr, stop)
 }
 

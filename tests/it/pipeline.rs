@@ -321,8 +321,8 @@ async fn a_refused_record_is_dead_lettered_and_the_rest_of_its_batch_written() {
         if url.starts_with("sqlite") {
             let path = url.trim_start_matches("sqlite://");
             std::fs::create_dir_all(std::path::Path::new(path).parent().unwrap()).unwrap();
-            let conn = copilot_ingest::sink::sqlite::open_connection(std::path::Path::new(path)).unwrap();
-            copilot_ingest::sink::sqlite::migrate(&conn).unwrap();
+            let conn = copilot_ingest::backend::sqlite::open_connection(std::path::Path::new(path)).unwrap();
+            copilot_ingest::backend::sqlite::migrate(&conn).unwrap();
             conn.execute_batch(
                 "CREATE TRIGGER refuse BEFORE INSERT ON msdyn_copilotinteraction WHEN NEW.msdyn_name = 'refuse-me'
                  BEGIN SELECT RAISE(ABORT, 'refused by policy'); END;",
@@ -330,7 +330,7 @@ async fn a_refused_record_is_dead_lettered_and_the_rest_of_its_batch_written() {
             .unwrap();
         } else {
             let client = db.as_ref().unwrap().client().await;
-            copilot_ingest::sink::postgres::migrate(&client).await.unwrap();
+            copilot_ingest::backend::postgres::migrate(&client).await.unwrap();
             client
                 .batch_execute(
                     "ALTER TABLE msdyn_copilotinteraction ADD CONSTRAINT refuse CHECK (msdyn_name <> 'refuse-me')",
@@ -399,7 +399,12 @@ async fn http_endpoints_report_metrics_health_and_readiness() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_stop_http, stop_rx) = tokio::sync::watch::channel(false);
-    tokio::spawn(copilot_ingest::http::serve(listener, pipeline.metrics.clone(), pipeline.readiness.clone(), stop_rx));
+    tokio::spawn(copilot_ingest::transport::http::serve(
+        listener,
+        pipeline.metrics.clone(),
+        pipeline.readiness.clone(),
+        stop_rx,
+    ));
 
     assert_eq!(http_get(addr, "/healthz").await.0, 200);
     let workload = Workload::generate(31, 500, 0.1);
@@ -528,9 +533,9 @@ async fn a_rebalance_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_record_is_a_replay_whatever_its_batch_holds() {
     use crate::dataverse_emulator::{Behaviour, CLIENT_ID, CLIENT_SECRET, Emulator, TENANT};
+    use copilot_ingest::backend::{Backend, Outcome};
     use copilot_ingest::batch::Entry;
-    use copilot_ingest::sink::{Outcome, Sink};
-    use copilot_ingest::source::Inbound;
+    use copilot_ingest::transport::ingest::source::Inbound;
     let (dir, sqlite) = temp_sqlite();
     let db = PgDb::create().await;
     let emulator = Emulator::start(Behaviour::default());
@@ -544,7 +549,7 @@ async fn a_stored_record_is_a_replay_whatever_its_batch_holds() {
         d.client_secret = copilot_ingest::config::Secret::new(CLIENT_SECRET);
         (d.authority, d.api_url) = (emulator.url.clone(), emulator.url.clone());
         let metrics = std::sync::Arc::new(copilot_ingest::metrics::Metrics::new());
-        let sink = Sink::open(&config.sink_url().unwrap(), "t", 4, &metrics).await.unwrap();
+        let sink = Backend::open(&config.sink_url().unwrap(), "t", 4, &metrics).await.unwrap();
         let normalizer = copilot_ingest::normalize::Normalizer::default();
         let id = uuid::Uuid::new_v4();
         let entry = |name: &str, offset: i64| {
@@ -592,7 +597,7 @@ async fn a_stored_record_is_a_replay_whatever_its_batch_holds() {
                 .query_row("SELECT msdyn_name FROM msdyn_copilotinteraction", [], |r| r.get::<_, String>(0))
                 .unwrap()
         } else {
-            let client = copilot_ingest::sink::postgres::connect(&url).await.unwrap();
+            let client = copilot_ingest::backend::postgres::connect(&url).await.unwrap();
             client.query_one("SELECT msdyn_name FROM msdyn_copilotinteraction", &[]).await.unwrap().get(0)
         };
         assert_eq!(rows, "stored", "{url}");

@@ -88,7 +88,7 @@ impl Drop for TlsCluster {
 }
 
 async fn uses_tls(url: &str) -> Result<bool, String> {
-    let client = copilot_ingest::sink::postgres::connect(url).await.map_err(|e| e.to_string())?;
+    let client = copilot_ingest::backend::postgres::connect(url).await.map_err(|e| e.to_string())?;
     let row = client
         .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
         .await

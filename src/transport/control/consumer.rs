@@ -15,10 +15,10 @@ use tokio::sync::watch;
 
 use super::store::{Store, StoreError};
 use super::{Authenticator, Reply, Status, loggable, parse_command, signature_headers};
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::kafka_log::QuietContext;
 use crate::metrics::Metrics;
-use crate::sink::Backoff;
 
 /// Runs until `shutdown` turns true.
 pub async fn run(
@@ -28,7 +28,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let store = Store::new(&config.sink_url().map_err(anyhow::Error::msg)?);
-    let options = crate::pipeline::kafka_options(&config);
+    let options = crate::transport::ingest::pipeline::kafka_options(&config);
     let mut consumer_config = rdkafka::ClientConfig::new();
     consumer_config
         .set("bootstrap.servers", &brokers)
@@ -43,7 +43,10 @@ pub async fn run(
     let consumer: StreamConsumer<QuietContext> =
         consumer_config.create_with_context(QuietContext::new("control consumer"))?;
     consumer.subscribe(&[&config.kafka.control_topic])?;
-    let producer = crate::dlq::create_producer(&crate::dlq::producer_config(&brokers, &options), "control producer")?;
+    let producer = crate::transport::ingest::dlq::create_producer(
+        &crate::transport::ingest::dlq::producer_config(&brokers, &options),
+        "control producer",
+    )?;
     tracing::info!(topic = %config.kafka.control_topic, "control commands: consuming");
     let auth = Authenticator::new(&config.control);
     let consume_errors = crate::kafka_log::Throttle::default();
@@ -110,7 +113,7 @@ pub async fn run(
 /// `/readyz` answers 503 naming it.
 pub async fn supervised(
     control: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
-    readiness: Arc<crate::http::Readiness>,
+    readiness: Arc<crate::transport::http::Readiness>,
 ) {
     let outcome = match tokio::spawn(control).await {
         Ok(Ok(())) => return,
@@ -254,7 +257,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_control_consumer_makes_readiness_fail() {
-        let readiness = Arc::new(crate::http::Readiness::default());
+        let readiness = Arc::new(crate::transport::http::Readiness::default());
         for flag in [&readiness.broker_reachable, &readiness.sink_reachable, &readiness.assigned] {
             flag.store(true, std::sync::atomic::Ordering::Relaxed);
         }

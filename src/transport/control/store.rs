@@ -11,9 +11,10 @@ use chrono::{DateTime, Utc};
 use serde_json::{Value as Json, json};
 use uuid::Uuid;
 
-use super::fetchxml::{Criteria, Dialect, Param, Predicate};
-use super::{Command, Parameters, Reply, count_response, fetchxml};
+use super::{Command, Parameters, Reply, count_response};
 use crate::config::SinkUrl;
+use crate::query::fetchxml;
+use crate::query::fetchxml::{Criteria, Dialect, Param, Predicate};
 use crate::record::format_datetime;
 use crate::table::table;
 
@@ -35,7 +36,7 @@ pub enum StoreError {
 // predicates, so a command and a write never disagree about a retry.
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
-        if crate::sink::sqlite::is_permanent(&e) {
+        if crate::backend::sqlite::is_permanent(&e) {
             StoreError::Permanent(e.to_string())
         } else {
             StoreError::Transient(e.to_string())
@@ -47,7 +48,7 @@ impl From<tokio_postgres::Error> for StoreError {
     fn from(e: tokio_postgres::Error) -> Self {
         let message =
             e.as_db_error().map(|d| format!("{}: {}", d.code().code(), d.message())).unwrap_or_else(|| e.to_string());
-        if crate::sink::postgres::is_data_error(&e) {
+        if crate::backend::postgres::is_data_error(&e) {
             StoreError::Permanent(message)
         } else {
             StoreError::Transient(message)
@@ -125,7 +126,7 @@ impl Store {
     /// five minutes is refused anyway, and the topics' retention is shorter
     /// than the default age (7 days), so nothing that old is redelivered.
     pub async fn prune(&self, cutoff: DateTime<Utc>) -> Result<(u64, u64), StoreError> {
-        let ledger = crate::sink::DEAD_LETTER_TABLE;
+        let ledger = crate::backend::DEAD_LETTER_TABLE;
         match self {
             Store::Sqlite(path) => {
                 sqlite(path, move |conn| {
@@ -370,7 +371,7 @@ impl Store {
                 );
                 let purged = format!("SELECT count(*) FROM {} WHERE {tombstone_filter} = ?1", t.tombstone_table());
                 blocking(move || {
-                    let mut conn = crate::sink::sqlite::open_connection(&path)?;
+                    let mut conn = crate::backend::sqlite::open_connection(&path)?;
                     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                     let version = next_sqlite_version(&tx)?;
                     let n = tx.execute(&update, rusqlite::params![key.hyphenated().to_string(), version])? as i64;
@@ -792,7 +793,7 @@ fn refs(
 }
 
 async fn pg(url: &str) -> Result<tokio_postgres::Client, StoreError> {
-    crate::sink::postgres::connect(url).await.map_err(|e| StoreError::Transient(e.to_string()))
+    crate::backend::postgres::connect(url).await.map_err(|e| StoreError::Transient(e.to_string()))
 }
 
 /// One page of a bulk operation on PostgreSQL: `sql` (bound to `params`, then
@@ -832,7 +833,7 @@ async fn sqlite<T: Send + 'static>(
 ) -> Result<T, StoreError> {
     let path = path.to_owned();
     blocking(move || {
-        let mut conn = crate::sink::sqlite::open_connection(&path)?;
+        let mut conn = crate::backend::sqlite::open_connection(&path)?;
         f(&mut conn)
     })
     .await
@@ -857,7 +858,7 @@ mod tests {
         let constraint = conn.execute("INSERT INTO t (x) VALUES (NULL)", []).unwrap_err();
         let missing_table = conn.execute("INSERT INTO missing (x) VALUES (1)", []).unwrap_err();
         for (e, permanent) in [(constraint, true), (missing_table, false)] {
-            assert_eq!(crate::sink::sqlite::is_permanent(&e), permanent, "{e}");
+            assert_eq!(crate::backend::sqlite::is_permanent(&e), permanent, "{e}");
             assert_eq!(matches!(StoreError::from(e), StoreError::Permanent(_)), permanent);
         }
     }

@@ -19,8 +19,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use tokio::sync::mpsc;
 
-use crate::http::Readiness;
 use crate::metrics::Metrics;
+use crate::transport::http::Readiness;
 
 /// A Kafka message, owned, as the pipeline needs it.
 #[derive(Debug, Clone)]

@@ -26,7 +26,7 @@ use chrono::DateTime;
 use serde_json::{Map, Value as Json};
 use uuid::Uuid;
 
-use super::{Outcome, SinkError, classify_existing};
+use super::{BackendError, Outcome, classify_existing};
 use crate::batch::Batch;
 use crate::config::{DataverseTarget, Secret};
 use crate::http_client::{Endpoint, HttpClient, Response, percent_encode};
@@ -271,7 +271,7 @@ impl Limiter {
 // The sink
 // ---------------------------------------------------------------------------
 
-pub struct DataverseSink {
+pub struct DataverseBackend {
     api: Arc<HttpClient>,
     tokens: Arc<TokenSource>,
     /// `/api/data/v9.2`
@@ -295,16 +295,16 @@ enum Answer {
     Refused(u16, ApiError),
 }
 
-impl DataverseSink {
+impl DataverseBackend {
     /// Builds the clients, obtains a token and checks with `WhoAmI` that the
     /// app is a user of the environment. Refused credentials and a missing
-    /// application user are [`SinkError::Fatal`]; an unreachable service is transient.
-    pub async fn open(target: &DataverseTarget, metrics: Arc<Metrics>) -> Result<DataverseSink, SinkError> {
+    /// application user are [`BackendError::Fatal`]; an unreachable service is transient.
+    pub async fn open(target: &DataverseTarget, metrics: Arc<Metrics>) -> Result<DataverseBackend, BackendError> {
         let d = &target.settings;
         let timeout = Duration::from_millis(d.request_timeout_ms);
-        let endpoint = Endpoint::parse(&target.api_url).map_err(SinkError::Fatal)?;
-        let api = HttpClient::new(endpoint, timeout).map_err(SinkError::Fatal)?;
-        let tokens = TokenSource::new(target, timeout, Arc::clone(&metrics)).map_err(SinkError::Fatal)?;
+        let endpoint = Endpoint::parse(&target.api_url).map_err(BackendError::Fatal)?;
+        let api = HttpClient::new(endpoint, timeout).map_err(BackendError::Fatal)?;
+        let tokens = TokenSource::new(target, timeout, Arc::clone(&metrics)).map_err(BackendError::Fatal)?;
         let t = table();
         let lookup_target = t
             .columns
@@ -314,7 +314,7 @@ impl DataverseSink {
             .map(|target| format!("{target}s"))
             .unwrap_or_default();
         let gauge = metrics.dataverse_concurrency_limit.with_label_values(&["dataverse"]);
-        let sink = DataverseSink {
+        let sink = DataverseBackend {
             api: Arc::new(api),
             tokens: Arc::new(tokens),
             api_path: format!("/api/data/{}", d.api_version),
@@ -333,11 +333,11 @@ impl DataverseSink {
     }
 
     /// `GET WhoAmI`: proves the token works in this environment.
-    async fn who_am_i(&self) -> Result<(), SinkError> {
+    async fn who_am_i(&self) -> Result<(), BackendError> {
         match self.call("whoami", "GET", format!("{}/WhoAmI", self.api_path), Vec::new()).await? {
             Answer::Ok(_) => Ok(()),
             Answer::Refused(403, e) if e.code.eq_ignore_ascii_case(NOT_AN_APPLICATION_USER) => {
-                Err(SinkError::Fatal(format!(
+                Err(BackendError::Fatal(format!(
                     "Dataverse refused the app ({}): it is not an application user of this environment. \
                      In the Power Platform admin center, open the environment, Settings > Users + permissions > \
                      Application users, add the app registration's client id and give it a security role \
@@ -345,12 +345,12 @@ impl DataverseSink {
                     e.describe(403)
                 )))
             }
-            Answer::Refused(401, e) => Err(SinkError::Fatal(format!(
+            Answer::Refused(401, e) => Err(BackendError::Fatal(format!(
                 "Dataverse rejected the access token ({}); check sink.dataverse.tenant_id and that sink.url names \
                  the environment the app registration is granted on",
                 e.describe(401)
             ))),
-            Answer::Refused(status, e) => Err(SinkError::Transient(format!("WhoAmI: {}", e.describe(status)))),
+            Answer::Refused(status, e) => Err(BackendError::Transient(format!("WhoAmI: {}", e.describe(status)))),
         }
     }
 
@@ -375,7 +375,7 @@ impl DataverseSink {
         method: &'static str,
         path: String,
         body: Vec<u8>,
-    ) -> Result<Answer, SinkError> {
+    ) -> Result<Answer, BackendError> {
         let body = Arc::new(body);
         let path = Arc::new(path);
         let mut renewed = false;
@@ -409,21 +409,21 @@ impl DataverseSink {
                 Ok((token, response))
             })
             .await
-            .map_err(|e| SinkError::Transient(format!("request task: {e}")))?;
+            .map_err(|e| BackendError::Transient(format!("request task: {e}")))?;
             let (token, response) = match result {
                 Ok(pair) => pair,
                 Err(TokenError::Refused(m)) => {
                     tracing::error!(error = %m, "cannot obtain a Dataverse token; writes are paused until the credentials work");
-                    return Err(SinkError::Fatal(m));
+                    return Err(BackendError::Fatal(m));
                 }
-                Err(TokenError::Transient(m)) => return Err(SinkError::Transient(m)),
+                Err(TokenError::Transient(m)) => return Err(BackendError::Transient(m)),
             };
             let response = match response {
                 Ok(r) => r,
                 Err(e) => {
                     self.healthy.store(false, Ordering::Relaxed);
                     self.metrics.dataverse_responses_total.with_label_values(&[kind, "transport_error"]).inc();
-                    return Err(SinkError::Transient(e.to_string()));
+                    return Err(BackendError::Transient(e.to_string()));
                 }
             };
             self.metrics.dataverse_responses_total.with_label_values(&[kind, &response.status.to_string()]).inc();
@@ -456,7 +456,7 @@ impl DataverseSink {
                 502..=504 | 500 => {
                     self.healthy.store(false, Ordering::Relaxed);
                     let error = ApiError::from_response(&response);
-                    return Err(SinkError::Transient(format!("Dataverse {}", error.describe(response.status))));
+                    return Err(BackendError::Transient(format!("Dataverse {}", error.describe(response.status))));
                 }
                 status => return Ok(Answer::Refused(status, ApiError::from_response(&response))),
             }
@@ -482,7 +482,7 @@ impl DataverseSink {
         }
     }
 
-    pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, SinkError> {
+    pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, BackendError> {
         let mut outcomes: Vec<Option<Outcome>> = vec![None; indices.len()];
         // Duplicates inside the batch: the first occurrence is sent; later ones
         // are settled at the end against what the table then holds for the id.
@@ -506,7 +506,7 @@ impl DataverseSink {
             let body = serde_json::to_vec(&serde_json::json!({
                 "Targets": pending.iter().map(|&k| &targets[k]).collect::<Vec<_>>()
             }))
-            .map_err(|e| SinkError::Permanent(e.to_string()))?;
+            .map_err(|e| BackendError::Permanent(e.to_string()))?;
             let answer = {
                 let _permit = self.limiter.acquire().await;
                 self.call(
@@ -531,7 +531,7 @@ impl DataverseSink {
                     let ids: Vec<Uuid> = pending.iter().map(|&k| batch[indices[k]].record.id()).collect();
                     let existing = self.existing(&ids).await?;
                     if existing.is_empty() {
-                        return Err(SinkError::Transient(format!(
+                        return Err(BackendError::Transient(format!(
                             "Dataverse reported a duplicate key but none of the {} ids exists yet",
                             ids.len()
                         )));
@@ -554,18 +554,18 @@ impl DataverseSink {
                 }
                 Answer::Refused(403, error) if error.code.eq_ignore_ascii_case(NOT_AN_APPLICATION_USER) => {
                     tracing::error!(error = %error.describe(403), "the app is no longer an application user of the environment; writes are paused");
-                    return Err(SinkError::Transient(error.describe(403)));
+                    return Err(BackendError::Transient(error.describe(403)));
                 }
                 Answer::Refused(status, error) if error.code.eq_ignore_ascii_case(PAYLOAD_ERROR) => {
                     tracing::error!(error = %error.describe(status), "Dataverse refused the request's shape; check [sink.dataverse] (e.g. interactiondata_navigation_property); writes are paused");
-                    return Err(SinkError::Transient(format!("Dataverse {}", error.describe(status))));
+                    return Err(BackendError::Transient(format!("Dataverse {}", error.describe(status))));
                 }
                 Answer::Refused(status @ (401 | 403 | 404 | 408 | 409), error) => {
                     // Authorization, a missing table or a conflict in the service: not the records' fault.
-                    return Err(SinkError::Transient(format!("Dataverse {}", error.describe(status))));
+                    return Err(BackendError::Transient(format!("Dataverse {}", error.describe(status))));
                 }
                 Answer::Refused(status, error) => {
-                    return Err(SinkError::Permanent(format!("Dataverse {}", error.describe(status))));
+                    return Err(BackendError::Permanent(format!("Dataverse {}", error.describe(status))));
                 }
             }
         }
@@ -624,7 +624,7 @@ impl DataverseSink {
     }
 
     /// Stored rows among `ids`, by id, with the columns we write.
-    async fn existing(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Map<String, Json>>, SinkError> {
+    async fn existing(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Map<String, Json>>, BackendError> {
         let t = table();
         let select: Vec<String> = crate::record::create_columns()
             .iter()
@@ -655,7 +655,7 @@ impl DataverseSink {
             match self.call("lookup", "GET", path, Vec::new()).await? {
                 Answer::Ok(response) => {
                     let body: Json = serde_json::from_slice(&response.body)
-                        .map_err(|e| SinkError::Transient(format!("lookup response: {e}")))?;
+                        .map_err(|e| BackendError::Transient(format!("lookup response: {e}")))?;
                     for row in body.get("value").and_then(Json::as_array).into_iter().flatten() {
                         let id = row
                             .get(&t.primary_id_attribute)
@@ -667,7 +667,7 @@ impl DataverseSink {
                     }
                 }
                 Answer::Refused(status, error) => {
-                    return Err(SinkError::Transient(format!("lookup of existing ids: {}", error.describe(status))));
+                    return Err(BackendError::Transient(format!("lookup of existing ids: {}", error.describe(status))));
                 }
             }
         }
@@ -687,9 +687,9 @@ fn retry_after(response: &Response) -> Duration {
 }
 
 /// The `{"Ids":[…]}` answer must name exactly the records sent, in order.
-fn check_ids(response: &Response, sent: &[Uuid]) -> Result<(), SinkError> {
+fn check_ids(response: &Response, sent: &[Uuid]) -> Result<(), BackendError> {
     let body: Json = serde_json::from_slice(&response.body)
-        .map_err(|e| SinkError::Transient(format!("CreateMultiple response is not JSON: {e}")))?;
+        .map_err(|e| BackendError::Transient(format!("CreateMultiple response is not JSON: {e}")))?;
     let ids: Vec<Option<Uuid>> = body
         .get("Ids")
         .and_then(Json::as_array)
@@ -704,7 +704,7 @@ fn check_ids(response: &Response, sent: &[Uuid]) -> Result<(), SinkError> {
             answered = ids.len(),
             "CreateMultiple answered ids that differ from those sent"
         );
-        Err(SinkError::Transient("CreateMultiple answered different ids than sent".into()))
+        Err(BackendError::Transient("CreateMultiple answered different ids than sent".into()))
     }
 }
 

@@ -11,10 +11,10 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 
+use crate::backoff::Backoff;
 use crate::kafka_log::QuietContext;
 use crate::reason::Rejection;
-use crate::sink::Backoff;
-use crate::source::Inbound;
+use crate::transport::ingest::source::Inbound;
 
 pub fn producer_config(brokers: &str, options: &[(String, String)]) -> ClientConfig {
     let mut c = ClientConfig::new();

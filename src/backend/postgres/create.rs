@@ -1,7 +1,7 @@
-//! The PostgreSQL sink. Each batch is one transaction: a tombstone lookup,
-//! then the rows in binary `COPY` (inside a savepoint) when the batch has no
-//! duplicate and nothing purged; when COPY is refused (an id already exists,
-//! a value the table refuses) or skipped, one
+//! CreateMultiple on PostgreSQL. Each batch is one transaction: a tombstone
+//! lookup, then the rows in binary `COPY` (inside a savepoint) when the batch
+//! has no duplicate and nothing purged; when COPY is refused (an id already
+//! exists, a value the table refuses) or skipped, one
 //! `INSERT … SELECT FROM unnest(…) ON CONFLICT DO NOTHING RETURNING id` with
 //! every value bound as a typed array parameter, and a content check of the
 //! ids that already existed. Several instances may share one database: the
@@ -12,27 +12,15 @@ use std::sync::Arc;
 
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
-use tokio::sync::{Mutex, Semaphore};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Statement};
 use uuid::Uuid;
 
-pub mod connect;
-
-use super::{Outcome, SinkError, classify_existing};
+use super::{PostgresBackend, is_data_error};
+use crate::backend::{BackendError, Outcome, classify_existing};
 use crate::batch::Batch;
 use crate::record::{Value, create_columns};
-use crate::table::{Column, ColumnType, EXTRA_COLUMNS, ExtraColumnKind, table};
-
-pub struct PostgresSink {
-    url: String,
-    topic: String,
-    idle: Mutex<Vec<Pooled>>,
-    permits: Semaphore,
-    insert_sql: String,
-    copy_cooldown: CopyCooldown,
-    metrics: Arc<crate::metrics::Metrics>,
-}
+use crate::table::{ColumnType, table};
 
 /// Batches written through `INSERT … ON CONFLICT` after a refused `COPY`.
 const COPY_COOLDOWN_BATCHES: u32 = 16;
@@ -40,7 +28,7 @@ const COPY_COOLDOWN_BATCHES: u32 = 16;
 /// After a refused `COPY`, the next batches skip it: replays after a restart
 /// come in runs, and each refused COPY is work thrown away.
 #[derive(Debug, Default)]
-struct CopyCooldown(std::sync::atomic::AtomicU32);
+pub(super) struct CopyCooldown(std::sync::atomic::AtomicU32);
 
 impl CopyCooldown {
     fn refused(&self) {
@@ -54,95 +42,7 @@ impl CopyCooldown {
     }
 }
 
-/// SQLSTATE classes 22 (data exception) and 23 (integrity violation): the
-/// data's fault, so retrying the same rows cannot succeed.
-pub(crate) fn is_data_error(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| c.code().starts_with("22") || c.code().starts_with("23"))
-}
-
-/// Errors caused by the data are permanent; everything else — connection
-/// loss, shutdown, missing database, lock timeouts — is retried.
-fn classify(e: tokio_postgres::Error) -> SinkError {
-    let message = match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
-    };
-    if is_data_error(&e) { SinkError::Permanent(message) } else { SinkError::Transient(message) }
-}
-
-fn pg_type(c: &Column) -> String {
-    match c.column_type {
-        ColumnType::Uniqueidentifier | ColumnType::Lookup => "uuid".into(),
-        ColumnType::String => format!("varchar({})", c.max_length.unwrap_or(100)),
-        ColumnType::Memo => "text".into(),
-        ColumnType::Picklist | ColumnType::State | ColumnType::Status | ColumnType::Integer => "integer".into(),
-        ColumnType::Bigint => "bigint".into(),
-        ColumnType::Datetime => "timestamptz".into(),
-    }
-}
-
-/// PostgreSQL's type for each column beyond the table definition.
-fn extra_type(kind: ExtraColumnKind) -> &'static str {
-    match kind {
-        ExtraColumnKind::DataState => "integer NOT NULL DEFAULT 0",
-        ExtraColumnKind::Guid => "uuid",
-        ExtraColumnKind::Text => "text",
-        ExtraColumnKind::Int => "integer",
-        ExtraColumnKind::Bigint => "bigint",
-    }
-}
-
-/// Creates or upgrades the tables; idempotent and safe to run from several
-/// instances at once (serialized by an advisory lock).
-pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
-    let t = table();
-    let name = &t.logical_name;
-    let id = &t.primary_id_attribute;
-    let seq = format!("{name}_versionnumber_seq");
-    let mut defs: Vec<String> = Vec::new();
-    for c in t.stored_columns() {
-        let mut def = format!("{} {}", c.logical_name, pg_type(c));
-        if c.logical_name == *id {
-            def.push_str(" PRIMARY KEY");
-        } else if c.logical_name == "versionnumber" {
-            def.push_str(&format!(" NOT NULL DEFAULT nextval('{seq}')"));
-        }
-        defs.push(def);
-    }
-    for (col, kind) in EXTRA_COLUMNS {
-        defs.push(format!("{col} {}", extra_type(kind)));
-    }
-    client.batch_execute("SELECT pg_advisory_lock(7215300001)").await?;
-    let result = async {
-        client
-            .batch_execute(&format!(
-                "CREATE SEQUENCE IF NOT EXISTS {seq};
-                 CREATE TABLE IF NOT EXISTS {name} ({});
-                 CREATE TABLE IF NOT EXISTS {tombstones} ({id} uuid PRIMARY KEY, purgedon timestamptz NOT NULL, versionnumber bigint,
-                     retention_operationid uuid);
-                 CREATE INDEX IF NOT EXISTS {name}_createdon_idx ON {name} (createdon);
-                 CREATE TABLE IF NOT EXISTS {ledger} (ingest_topic text NOT NULL, ingest_partition integer NOT NULL,
-                     ingest_offset bigint NOT NULL, message_digest text NOT NULL, sent_at timestamptz NOT NULL DEFAULT now(),
-                     PRIMARY KEY (ingest_topic, ingest_partition, ingest_offset, message_digest));",
-                defs.join(", "),
-                ledger = super::DEAD_LETTER_TABLE,
-                tombstones = t.tombstone_table()
-            ))
-            .await?;
-        for def in defs.iter().skip(1) {
-            client.batch_execute(&format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {def}")).await?;
-        }
-        client.batch_execute(&crate::control::store::postgres_ddl()).await?;
-        Ok(())
-    }
-    .await;
-    client.batch_execute("SELECT pg_advisory_unlock(7215300001)").await?;
-    result
-}
-
-pub use connect::connect;
-
-fn insert_sql() -> String {
+pub(super) fn insert_sql() -> String {
     let t = table();
     let mut cols = Vec::new();
     let mut exprs = Vec::new();
@@ -182,12 +82,6 @@ fn insert_sql() -> String {
     )
 }
 
-/// A connection with its prepared insert.
-struct Pooled {
-    client: Client,
-    insert: Statement,
-}
-
 /// One typed column of parameters.
 enum ParamColumn {
     Uuid(Vec<Option<Uuid>>),
@@ -196,89 +90,9 @@ enum ParamColumn {
     Time(Vec<Option<DateTime<Utc>>>),
 }
 
-impl PostgresSink {
-    pub async fn open(
-        url: &str,
-        topic: &str,
-        connections: usize,
-        metrics: Arc<crate::metrics::Metrics>,
-    ) -> Result<PostgresSink, SinkError> {
-        let client = connect(url).await?;
-        migrate(&client).await.map_err(|e| SinkError::Transient(format!("migrating: {e}")))?;
-        let insert_sql = insert_sql();
-        let insert = client.prepare(&insert_sql).await.map_err(classify)?;
-        Ok(PostgresSink {
-            url: url.to_owned(),
-            topic: topic.to_owned(),
-            idle: Mutex::new(vec![Pooled { client, insert }]),
-            permits: Semaphore::new(connections.max(1)),
-            insert_sql,
-            copy_cooldown: CopyCooldown::default(),
-            metrics,
-        })
-    }
-
-    async fn client(&self) -> Result<Pooled, SinkError> {
-        let reusable = {
-            let mut idle = self.idle.lock().await;
-            let mut found = None;
-            while let Some(c) = idle.pop() {
-                if !c.client.is_closed() {
-                    found = Some(c);
-                    break;
-                }
-            }
-            found
-        };
-        match reusable {
-            Some(c) => Ok(c),
-            None => {
-                let client = connect(&self.url).await?;
-                let insert = client.prepare(&self.insert_sql).await.map_err(classify)?;
-                Ok(Pooled { client, insert })
-            }
-        }
-    }
-
-    async fn release(&self, client: Pooled) {
-        if !client.client.is_closed() {
-            self.idle.lock().await.push(client);
-        }
-    }
-
-    pub async fn dead_letter(
-        &self,
-        op: super::DeadLetterOp,
-        letter: &super::DeadLetterKey<'_>,
-    ) -> Result<bool, SinkError> {
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-            [&letter.topic, &letter.partition, &letter.offset, &letter.digest];
-        // Same connection budget as the writes: dead letters never open more.
-        let _permit = self.permits.acquire().await.map_err(|e| SinkError::Transient(e.to_string()))?;
-        let pooled = self.client().await?;
-        let result = match op {
-            super::DeadLetterOp::Check => {
-                pooled.client.query_one(&op.postgres_sql(), &params).await.map(|row| row.get::<_, i64>(0) > 0)
-            }
-            super::DeadLetterOp::Record => pooled.client.execute(&op.postgres_sql(), &params).await.map(|_| true),
-        };
-        self.release(pooled).await;
-        result.map_err(classify)
-    }
-
-    pub async fn ping(&self) -> bool {
-        match self.client().await {
-            Ok(c) => {
-                let ok = c.client.simple_query("SELECT 1").await.is_ok();
-                self.release(c).await;
-                ok
-            }
-            Err(_) => false,
-        }
-    }
-
-    pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, SinkError> {
-        let _permit = self.permits.acquire().await.map_err(|e| SinkError::Transient(e.to_string()))?;
+impl PostgresBackend {
+    pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, BackendError> {
+        let _permit = self.permits.acquire().await.map_err(|e| BackendError::Transient(e.to_string()))?;
         let mut pooled = self.client().await?;
         let insert = pooled.insert.clone();
         let result = self.write_tx(&mut pooled.client, &insert, batch, indices).await;
@@ -293,9 +107,9 @@ impl PostgresSink {
         insert: &Statement,
         batch: &Batch,
         indices: &[usize],
-    ) -> Result<Vec<Outcome>, SinkError> {
+    ) -> Result<Vec<Outcome>, BackendError> {
         let t = table();
-        let mut tx = client.transaction().await.map_err(classify)?;
+        let mut tx = client.transaction().await?;
 
         // Duplicates inside the batch: the first occurrence is written; the
         // later ones are compared, once the write is done, with what the
@@ -321,8 +135,7 @@ impl PostgresSink {
                 &format!("SELECT {1} FROM {0} WHERE {1} = ANY($1)", t.tombstone_table(), t.primary_id_attribute),
                 &[&ids],
             )
-            .await
-            .map_err(classify)?
+            .await?
             .iter()
             .map(|row| row.get::<_, Uuid>(0))
             .collect();
@@ -341,13 +154,13 @@ impl PostgresSink {
         // refuses) undoes it and the batch takes the INSERT … ON CONFLICT path,
         // which sorts replays from conflicts and yields the same errors.
         if to_insert.len() == indices.len() && self.copy_cooldown.allows_copy() {
-            let savepoint = tx.savepoint("copy_fast_path").await.map_err(classify)?;
+            let savepoint = tx.savepoint("copy_fast_path").await?;
             match copy_rows(&savepoint, &self.topic, batch, indices).await {
                 Ok(()) => {
-                    savepoint.commit().await.map_err(classify)?;
+                    savepoint.commit().await?;
                     let written: Vec<Uuid> = indices.iter().map(|&i| batch[i].record.id()).collect();
                     let purged = undo_purged_inserts(&tx, &written).await?;
-                    tx.commit().await.map_err(classify)?;
+                    tx.commit().await?;
                     self.metrics.postgres_batches_total.with_label_values(&["copy"]).inc();
                     return Ok(indices
                         .iter()
@@ -360,13 +173,13 @@ impl PostgresSink {
                         })
                         .collect());
                 }
-                Err(CopyFailure::Database(e)) if !is_data_error(&e) => return Err(classify(e)),
+                Err(CopyFailure::Database(e)) if !is_data_error(&e) => return Err(BackendError::from(e)),
                 Err(failure) => {
                     if let CopyFailure::Encode(e) = failure {
                         tracing::warn!(error = %e, "binary COPY encoding refused a value; writing the batch with INSERT");
                     }
                     self.copy_cooldown.refused();
-                    savepoint.rollback().await.map_err(classify)?;
+                    savepoint.rollback().await?;
                 }
             }
         }
@@ -382,7 +195,7 @@ impl PostgresSink {
                     r
                 })
                 .collect();
-            tx.query(insert, &refs).await.map_err(classify)?.iter().map(|row| row.get::<_, Uuid>(0)).collect()
+            tx.query(insert, &refs).await?.iter().map(|row| row.get::<_, Uuid>(0)).collect()
         };
 
         let existing_ids: Vec<Uuid> =
@@ -397,8 +210,7 @@ impl PostgresSink {
                 ),
                 &[&existing_ids],
             )
-            .await
-            .map_err(classify)?
+            .await?
             .iter()
             .map(|row| (row.get::<_, Uuid>(0), row.get::<_, Option<Uuid>>(1)))
             .collect()
@@ -433,7 +245,7 @@ impl PostgresSink {
                 classify_existing(r.content_hash(), stored.get(&id).copied().flatten(), id)
             });
         }
-        tx.commit().await.map_err(classify)?;
+        tx.commit().await?;
         self.metrics.postgres_batches_total.with_label_values(&["insert"]).inc();
         Ok(outcomes.into_iter().map(|o| o.unwrap_or(Outcome::Replay)).collect())
     }
@@ -508,7 +320,10 @@ impl PostgresSink {
 /// this statement (READ COMMITTED: a fresh snapshot) sees its tombstone. The
 /// ids found tombstoned are removed again inside the batch's transaction and
 /// reported as purged replays: a purged id is never re-created.
-async fn undo_purged_inserts(tx: &tokio_postgres::Transaction<'_>, ids: &[Uuid]) -> Result<HashSet<Uuid>, SinkError> {
+async fn undo_purged_inserts(
+    tx: &tokio_postgres::Transaction<'_>,
+    ids: &[Uuid],
+) -> Result<HashSet<Uuid>, BackendError> {
     if ids.is_empty() {
         return Ok(HashSet::new());
     }
@@ -516,14 +331,13 @@ async fn undo_purged_inserts(tx: &tokio_postgres::Transaction<'_>, ids: &[Uuid])
     let (name, id) = (&t.logical_name, &t.primary_id_attribute);
     let tombstoned: HashSet<Uuid> = tx
         .query(&format!("SELECT {id} FROM {} WHERE {id} = ANY($1)", t.tombstone_table()), &[&ids])
-        .await
-        .map_err(classify)?
+        .await?
         .iter()
         .map(|row| row.get::<_, Uuid>(0))
         .collect();
     if !tombstoned.is_empty() {
         let doomed: Vec<Uuid> = tombstoned.iter().copied().collect();
-        tx.execute(&format!("DELETE FROM {name} WHERE {id} = ANY($1)"), &[&doomed]).await.map_err(classify)?;
+        tx.execute(&format!("DELETE FROM {name} WHERE {id} = ANY($1)"), &[&doomed]).await?;
     }
     Ok(tombstoned)
 }
@@ -701,7 +515,7 @@ mod tests {
     fn copy_rows_encode_every_column_in_the_binary_format() {
         use crate::batch::Entry;
         use crate::normalize::Normalizer;
-        use crate::source::Inbound;
+        use crate::transport::ingest::source::Inbound;
         let payloads = [
             r#"{"msdyn_name":"Copy – ünïcode","msdyn_scenariorequestid":"r1","msdyn_interactiontype":"Copy",
                 "msdyn_scenariotype":"Copilot","msdyn_clienttimestamp":"2024-06-01T12:30:00.123Z"}"#,

@@ -7,8 +7,9 @@
 //! - [`consumer`]: the control-topic loop (its own consumer group, one command at a time).
 
 pub mod consumer;
-pub mod fetchxml;
 pub mod store;
+
+pub use crate::query::fetchxml;
 
 use chrono::Utc;
 use hmac::{Hmac, KeyInit, Mac};
@@ -693,11 +694,11 @@ mod schema_tests {
     /// The JSON Schemas in schemas/ name exactly the messages and statuses the code handles.
     #[test]
     fn schemas_match_the_code() {
-        let command: Json = serde_json::from_str(include_str!("../../schemas/control_command.schema.json")).unwrap();
+        let command: Json = serde_json::from_str(include_str!("../../../schemas/control_command.schema.json")).unwrap();
         let messages: Vec<&str> =
             command["properties"]["message"]["enum"].as_array().unwrap().iter().filter_map(Json::as_str).collect();
         assert_eq!(messages, Message::ALL.iter().map(|m| m.name()).collect::<Vec<_>>());
-        let reply: Json = serde_json::from_str(include_str!("../../schemas/control_reply.schema.json")).unwrap();
+        let reply: Json = serde_json::from_str(include_str!("../../../schemas/control_reply.schema.json")).unwrap();
         let statuses: Vec<&str> =
             reply["properties"]["status"]["enum"].as_array().unwrap().iter().filter_map(Json::as_str).collect();
         assert_eq!(statuses, [Status::Succeeded, Status::Failed, Status::Rejected].map(Status::name));

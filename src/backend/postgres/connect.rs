@@ -11,7 +11,7 @@
 //! | `verify-full` | always | chain and host name |
 //!
 //! A certificate that does not verify, or a server without TLS when TLS is
-//! required, is a configuration error ([`SinkError::Fatal`]): the process
+//! required, is a configuration error ([`BackendError::Fatal`]): the process
 //! exits 2 at start instead of retrying forever.
 
 use std::path::PathBuf;
@@ -20,8 +20,8 @@ use openssl::ssl::{SslConnector, SslMethod, SslVerifyMode};
 use postgres_openssl::MakeTlsConnector;
 use tokio_postgres::{Client, NoTls};
 
+use crate::backend::BackendError;
 use crate::config::redact_url;
-use crate::sink::SinkError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
@@ -114,8 +114,8 @@ impl ConnectOptions {
 }
 
 /// Opens one connection (its I/O driven by a spawned task).
-pub async fn connect(url: &str) -> Result<Client, SinkError> {
-    let options = ConnectOptions::parse(url).map_err(|e| SinkError::Fatal(format!("{}: {e}", redact_url(url))))?;
+pub async fn connect(url: &str) -> Result<Client, BackendError> {
+    let options = ConnectOptions::parse(url).map_err(|e| BackendError::Fatal(format!("{}: {e}", redact_url(url))))?;
     let failed = |e: tokio_postgres::Error| {
         // tokio-postgres leaves the cause (e.g. OpenSSL's "certificate verify failed") out of its text.
         let mut detail = e.to_string();
@@ -127,14 +127,14 @@ pub async fn connect(url: &str) -> Result<Client, SinkError> {
         let message = format!("connecting to {}: {detail}", redact_url(url));
         // A TLS failure does not heal by retrying: the certificate, the CA or
         // the server's TLS settings must change.
-        if e.to_string().contains("TLS") { SinkError::Fatal(message) } else { SinkError::Transient(message) }
+        if e.to_string().contains("TLS") { BackendError::Fatal(message) } else { BackendError::Transient(message) }
     };
     let client = if options.ssl_mode == SslMode::Disable {
         let (client, connection) = options.config.connect(NoTls).await.map_err(failed)?;
         spawn_connection(connection);
         client
     } else {
-        let tls = options.tls().map_err(SinkError::Fatal)?;
+        let tls = options.tls().map_err(BackendError::Fatal)?;
         let (client, connection) = options.config.connect(tls).await.map_err(failed)?;
         spawn_connection(connection);
         client

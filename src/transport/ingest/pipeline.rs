@@ -14,18 +14,19 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
+use crate::backend::{Backend, Outcome};
+use crate::backoff::Backoff;
 use crate::batch::{Batch, Batcher, Entry};
 use crate::config::{Config, SinkUrl};
 use crate::decode::{Decoded, Decoder};
-use crate::dlq;
-use crate::http::Readiness;
 use crate::metrics::Metrics;
 use crate::normalize::Normalizer;
-use crate::offsets::OffsetTracker;
 use crate::reason::{Reason, Rejection};
 use crate::record::Origin;
-use crate::sink::{self, Backoff, Outcome, Sink};
-use crate::source::{Inbound, Source, SourceEvent, consumer_config};
+use crate::transport::http::Readiness;
+use crate::transport::ingest::dlq;
+use crate::transport::ingest::offsets::OffsetTracker;
+use crate::transport::ingest::source::{Inbound, Source, SourceEvent, consumer_config};
 
 /// Dead letters in flight before the source is paused.
 const MAX_DLQ_IN_FLIGHT: usize = 10_000;
@@ -102,7 +103,7 @@ impl Summary {
 async fn retry<T, F, Fut>(mut call: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, crate::sink::SinkError>>,
+    Fut: std::future::Future<Output = Result<T, crate::backend::BackendError>>,
 {
     let mut backoff = Backoff::default();
     loop {
@@ -130,13 +131,13 @@ pub async fn open_sink(
     config: &Config,
     metrics: &Arc<Metrics>,
     shutdown: &mut watch::Receiver<bool>,
-) -> anyhow::Result<Option<Arc<Sink>>> {
+) -> anyhow::Result<Option<Arc<Backend>>> {
     let url: SinkUrl = config.sink_url().map_err(anyhow::Error::msg)?;
     let mut backoff = Backoff::default();
     loop {
-        match Sink::open(&url, &config.kafka.topic, config.batches_in_flight(), metrics).await {
+        match Backend::open(&url, &config.kafka.topic, config.batches_in_flight(), metrics).await {
             Ok(s) => return Ok(Some(Arc::new(s))),
-            Err(crate::sink::SinkError::Fatal(message)) => {
+            Err(crate::backend::BackendError::Fatal(message)) => {
                 return Err(crate::config::FatalConfig(format!("sink configuration: {message}")).into());
             }
             Err(e) => {
@@ -160,7 +161,7 @@ fn revoke_timeout(options: &[(String, String)]) -> Duration {
         .iter()
         .find(|(k, _)| k == "session.timeout.ms")
         .and_then(|(_, v)| v.parse::<u64>().ok())
-        .unwrap_or(crate::source::SESSION_TIMEOUT_MS);
+        .unwrap_or(crate::transport::ingest::source::SESSION_TIMEOUT_MS);
     Duration::from_millis(session_ms * 2 / 3)
 }
 
@@ -227,7 +228,7 @@ impl SchemaFetches {
 struct State {
     config: Config,
     metrics: Arc<Metrics>,
-    sink: Arc<Sink>,
+    sink: Arc<Backend>,
     producer: Arc<dlq::Producer>,
     decoder: Decoder,
     tracker: OffsetTracker,
@@ -376,7 +377,7 @@ impl State {
         tracing::debug!(records = batch.len(), "batch closed");
         self.tasks.spawn(async move {
             let batch = Arc::new(batch);
-            let outcomes = sink::write_batch(&sink, Arc::clone(&batch), &metrics).await;
+            let outcomes = crate::operations::create_multiple::write_batch(&sink, Arc::clone(&batch), &metrics).await;
             Completion::Batch { batch, outcomes }
         });
     }
@@ -392,7 +393,7 @@ impl State {
             // The ledger makes a redelivered invalid message (after a crash or a
             // lost session) not a second dead letter. A crash between the
             // broker's ack and the ledger write can still repeat one.
-            let letter = crate::sink::DeadLetterKey::new(
+            let letter = crate::backend::DeadLetterKey::new(
                 &topic,
                 partition,
                 offset,

@@ -1,0 +1,5 @@
+//! Queries over the table, independent of any backend: FetchXML criteria
+//! parsed and validated against the table definition, compiled to bound SQL
+//! in either dialect.
+
+pub mod fetchxml;

@@ -1,0 +1,11 @@
+//! Transports: how requests reach the table's operations. Each one parses,
+//! authenticates, calls an operation and encodes the answer; none of them
+//! touches a database itself.
+//!
+//! - [`ingest`]: Kafka events → validated records → CreateMultiple batches (with dead letters and offsets).
+//! - [`control`]: signed commands on the control topic → one operation each → a reply.
+//! - [`http`]: the HTTP listener (`/metrics`, `/healthz`, `/readyz`).
+
+pub mod control;
+pub mod http;
+pub mod ingest;
