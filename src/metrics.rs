@@ -43,7 +43,7 @@ impl Metrics {
             self.events_rejected_total.with_label_values(&[reason.code()]);
             self.dlq_events_total.with_label_values(&[reason.code()]);
         }
-        for reason in ["replay", "purged_replay", "dead_letter_replay"] {
+        for reason in ["replay", "purged_replay", "deleted_replay", "dead_letter_replay"] {
             self.records_skipped_total.with_label_values(&[reason]);
         }
         for outcome in ["ok", "retried", "split"] {
@@ -135,7 +135,7 @@ impl Metrics {
             records_skipped_total: counter(
                 &registry,
                 "copilot_ingest_records_skipped_total",
-                "Records not written because they were already there (replay) or purged (purged_replay), and redelivered invalid events already dead-lettered (dead_letter_replay).",
+                "Records not written because they were already there (replay) or purged (purged_replay) or deleted (deleted_replay), and redelivered invalid events already dead-lettered (dead_letter_replay).",
                 &["reason"],
             ),
             dlq_events_total: counter(

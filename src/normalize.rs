@@ -94,6 +94,24 @@ impl Normalizer {
         origin: Option<&Origin>,
         now: DateTime<Utc>,
     ) -> Result<Record, Rejection> {
+        self.normalize_in_state(fields, origin, now, false)
+    }
+
+    /// Validates and normalizes a stored record with changes applied (Update,
+    /// SetState): as an event, except that the record's state follows its
+    /// status instead of being the state of a new record.
+    pub fn normalize_changed_json(&self, payload: &[u8], now: DateTime<Utc>) -> Result<Record, Rejection> {
+        let fields = crate::decode::json::event_fields(payload, self.max_payload_bytes)?;
+        self.normalize_in_state(fields, None, now, true)
+    }
+
+    fn normalize_in_state(
+        &self,
+        fields: Vec<(Cow<'_, str>, FieldValue<'_>)>,
+        origin: Option<&Origin>,
+        now: DateTime<Utc>,
+        state_follows_status: bool,
+    ) -> Result<Record, Rejection> {
         let t = table();
         let layout = create_columns();
         let mut values = vec![Value::Null; layout.len()];
@@ -151,7 +169,16 @@ impl Normalizer {
         // Records are created active: the state is the schema default, and a
         // status given by the event must belong to that state.
         let state_column = t.columns.iter().find(|c| c.column_type == ColumnType::State);
-        let state_code = state_column.and_then(|c| c.default_value).unwrap_or(0);
+        let mut state_code = state_column.and_then(|c| c.default_value).unwrap_or(0);
+        if state_follows_status {
+            let status_state = layout.iter().zip(&values).find_map(|(&index, value)| match value {
+                Value::Int(v) if t.columns[index].column_type == ColumnType::Status => {
+                    t.columns[index].option(*v).and_then(|o| o.state)
+                }
+                _ => None,
+            });
+            state_code = status_state.unwrap_or(state_code);
+        }
         for (pos, &index) in layout.iter().enumerate() {
             let column = &t.columns[index];
             if column.column_type == ColumnType::Status

@@ -102,6 +102,8 @@ pub struct Column {
     #[serde(default)]
     pub targets: Vec<String>,
     pub valid_for_create: bool,
+    /// Whether Update may change it (Dataverse's IsValidForUpdate).
+    pub valid_for_update: bool,
     /// Whether the sink table has this column.
     pub stored: bool,
     #[serde(default)]

@@ -8,9 +8,15 @@ pub mod sqlite;
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+use serde_json::Value as Json;
+use uuid::Uuid;
+
 use crate::batch::Batch;
 use crate::config::SinkUrl;
 use crate::metrics::Metrics;
+use crate::query::fetchxml::Criteria;
+use crate::query::page::PageQuery;
 use crate::reason::{Reason, Rejection};
 
 /// What happened to one record of a batch.
@@ -21,6 +27,8 @@ pub enum Outcome {
     Replay,
     /// The id was purged; it is never re-created.
     PurgedReplay,
+    /// The id was deleted (Delete, BulkDelete); it is never re-created.
+    DeletedReplay,
     /// Must go to the DLQ.
     Rejected(Rejection),
 }
@@ -40,6 +48,21 @@ pub enum BackendError {
     Fatal(String),
 }
 
+/// The backends that run the table's operations themselves.
+enum Records<'a> {
+    Sqlite(&'a sqlite::SqliteBackend),
+    Postgres(&'a postgres::PostgresBackend),
+}
+
+/// Calls the same method on whichever backend `records` is.
+macro_rules! dispatch {
+    ($records:expr, $method:ident($($arg:expr),*)) => {
+        match $records {
+            Records::Sqlite(b) => b.$method($($arg),*).await,
+            Records::Postgres(b) => b.$method($($arg),*).await,
+        }
+    };
+}
 /// The configured sink.
 pub enum Backend {
     Sqlite(sqlite::SqliteBackend),
@@ -105,6 +128,119 @@ impl Backend {
         }
     }
 
+    /// The backend of the table's operations beyond CreateMultiple; `Err`
+    /// for Dataverse, whose environment runs those messages itself.
+    fn records(&self) -> Result<Records<'_>, BackendError> {
+        match self {
+            Backend::Sqlite(s) => Ok(Records::Sqlite(s)),
+            Backend::Postgres(s) => Ok(Records::Postgres(s)),
+            Backend::Dataverse(_) => {
+                Err(BackendError::Permanent("the dataverse:// sink does not run this message itself".into()))
+            }
+        }
+    }
+
+    /// Claims `command_id` for this instance until the claim is dropped;
+    /// `None` while another instance holds it. On PostgreSQL the claim is a
+    /// session advisory lock, so a killed instance's claim ends with its
+    /// connection and the command can resume elsewhere at once. SQLite is
+    /// single-instance: one process, one control loop, nothing to claim.
+    pub async fn claim(&self, command_id: &str) -> Result<Option<Claim>, BackendError> {
+        match self.records()? {
+            Records::Sqlite(_) => Ok(Some(Claim { _session: None })),
+            Records::Postgres(p) => Ok(p.claim(command_id).await?.map(|session| Claim { _session: Some(session) })),
+        }
+    }
+
+    /// Deletes dead-letter ledger entries and stored replies older than
+    /// `cutoff`; returns how many of each. Tombstones are never pruned: they
+    /// are the record of erasure. Safe because a signed command older than
+    /// five minutes is refused anyway, and the topics' retention is shorter
+    /// than the default age (7 days), so nothing that old is redelivered.
+    pub async fn prune(&self, cutoff: DateTime<Utc>) -> Result<(u64, u64), BackendError> {
+        dispatch!(self.records()?, prune(cutoff))
+    }
+
+    /// The reply stored for `command_id`, as JSON text.
+    pub async fn stored_reply(&self, command_id: &str) -> Result<Option<String>, BackendError> {
+        dispatch!(self.records()?, stored_reply(command_id))
+    }
+
+    /// Stores a command's reply (the first one stored wins).
+    pub async fn store_reply(&self, command_id: &str, message: Option<&str>, reply: &str) -> Result<(), BackendError> {
+        dispatch!(self.records()?, store_reply(command_id, message, reply))
+    }
+
+    /// Creates the operation row, or finds it; returns its running total.
+    pub async fn begin_operation(&self, start: &OperationStart) -> Result<i64, BackendError> {
+        dispatch!(self.records()?, begin_operation(start))
+    }
+
+    /// The message that started an operation, if it exists.
+    pub async fn operation_message(&self, operation_id: Uuid) -> Result<Option<String>, BackendError> {
+        dispatch!(self.records()?, operation_message(operation_id))
+    }
+
+    /// Sets an operation's status; `ended` also stamps its end time.
+    pub async fn set_operation_status(
+        &self,
+        operation_id: Uuid,
+        status: &str,
+        ended: bool,
+    ) -> Result<(), BackendError> {
+        dispatch!(self.records()?, set_operation_status(operation_id, status, ended))
+    }
+
+    /// Marks up to `limit` live records matching `criteria` retained, adding
+    /// the count to the operation's total in the same transaction.
+    pub async fn retain_page(&self, operation_id: Uuid, criteria: &Criteria, limit: i64) -> Result<i64, BackendError> {
+        dispatch!(self.records()?, retain_page(operation_id, criteria, limit))
+    }
+
+    /// Returns the retained records of `scope` to live, in one transaction.
+    pub async fn rollback(&self, scope: RollbackScope) -> Result<RollbackCounts, BackendError> {
+        dispatch!(self.records()?, rollback(scope))
+    }
+
+    /// Deletes up to `limit` records of `page`, tombstoning each id, and adds
+    /// the count to the operation's total, in one transaction.
+    pub async fn delete_page(&self, operation_id: Uuid, page: &DeletePage, limit: i64) -> Result<i64, BackendError> {
+        dispatch!(self.records()?, delete_page(operation_id, page, limit))
+    }
+
+    /// Deletes one record, live or retained, and tombstones its id; `false`
+    /// if there was no such record.
+    pub async fn delete_record(&self, id: Uuid) -> Result<bool, BackendError> {
+        dispatch!(self.records()?, delete_record(id))
+    }
+
+    /// Writes new values into live records, all in one transaction. `Some(k)`
+    /// when `rows[k]` matched no live record (or not its expected version):
+    /// then nothing was written.
+    pub async fn update_rows(&self, rows: &[RowUpdate]) -> Result<Option<usize>, BackendError> {
+        dispatch!(self.records()?, update_rows(rows))
+    }
+
+    /// One page of a RetrieveMultiple: up to `limit` rows of `query.columns`, after its cookie.
+    pub async fn retrieve_page(&self, query: &PageQuery, limit: i64) -> Result<Vec<Vec<Json>>, BackendError> {
+        dispatch!(self.records()?, retrieve_page(query, limit))
+    }
+
+    /// How many records match (live, or retained with `datasource="retained"`).
+    pub async fn count(&self, criteria: &Criteria) -> Result<i64, BackendError> {
+        dispatch!(self.records()?, count(criteria))
+    }
+
+    pub async fn record_state(&self, id: Uuid) -> Result<RecordState, BackendError> {
+        dispatch!(self.records()?, record_state(id))
+    }
+
+    /// The stored values of `columns` (table column indices) of one record,
+    /// live or retained, as JSON; `None` if there is no such record.
+    pub async fn retrieve(&self, id: Uuid, columns: &[usize]) -> Result<Option<Vec<Json>>, BackendError> {
+        dispatch!(self.records()?, retrieve(id, columns))
+    }
+
     /// Cheap reachability check for `/readyz`.
     pub async fn ping(&self) -> bool {
         match self {
@@ -113,6 +249,88 @@ impl Backend {
             Backend::Dataverse(s) => s.ping().await,
         }
     }
+}
+
+/// The operations' bookkeeping tables, created with the record table.
+pub const OPERATION_TABLE: &str = "copilot_ingest_retention_operation";
+pub const REPLY_TABLE: &str = "copilot_ingest_control_reply";
+
+/// Where a record id stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordState {
+    Live,
+    Retained,
+    /// Gone, with a tombstone.
+    Purged,
+    Missing,
+}
+
+/// Which records a RollbackRetain returns to live.
+#[derive(Debug, Clone, Copy)]
+pub enum RollbackScope {
+    Operation(Uuid),
+    Record(Uuid),
+}
+
+/// What a rollback did: records returned to live, and records of the scope
+/// already purged (they cannot come back).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RollbackCounts {
+    pub restored: i64,
+    pub purged: i64,
+}
+
+/// A long operation's row, created when it starts (or found, when a
+/// redelivered command resumes it).
+#[derive(Debug, Clone)]
+pub struct OperationStart {
+    pub operation_id: Uuid,
+    pub command_id: String,
+    pub message: &'static str,
+    pub criteria: Option<String>,
+}
+
+/// Which records a bulk deletion removes.
+#[derive(Debug, Clone)]
+pub struct DeletePage {
+    /// Retained records (PurgeRetainedContent, BulkDelete of retained rows) or live ones.
+    pub retained: bool,
+    /// Only records with `versionnumber <= max_version`.
+    pub max_version: Option<i64>,
+    pub criteria: Criteria,
+    /// The message recorded in the tombstone (`None`: a purge).
+    pub deleted_by: Option<&'static str>,
+}
+
+/// New values for one live record: the whole create-column layout, already
+/// validated and normalized as ingestion does.
+#[derive(Debug, Clone)]
+pub struct RowUpdate {
+    pub id: Uuid,
+    pub values: Vec<crate::record::Value>,
+    pub state_code: i32,
+    /// `IfRowVersionMatches`: only while the record is at this version.
+    pub expected_version: Option<i64>,
+}
+
+/// The positions in the create-column layout that Update writes (valid for
+/// update), with their table column indices.
+pub(crate) fn update_columns() -> &'static [(usize, usize)] {
+    static COLUMNS: std::sync::LazyLock<Vec<(usize, usize)>> = std::sync::LazyLock::new(|| {
+        let t = crate::table::table();
+        crate::record::create_columns()
+            .iter()
+            .enumerate()
+            .filter(|&(_, &i)| t.columns[i].valid_for_update)
+            .map(|(position, &i)| (position, i))
+            .collect()
+    });
+    &COLUMNS
+}
+
+/// A command claimed by this instance; dropping it releases the claim.
+pub struct Claim {
+    _session: Option<tokio_postgres::Client>,
 }
 
 /// The dead-letter ledger: source coordinates of every acknowledged dead letter.

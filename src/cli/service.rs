@@ -83,17 +83,28 @@ pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
     let readiness = Arc::new(Readiness::default());
     start_http(&config, &metrics, &readiness, &shutdown, true).await?;
     let (_broker, brokers) = brokers_for(&config)?;
+    // One backend for ingestion and the control commands alike.
+    let mut waiting = shutdown.clone();
+    let Some(backend) = pipeline::open_sink(&config, &metrics, &mut waiting).await? else {
+        tracing::info!("stopped while waiting for the sink; nothing was consumed");
+        return Ok(EXIT_OK);
+    };
     let control = tokio::spawn(crate::transport::control::consumer::supervised(
         crate::transport::control::consumer::run(
             config.clone(),
             brokers.clone(),
+            Arc::clone(&backend),
             Arc::clone(&metrics),
             shutdown.clone(),
         ),
         Arc::clone(&readiness),
     ));
-    tokio::spawn(crate::transport::control::consumer::prune_periodically(config.clone(), shutdown.clone()));
-    pipeline::run(config, &brokers, metrics, readiness, shutdown).await?;
+    tokio::spawn(crate::transport::control::consumer::prune_periodically(
+        config.clone(),
+        Arc::clone(&backend),
+        shutdown.clone(),
+    ));
+    pipeline::run_on(config, &brokers, backend, metrics, readiness, shutdown).await?;
     let _ = control.await;
     Ok(EXIT_OK)
 }

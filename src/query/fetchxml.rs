@@ -21,15 +21,15 @@ const MAX_IN_VALUES: usize = 1000;
 
 /// A parsed XML element (attributes and children; text content only for `<value>`).
 #[derive(Debug, Clone)]
-struct Element {
-    name: String,
+pub(super) struct Element {
+    pub(super) name: String,
     attributes: Vec<(String, String)>,
-    children: Vec<Element>,
+    pub(super) children: Vec<Element>,
     text: String,
 }
 
 impl Element {
-    fn attr(&self, name: &str) -> Option<&str> {
+    pub(super) fn attr(&self, name: &str) -> Option<&str> {
         self.attributes.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
@@ -284,6 +284,11 @@ pub struct Criteria {
 /// Parses and validates a FetchXML document against the table definition.
 /// `now` anchors relative dates (`olderthan-x-days`, …).
 pub fn parse(document: &str, now: DateTime<Utc>) -> Result<Criteria, String> {
+    criteria_of(&parse_document(document)?, now)
+}
+
+/// Reads a whole FetchXML document (or a paging cookie) into its root element.
+pub(super) fn parse_document(document: &str) -> Result<Element, String> {
     if document.len() > MAX_DOCUMENT_BYTES {
         return Err(format!("FetchXml is {} bytes; the limit is {MAX_DOCUMENT_BYTES}", document.len()));
     }
@@ -292,8 +297,13 @@ pub fn parse(document: &str, now: DateTime<Utc>) -> Result<Criteria, String> {
     let root = reader.element(0)?;
     reader.skip_misc()?;
     if reader.pos != reader.input.len() {
-        return Err("content after the <fetch> element".into());
+        return Err(format!("content after the <{}> element", root.name));
     }
+    Ok(root)
+}
+
+/// The criteria of a parsed `<fetch>`: its datasource and filters.
+pub(super) fn criteria_of(root: &Element, now: DateTime<Utc>) -> Result<Criteria, String> {
     if root.name != "fetch" {
         return Err(format!("the root element must be <fetch>, not <{}>", root.name));
     }
@@ -443,7 +453,7 @@ fn truncate(s: &str) -> String {
 }
 
 /// A condition value parsed as the column's type.
-fn typed_value(column: &Column, v: &str) -> Result<Param, String> {
+pub(super) fn typed_value(column: &Column, v: &str) -> Result<Param, String> {
     let bad =
         || format!("'{}' is not a valid {:?} value for '{}'", truncate(v), column.column_type, column.logical_name);
     Ok(match column.column_type {
@@ -527,7 +537,7 @@ impl Criteria {
 /// A numbered placeholder; PostgreSQL's carry the value's type so the server
 /// never has to guess it from the column (an integer column compared with a
 /// bigint parameter, a varchar with text).
-fn placeholder(dialect: Dialect, n: usize, value: &Param) -> String {
+pub(super) fn placeholder(dialect: Dialect, n: usize, value: &Param) -> String {
     match dialect {
         Dialect::Postgres => {
             let ty = match value {

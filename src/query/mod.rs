@@ -3,3 +3,4 @@
 //! in either dialect.
 
 pub mod fetchxml;
+pub mod page;

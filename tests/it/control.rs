@@ -22,6 +22,11 @@ fn fetch(filter: &str) -> String {
     format!("<fetch><entity name='{ENTITY}'><filter>{filter}</filter></entity></fetch>")
 }
 
+async fn open_backend(config: &Config, metrics: &Arc<Metrics>) -> Arc<copilot_ingest::backend::Backend> {
+    let url = config.sink_url().unwrap();
+    Arc::new(copilot_ingest::backend::Backend::open(&url, &config.kafka.topic, 2, metrics).await.unwrap())
+}
+
 /// Runs the control consumer in-process.
 struct ControlService {
     metrics: Arc<Metrics>,
@@ -30,12 +35,18 @@ struct ControlService {
 }
 
 impl ControlService {
-    fn start(config: Config) -> ControlService {
+    async fn start(config: Config) -> ControlService {
         let metrics = Arc::new(Metrics::new());
         let (stop, rx) = tokio::sync::watch::channel(false);
         let brokers = config.kafka.brokers.clone();
-        let task =
-            tokio::spawn(copilot_ingest::transport::control::consumer::run(config, brokers, Arc::clone(&metrics), rx));
+        let backend = open_backend(&config, &metrics).await;
+        let task = tokio::spawn(copilot_ingest::transport::control::consumer::run(
+            config,
+            brokers,
+            backend,
+            Arc::clone(&metrics),
+            rx,
+        ));
         ControlService { metrics, stop, task }
     }
 
@@ -155,7 +166,7 @@ async fn every_message_works_on_both_sinks() {
         let kafka = TestKafka::new(2);
         let config = kafka.config_with_sink(&url);
         let pipeline = RunningPipeline::start(config.clone());
-        let control = ControlService::start(config.clone());
+        let control = ControlService::start(config.clone()).await;
         let client = ControlClient::new(&kafka);
         let workload = events(1, 30, 20);
         kafka.produce(&workload.messages).await;
@@ -231,7 +242,7 @@ async fn every_message_works_on_both_sinks() {
         assert_eq!(again["status"], "Failed");
         assert_eq!(again["error"]["code"], "AlreadyRetained");
         let missing = client.call("Retain", json!({"Target": uuid::Uuid::new_v4().to_string()})).await;
-        assert_eq!(missing["error"]["code"], "RecordNotFound");
+        assert_eq!(missing["error"]["code"], "0x80040217");
         let rollback = client.call("RollbackRetain", json!({"OperationId": one["response"]["OperationId"]})).await;
         assert_eq!((rollback["status"].as_str(), count(&rollback)), (Some("Succeeded"), 1), "{rollback}");
         assert_eq!(query_i64(&url, &format!("SELECT count(*) FROM {table} WHERE msft_datastate = 1")).await, 30);
@@ -319,8 +330,8 @@ async fn each_command_id_executes_once_across_instances() {
     let pipeline = RunningPipeline::start(config.clone());
     kafka.produce(&events(2, 40, 0).messages).await;
     pipeline.wait_handled(40, Duration::from_secs(60)).await;
-    let first = ControlService::start(config.clone());
-    let second = ControlService::start(config.clone());
+    let first = ControlService::start(config.clone()).await;
+    let second = ControlService::start(config.clone()).await;
     let client = ControlClient::new(&kafka);
 
     let command = json!({"command_id": "bulk-1", "message": "BulkRetain",
@@ -362,8 +373,8 @@ async fn two_instances_never_both_execute_one_command_id() {
     pipeline.wait_handled(ROWS as u64 + 1, Duration::from_secs(60)).await;
     let mut other_group = config.clone();
     other_group.kafka.group_id = unique("other-deployment");
-    let first = ControlService::start(config);
-    let second = ControlService::start(other_group);
+    let first = ControlService::start(config).await;
+    let second = ControlService::start(other_group).await;
     // Both consumers are ready before the command goes out, so both race for it.
     let client = ControlClient::new(&kafka);
     for i in 0..2 {
@@ -415,7 +426,7 @@ async fn commands_run_only_when_signed_fresh_or_explicitly_allowed() {
             .unwrap(),
     )
     .unwrap();
-    let control = ControlService::start(config.clone());
+    let control = ControlService::start(config.clone()).await;
     let client = ControlClient::new(&kafka);
     let command = |id: &str| json!({"command_id": id, "message": "ValidateRetentionConfig", "parameters": {"EntityName": ENTITY, "FetchXml": fetch("")}});
     let body = |id: &str| command(id).to_string();
@@ -464,12 +475,12 @@ async fn commands_run_only_when_signed_fresh_or_explicitly_allowed() {
     // No key: unsigned commands are refused unless the operator opted in.
     let mut keyless = config.clone();
     keyless.control.hmac_key = Secret::default();
-    let control = ControlService::start(keyless.clone());
+    let control = ControlService::start(keyless.clone()).await;
     client.publish_with(&command("keyless"), None).await;
     assert_eq!(outcome(&client.reply("keyless", Duration::from_secs(60))), rejected("Unauthorized"));
     control.stop().await;
     keyless.control.allow_unsigned = true;
-    let control = ControlService::start(keyless);
+    let control = ControlService::start(keyless).await;
     client.publish_with(&command("opted-in"), None).await;
     assert_eq!(client.reply("opted-in", Duration::from_secs(60))["status"], "Succeeded");
     control.stop().await;
@@ -485,7 +496,7 @@ async fn hostile_criteria_are_inert_or_rejected() {
         let pipeline = RunningPipeline::start(config.clone());
         kafka.produce(&events(3, 10, 0).messages).await;
         pipeline.wait_handled(10, Duration::from_secs(60)).await;
-        let control = ControlService::start(config);
+        let control = ControlService::start(config).await;
         let client = ControlClient::new(&kafka);
         for value in
             ["&apos; OR 1=1 --", "x&apos;; DROP TABLE msdyn_copilotinteraction; --", "&quot; OR &quot;&quot;=&quot;"]
@@ -545,7 +556,7 @@ async fn concurrent_purges_and_replays_never_resurrect_a_purged_id() {
     config.batch.max_records = 20;
     config.batch.linger_ms = 1;
     let pipeline = RunningPipeline::start(config.clone());
-    let control = ControlService::start(config);
+    let control = ControlService::start(config).await;
     let client = ControlClient::new(&kafka);
     let mut handled = 0u64;
     let mut resurrected = 0;
@@ -631,8 +642,8 @@ async fn old_ledger_entries_and_replies_are_pruned_and_tombstones_kept() {
                     .unwrap();
             }
         }
-        let store = copilot_ingest::transport::control::store::Store::new(&config.sink_url().unwrap()).unwrap();
-        let pruned = store.prune(chrono::Utc::now() - chrono::Duration::hours(168)).await.unwrap();
+        let backend = open_backend(&config, &Arc::new(Metrics::new())).await;
+        let pruned = backend.prune(chrono::Utc::now() - chrono::Duration::hours(168)).await.unwrap();
         assert_eq!(pruned, (1, 1), "{url}");
         assert_eq!(
             query_i64(&url, "SELECT count(*) FROM copilot_ingest_dead_letters WHERE ingest_offset = 2").await,
@@ -656,7 +667,7 @@ async fn retrieve_returns_one_record_with_formatted_values_on_both_sinks() {
         let pipeline = RunningPipeline::start(config.clone());
         kafka.produce(&events(11, 2, 1).messages).await;
         pipeline.wait_handled(3, Duration::from_secs(60)).await;
-        let control = ControlService::start(config);
+        let control = ControlService::start(config).await;
         let client = ControlClient::new(&kafka);
         let id = query_text(
             &url,

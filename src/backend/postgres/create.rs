@@ -97,7 +97,7 @@ impl PostgresBackend {
         let insert = pooled.insert.clone();
         let result = self.write_tx(&mut pooled.client, &insert, batch, indices).await;
         let client = pooled;
-        self.release(client).await;
+        self.put_back(client);
         result
     }
 
@@ -130,19 +130,11 @@ impl PostgresBackend {
         }
 
         let ids: Vec<Uuid> = candidates.iter().map(|&k| batch[indices[k]].record.id()).collect();
-        let tombstoned: HashSet<Uuid> = tx
-            .query(
-                &format!("SELECT {1} FROM {0} WHERE {1} = ANY($1)", t.tombstone_table(), t.primary_id_attribute),
-                &[&ids],
-            )
-            .await?
-            .iter()
-            .map(|row| row.get::<_, Uuid>(0))
-            .collect();
+        let tombstoned = tombstones(&tx, &ids).await?;
         let mut to_insert = Vec::with_capacity(candidates.len());
         for &k in &candidates {
-            if tombstoned.contains(&batch[indices[k]].record.id()) {
-                outcomes[k] = Some(Outcome::PurgedReplay);
+            if let Some(outcome) = tombstoned.get(&batch[indices[k]].record.id()) {
+                outcomes[k] = Some(outcome.clone());
             } else {
                 to_insert.push(k);
             }
@@ -164,13 +156,7 @@ impl PostgresBackend {
                     self.metrics.postgres_batches_total.with_label_values(&["copy"]).inc();
                     return Ok(indices
                         .iter()
-                        .map(|&i| {
-                            if purged.contains(&batch[i].record.id()) {
-                                Outcome::PurgedReplay
-                            } else {
-                                Outcome::Written
-                            }
-                        })
+                        .map(|&i| purged.get(&batch[i].record.id()).cloned().unwrap_or(Outcome::Written))
                         .collect());
                 }
                 Err(CopyFailure::Database(e)) if !is_data_error(&e) => return Err(BackendError::from(e)),
@@ -226,8 +212,8 @@ impl PostgresBackend {
         let purged = undo_purged_inserts(&tx, &recheck).await?;
         for &k in &to_insert {
             let r = &batch[indices[k]].record;
-            outcomes[k] = Some(if purged.contains(&r.id()) {
-                Outcome::PurgedReplay
+            outcomes[k] = Some(if let Some(outcome) = purged.get(&r.id()) {
+                outcome.clone()
             } else if inserted.contains(&r.id()) {
                 Outcome::Written
             } else {
@@ -237,8 +223,8 @@ impl PostgresBackend {
         for &k in &later {
             let r = &batch[indices[k]].record;
             let id = r.id();
-            outcomes[k] = Some(if tombstoned.contains(&id) || purged.contains(&id) {
-                Outcome::PurgedReplay
+            outcomes[k] = Some(if let Some(outcome) = tombstoned.get(&id).or_else(|| purged.get(&id)) {
+                outcome.clone()
             } else if inserted.contains(&id) {
                 classify_existing(r.content_hash(), first.get(&id).copied(), id)
             } else {
@@ -323,23 +309,40 @@ impl PostgresBackend {
 async fn undo_purged_inserts(
     tx: &tokio_postgres::Transaction<'_>,
     ids: &[Uuid],
-) -> Result<HashSet<Uuid>, BackendError> {
+) -> Result<HashMap<Uuid, Outcome>, BackendError> {
     if ids.is_empty() {
-        return Ok(HashSet::new());
+        return Ok(HashMap::new());
     }
     let t = table();
     let (name, id) = (&t.logical_name, &t.primary_id_attribute);
-    let tombstoned: HashSet<Uuid> = tx
-        .query(&format!("SELECT {id} FROM {} WHERE {id} = ANY($1)", t.tombstone_table()), &[&ids])
-        .await?
-        .iter()
-        .map(|row| row.get::<_, Uuid>(0))
-        .collect();
+    let tombstoned = tombstones(tx, ids).await?;
     if !tombstoned.is_empty() {
-        let doomed: Vec<Uuid> = tombstoned.iter().copied().collect();
+        let doomed: Vec<Uuid> = tombstoned.keys().copied().collect();
         tx.execute(&format!("DELETE FROM {name} WHERE {id} = ANY($1)"), &[&doomed]).await?;
     }
     Ok(tombstoned)
+}
+
+/// The tombstoned ones of `ids`, each with its replay outcome (purged or deleted).
+async fn tombstones(
+    tx: &tokio_postgres::Transaction<'_>,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, Outcome>, BackendError> {
+    let t = table();
+    let sql = format!(
+        "SELECT {id}, deleted_by IS NOT NULL FROM {} WHERE {id} = ANY($1)",
+        t.tombstone_table(),
+        id = t.primary_id_attribute
+    );
+    Ok(tx
+        .query(&sql, &[&ids])
+        .await?
+        .iter()
+        .map(|row| {
+            let outcome = if row.get::<_, bool>(1) { Outcome::DeletedReplay } else { Outcome::PurgedReplay };
+            (row.get::<_, Uuid>(0), outcome)
+        })
+        .collect())
 }
 
 /// Columns and wire types of the binary COPY: the record layout, then the

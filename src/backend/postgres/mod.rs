@@ -4,11 +4,14 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{Mutex, Semaphore};
+use std::sync::Mutex;
+
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_postgres::{Client, Statement};
 
 pub mod connect;
 mod create;
+mod records;
 
 pub use create::encode_copy_rows;
 
@@ -105,7 +108,7 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
         for def in defs.iter().skip(1) {
             client.batch_execute(&format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {def}")).await?;
         }
-        client.batch_execute(&crate::transport::control::store::postgres_ddl()).await?;
+        client.batch_execute(&records::ddl()).await?;
         Ok(())
     }
     .await;
@@ -119,6 +122,27 @@ pub use connect::connect;
 struct Pooled {
     client: Client,
     insert: Statement,
+}
+
+/// A connection borrowed from the pool (see [`PostgresBackend::lease`]).
+struct Lease<'a> {
+    backend: &'a PostgresBackend,
+    pooled: Option<Pooled>,
+    _permit: SemaphorePermit<'a>,
+}
+
+impl Lease<'_> {
+    fn client(&mut self) -> Result<&mut Client, BackendError> {
+        self.pooled.as_mut().map(|p| &mut p.client).ok_or_else(|| BackendError::Transient("connection returned".into()))
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if let Some(pooled) = self.pooled.take() {
+            self.backend.put_back(pooled);
+        }
+    }
 }
 
 impl PostgresBackend {
@@ -145,7 +169,7 @@ impl PostgresBackend {
 
     async fn client(&self) -> Result<Pooled, BackendError> {
         let reusable = {
-            let mut idle = self.idle.lock().await;
+            let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let mut found = None;
             while let Some(c) = idle.pop() {
                 if !c.client.is_closed() {
@@ -165,10 +189,18 @@ impl PostgresBackend {
         }
     }
 
-    async fn release(&self, client: Pooled) {
+    fn put_back(&self, client: Pooled) {
         if !client.client.is_closed() {
-            self.idle.lock().await.push(client);
+            self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(client);
         }
+    }
+
+    /// A pooled connection within the connection budget, returned to the
+    /// pool when the lease is dropped.
+    async fn lease(&self) -> Result<Lease<'_>, BackendError> {
+        let permit = self.permits.acquire().await.map_err(|e| BackendError::Transient(e.to_string()))?;
+        let pooled = self.client().await?;
+        Ok(Lease { backend: self, pooled: Some(pooled), _permit: permit })
     }
 
     pub async fn dead_letter(
@@ -187,7 +219,7 @@ impl PostgresBackend {
             }
             super::DeadLetterOp::Record => pooled.client.execute(&op.postgres_sql(), &params).await.map(|_| true),
         };
-        self.release(pooled).await;
+        self.put_back(pooled);
         result.map_err(BackendError::from)
     }
 
@@ -195,7 +227,7 @@ impl PostgresBackend {
         match self.client().await {
             Ok(c) => {
                 let ok = c.client.simple_query("SELECT 1").await.is_ok();
-                self.release(c).await;
+                self.put_back(c);
                 ok
             }
             Err(_) => false,

@@ -61,6 +61,7 @@ pub(super) fn writer_thread(mut conn: Connection, rx: mpsc::Receiver<Job>, topic
                     let _ = reply.send(result);
                 }
             }
+            Job::Run(statements) => statements(&mut conn),
             Job::Ping { reply } => {
                 let ok = conn.query_row("SELECT 1", [], |r| r.get::<_, i64>(0)).is_ok();
                 let _ = reply.send(ok);
@@ -162,7 +163,8 @@ fn write_rows(
 ) -> Result<Vec<Outcome>, BackendError> {
     let t = table();
     let insert = insert_sql();
-    let tombstone_sql = format!("SELECT 1 FROM {} WHERE {} = ?1", t.tombstone_table(), t.primary_id_attribute);
+    let tombstone_sql =
+        format!("SELECT deleted_by IS NOT NULL FROM {} WHERE {} = ?1", t.tombstone_table(), t.primary_id_attribute);
     let existing_sql =
         format!("SELECT ingest_content_hash FROM {0} WHERE {1} = ?1", t.logical_name, t.primary_id_attribute);
     let mut outcomes = Vec::with_capacity(indices.len());
@@ -172,8 +174,9 @@ fn write_rows(
     // Nothing was ever purged (the usual case): no per-row tombstone probe.
     let any_tombstone: bool =
         tx.query_row(&format!("SELECT EXISTS (SELECT 1 FROM {})", t.tombstone_table()), [], |r| r.get(0))?;
-    // Per id seen in this batch: the content hash the table holds for it now (`None`: purged).
-    let mut seen: std::collections::HashMap<Uuid, Option<Uuid>> =
+    // Per id seen in this batch: the content hash the table holds for it now,
+    // or the outcome of its tombstone.
+    let mut seen: std::collections::HashMap<Uuid, Result<Uuid, Outcome>> =
         std::collections::HashMap::with_capacity(indices.len());
     // Text forms of ids and datetimes are written here and bound from here
     // (SQLite copies bound text), so a row costs no allocation.
@@ -189,14 +192,17 @@ fn write_rows(
         // may be the conflicting record and this one the stored content.
         if let Some(settled) = seen.get(&id) {
             outcomes.push(match settled {
-                Some(stored) => classify_existing(record.content_hash(), Some(*stored), id),
-                None => Outcome::PurgedReplay,
+                Ok(stored) => classify_existing(record.content_hash(), Some(*stored), id),
+                Err(tombstoned) => tombstoned.clone(),
             });
             continue;
         }
-        if any_tombstone && tombstone_stmt.exists([id_text()])? {
-            seen.insert(id, None);
-            outcomes.push(Outcome::PurgedReplay);
+        if any_tombstone
+            && let Some(deleted) = tombstone_stmt.query_row([id_text()], |r| r.get::<_, bool>(0)).optional()?
+        {
+            let outcome = if deleted { Outcome::DeletedReplay } else { Outcome::PurgedReplay };
+            seen.insert(id, Err(outcome.clone()));
+            outcomes.push(outcome);
             continue;
         }
         *version += 1;
@@ -232,13 +238,13 @@ fn write_rows(
         insert_stmt.raw_bind_parameter(index + 1, topic)?;
         let inserted = insert_stmt.raw_execute()?;
         if inserted == 1 {
-            seen.insert(id, Some(record.content_hash()));
+            seen.insert(id, Ok(record.content_hash()));
             outcomes.push(Outcome::Written);
         } else {
             let stored: Option<String> = existing_stmt.query_row([id_text()], |r| r.get(0)).optional()?;
             let stored = stored.and_then(|s| Uuid::parse_str(&s).ok());
             if let Some(hash) = stored {
-                seen.insert(id, Some(hash));
+                seen.insert(id, Ok(hash));
             }
             outcomes.push(classify_existing(record.content_hash(), stored, id));
         }

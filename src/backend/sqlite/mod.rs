@@ -14,6 +14,7 @@ use crate::batch::Batch;
 use crate::table::{ColumnType, EXTRA_COLUMNS, ExtraColumnKind, table};
 
 mod create;
+mod records;
 
 pub use create::write_batches;
 
@@ -34,6 +35,9 @@ pub(crate) enum Job {
         digest: String,
         reply: oneshot::Sender<Result<bool, BackendError>>,
     },
+    /// Any other statement of an operation, run on the writer's connection
+    /// (one writer per file: no second connection waits on its lock).
+    Run(Box<dyn FnOnce(&mut Connection) + Send>),
 }
 
 pub struct SqliteBackend {
@@ -92,7 +96,7 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(&format!(
         "CREATE TABLE IF NOT EXISTS {name} ({});
          CREATE TABLE IF NOT EXISTS {tombstones} ({id} TEXT PRIMARY KEY NOT NULL, purgedon TEXT NOT NULL, versionnumber INTEGER,
-             retention_operationid TEXT);
+             retention_operationid TEXT, deleted_by TEXT);
          CREATE TABLE IF NOT EXISTS copilot_ingest_meta (key TEXT PRIMARY KEY NOT NULL, value INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS {DEAD_LETTER_TABLE} (ingest_topic TEXT NOT NULL, ingest_partition INTEGER NOT NULL,
              ingest_offset INTEGER NOT NULL, message_digest TEXT NOT NULL,
@@ -115,7 +119,14 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
             conn.execute_batch(&format!("ALTER TABLE {name} ADD COLUMN {def}"))?;
         }
     }
-    conn.execute_batch(&crate::transport::control::store::sqlite_ddl())?;
+    let tombstone_columns: Vec<String> = {
+        let mut stmt = conn.prepare(&format!("PRAGMA table_info({})", t.tombstone_table()))?;
+        stmt.query_map([], |r| r.get::<_, String>(1))?.collect::<Result<_, _>>()?
+    };
+    if !tombstone_columns.iter().any(|c| c == "deleted_by") {
+        conn.execute_batch(&format!("ALTER TABLE {} ADD COLUMN deleted_by TEXT", t.tombstone_table()))?;
+    }
+    conn.execute_batch(&records::ddl())?;
     Ok(())
 }
 
@@ -186,6 +197,19 @@ impl SqliteBackend {
         rx.await.map_err(|_| BackendError::Transient("SQLite writer stopped".into()))?
     }
 
+    /// Runs `f` on the writer thread's connection and returns its result.
+    pub(super) async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        self.submit(move |reply| {
+            Job::Run(Box::new(move |conn| {
+                let _ = reply.send(f(conn));
+            }))
+        })
+        .await
+    }
+
     pub async fn ping(&self) -> bool {
         let (reply, rx) = oneshot::channel();
         if self.jobs.try_send(Job::Ping { reply }).is_err() {
@@ -193,5 +217,23 @@ impl SqliteBackend {
             return true;
         }
         rx.await.unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the data's own faults are permanent: an unexpected SQL error is
+    /// retried, for ingestion and every other operation alike.
+    #[test]
+    fn only_the_datas_faults_are_permanent() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (x TEXT NOT NULL)").unwrap();
+        let constraint = conn.execute("INSERT INTO t (x) VALUES (NULL)", []).unwrap_err();
+        let missing_table = conn.execute("INSERT INTO missing (x) VALUES (1)", []).unwrap_err();
+        for (e, permanent) in [(constraint, true), (missing_table, false)] {
+            assert_eq!(matches!(BackendError::from(e), BackendError::Permanent(_)), permanent);
+        }
     }
 }

@@ -13,21 +13,24 @@ use rdkafka::util::Timeout;
 use serde_json::Value as Json;
 use tokio::sync::watch;
 
-use super::store::{Store, StoreError};
 use super::{Authenticator, Reply, Status, loggable, parse_command, signature_headers};
+use crate::backend::{Backend, BackendError};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::kafka_log::QuietContext;
 use crate::metrics::Metrics;
+use crate::operations::{self, OperationError};
 
-/// Runs until `shutdown` turns true.
+/// Runs until `shutdown` turns true, executing commands on `backend`.
 pub async fn run(
     config: Config,
     brokers: String,
+    backend: Arc<Backend>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let store = Store::new(&config.sink_url().map_err(anyhow::Error::msg)?);
+    // Dataverse runs retention itself (its long-term retention policies).
+    let store = (backend.kind() != "dataverse").then_some(&*backend);
     let options = crate::transport::ingest::pipeline::kafka_options(&config);
     let mut consumer_config = rdkafka::ClientConfig::new();
     consumer_config
@@ -49,6 +52,14 @@ pub async fn run(
     )?;
     tracing::info!(topic = %config.kafka.control_topic, "control commands: consuming");
     let auth = Authenticator::new(&config.control);
+    // A reply must fit the producer's message size: a RetrieveMultiple page
+    // carries at most this many bytes of entities (the rest of the reply and
+    // its headers fit in the headroom).
+    let reply_limit = options
+        .iter()
+        .find(|(k, _)| k == "message.max.bytes")
+        .and_then(|(_, v)| v.parse::<usize>().ok())
+        .map_or(super::DEFAULT_MAX_RESPONSE_BYTES, |max| max.saturating_sub(64 * 1024).max(1024));
     let consume_errors = crate::kafka_log::Throttle::default();
 
     loop {
@@ -67,7 +78,7 @@ pub async fn run(
         };
         let value = message.payload().unwrap_or_default();
         let headers = super::signature_headers_of(&message);
-        let Some(reply) = handle(store.as_ref(), &auth, value, headers, &mut shutdown, &metrics).await else {
+        let Some(reply) = handle(store, &auth, value, headers, &mut shutdown, &metrics, reply_limit).await else {
             // Shutting down in the middle of a command: left uncommitted, it
             // resumes after the restart.
             break;
@@ -126,8 +137,10 @@ pub async fn supervised(
 
 /// Prunes the dead-letter ledger and stored replies every hour (the first
 /// time a minute after start), until `shutdown`.
-pub async fn prune_periodically(config: Config, mut shutdown: watch::Receiver<bool>) {
-    let Some(store) = config.sink_url().ok().as_ref().and_then(Store::new) else { return };
+pub async fn prune_periodically(config: Config, backend: Arc<Backend>, mut shutdown: watch::Receiver<bool>) {
+    if backend.kind() == "dataverse" {
+        return;
+    }
     let max_age = chrono::Duration::hours(i64::try_from(config.sink.prune_after_hours).unwrap_or(i64::MAX / 7200));
     let mut next = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
@@ -136,7 +149,7 @@ pub async fn prune_periodically(config: Config, mut shutdown: watch::Receiver<bo
             _ = shutdown.changed() => return,
         }
         next += Duration::from_secs(3600);
-        match store.prune(chrono::Utc::now() - max_age).await {
+        match backend.prune(chrono::Utc::now() - max_age).await {
             Ok((letters, replies)) => {
                 tracing::info!(
                     dead_letter_entries = letters,
@@ -154,12 +167,13 @@ pub async fn prune_periodically(config: Config, mut shutdown: watch::Receiver<bo
 /// Authenticates, deduplicates and executes one command. `None` when shutdown
 /// interrupted a retry.
 async fn handle(
-    store: Option<&Store>,
+    store: Option<&Backend>,
     auth: &Authenticator,
     value: &[u8],
     (timestamp, signature): (Option<&[u8]>, Option<&[u8]>),
     shutdown: &mut watch::Receiver<bool>,
     metrics: &Metrics,
+    reply_limit: usize,
 ) -> Option<Reply> {
     if let Err(failure) = auth.check(value, timestamp, signature, chrono::Utc::now().timestamp()) {
         tracing::warn!(problem = failure.message(), "control command refused");
@@ -171,10 +185,13 @@ async fn handle(
         let message = field("message").filter(|m| super::Message::ALL.iter().any(|k| k.name() == m));
         return Some(Reply::rejected(command_id, message, failure.code(), failure.message()));
     }
-    let command = match parse_command(value) {
+    let mut command = match parse_command(value) {
         Ok(c) => c,
         Err(reply) => return Some(*reply),
     };
+    if let operations::Request::RetrieveMultiple(query) = &mut command.request {
+        query.max_response_bytes = reply_limit;
+    }
     let Some(store) = store else {
         return Some(Reply::rejected(
             Some(command.command_id.clone()),
@@ -191,18 +208,20 @@ async fn handle(
             // command (a rebalance, a second consumer group) waits here until
             // this one has stored its reply, then returns that reply.
             let Some(_claim) = store.claim(&command.command_id).await? else {
-                return Ok::<_, StoreError>(None);
+                return Ok::<_, BackendError>(None);
             };
-            if let Some(stored) = store.stored_reply(&command.command_id).await? {
+            let stored = store.stored_reply(&command.command_id).await?;
+            if let Some(stored) = stored.and_then(|text| serde_json::from_str::<Reply>(&text).ok()) {
                 tracing::info!(
                     command_id = %loggable(&command.command_id),
                     "command seen before: returning the stored reply"
                 );
                 return Ok(Some(stored));
             }
-            let reply = store.execute(&command).await?;
+            let reply = execute(store, &command).await?;
             if reply.status != Status::Rejected {
-                store.store_reply(&reply).await?;
+                let text = serde_json::to_string(&reply).map_err(|e| BackendError::Permanent(e.to_string()))?;
+                store.store_reply(&command.command_id, reply.message.as_deref(), &text).await?;
             }
             Ok(Some(reply))
         };
@@ -218,8 +237,8 @@ async fn handle(
                     _ = shutdown.changed() => return None,
                 }
             }
-            Err(StoreError::Permanent(e)) => return Some(Reply::failed(&command, "ExecutionFailed", e)),
-            Err(StoreError::Transient(e)) => {
+            Err(BackendError::Permanent(e)) => return Some(Reply::failed(&command, "ExecutionFailed", e)),
+            Err(BackendError::Transient(e) | BackendError::Fatal(e)) => {
                 tracing::warn!(
                     error = %e,
                     command_id = %loggable(&command.command_id),
@@ -231,6 +250,17 @@ async fn handle(
                 }
             }
         }
+    }
+}
+
+/// Runs the command's operation. A failure of the request becomes a Failed
+/// reply; a backend failure is returned for the caller to retry (transient)
+/// or to report as failed (permanent).
+async fn execute(backend: &Backend, command: &super::Command) -> Result<Reply, BackendError> {
+    match operations::execute(backend, &command.context(), &command.request).await {
+        Ok(response) => Ok(Reply::succeeded(command, response)),
+        Err(OperationError::Failed { code, message }) => Ok(Reply::failed(command, &code, message)),
+        Err(OperationError::Backend(e)) => Err(e),
     }
 }
 
@@ -279,7 +309,8 @@ mod tests {
         let huge = "x".repeat(200_000);
         for (id, echoed) in [("ok-id", true), (huge.as_str(), false), ("forged\nERROR line", false)] {
             let value = serde_json::json!({"command_id": id, "message": "BulkRetain"}).to_string();
-            let reply = handle(None, &auth, value.as_bytes(), (None, None), &mut shutdown, &metrics).await.unwrap();
+            let reply =
+                handle(None, &auth, value.as_bytes(), (None, None), &mut shutdown, &metrics, 1 << 20).await.unwrap();
             assert_eq!(reply.status, Status::Rejected);
             assert_eq!(reply.error.as_ref().map(|e| e.code.as_str()), Some("Unauthorized"));
             assert_eq!(reply.command_id.as_deref(), echoed.then_some(id), "{}", loggable(id));

@@ -7,17 +7,18 @@
 //! - [`consumer`]: the control-topic loop (its own consumer group, one command at a time).
 
 pub mod consumer;
-pub mod store;
 
 pub use crate::query::fetchxml;
 
 use chrono::Utc;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value as Json, json};
+use serde_json::Value as Json;
 use sha2::Sha256;
 use uuid::Uuid;
 
+use crate::backend::RollbackScope;
+use crate::operations::{Context, Request, delete, retention, retrieve, retrieve_multiple, state, update};
 use crate::table::table;
 
 /// The largest command accepted (FetchXml is itself capped at 64 KiB).
@@ -33,16 +34,30 @@ pub enum Message {
     RollbackRetain,
     PurgeRetainedContent,
     Retrieve,
+    RetrieveMultiple,
+    Update,
+    UpdateMultiple,
+    Delete,
+    SetState,
+    IsValidStateTransition,
+    BulkDelete,
 }
 
 impl Message {
-    pub const ALL: [Message; 6] = [
+    pub const ALL: [Message; 13] = [
         Message::ValidateRetentionConfig,
         Message::Retain,
         Message::BulkRetain,
         Message::RollbackRetain,
         Message::PurgeRetainedContent,
         Message::Retrieve,
+        Message::RetrieveMultiple,
+        Message::Update,
+        Message::UpdateMultiple,
+        Message::Delete,
+        Message::SetState,
+        Message::IsValidStateTransition,
+        Message::BulkDelete,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +68,13 @@ impl Message {
             Message::RollbackRetain => "RollbackRetain",
             Message::PurgeRetainedContent => "PurgeRetainedContent",
             Message::Retrieve => "Retrieve",
+            Message::RetrieveMultiple => "RetrieveMultiple",
+            Message::Update => "Update",
+            Message::UpdateMultiple => "UpdateMultiple",
+            Message::Delete => "Delete",
+            Message::SetState => "SetState",
+            Message::IsValidStateTransition => "IsValidStateTransition",
+            Message::BulkDelete => "BulkDelete",
         }
     }
 
@@ -126,50 +148,23 @@ impl Reply {
     }
 }
 
-/// A validated command.
+/// A validated command: the request of one operation.
 #[derive(Debug, Clone)]
 pub struct Command {
     pub command_id: String,
     pub message: Message,
-    pub parameters: Parameters,
-}
-
-/// Parameters, checked per message.
-#[derive(Debug, Clone)]
-pub enum Parameters {
-    ValidateRetentionConfig {
-        fetch_xml: String,
-    },
-    Retain {
-        target: Uuid,
-    },
-    BulkRetain {
-        criteria: fetchxml::Criteria,
-        fetch_xml: String,
-        page_size: i64,
-    },
-    RollbackRetain {
-        operation_id: Option<Uuid>,
-        target: Option<Uuid>,
-    },
-    PurgeRetainedContent {
-        max_version: Option<i64>,
-        criteria: Option<fetchxml::Criteria>,
-        page_size: i64,
-    },
-    /// `columns`: indices of stored table columns (the id is always returned).
-    Retrieve {
-        target: Uuid,
-        columns: Vec<usize>,
-    },
+    pub request: Request,
 }
 
 impl Command {
     /// The operation id of a run: derived from the command id, so a
     /// redelivered command resumes the same operation.
     pub fn operation_id(&self) -> Uuid {
-        const NS: Uuid = Uuid::from_u128(0x6f0b_4c1e_2a57_4d0e_9b1c_0c0b_71c5_7a03);
-        Uuid::new_v5(&NS, self.command_id.as_bytes())
+        self.context().operation_id
+    }
+
+    pub fn context(&self) -> Context {
+        Context::for_request(&self.command_id)
     }
 }
 
@@ -404,6 +399,13 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
             &["EntityName", "MaxVersionToPurge", "FetchXml", "PageSize", "OperationId", "AllowAll"]
         }
         Message::Retrieve => &["Target", "ColumnSet"],
+        Message::RetrieveMultiple => &["Query"],
+        Message::Update => &["Target", "ConcurrencyBehavior", "RowVersion"],
+        Message::UpdateMultiple => &["Targets"],
+        Message::Delete => &["Target"],
+        Message::SetState => &["EntityMoniker", "State", "Status"],
+        Message::IsValidStateTransition => &["Entity", "NewState", "NewStatus"],
+        Message::BulkDelete => &["EntityName", "FetchXml", "PageSize", "DataSource", "AllowAll"],
     };
     if let Some(unknown) = params.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(reject("InvalidParameters", format!("unknown parameter '{}' for {name}", truncate(unknown))));
@@ -466,26 +468,30 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
         Message::ValidateRetentionConfig => {
             let fetch_xml =
                 text("FetchXml").ok_or_else(|| reject("InvalidParameters", "FetchXml is required".into()))?;
-            Parameters::ValidateRetentionConfig { fetch_xml: fetch_xml.to_owned() }
+            Request::ValidateRetentionConfig(retention::ValidateRetentionConfig { fetch_xml: fetch_xml.to_owned() })
         }
-        Message::Retain => Parameters::Retain {
+        Message::Retain => Request::Retain(retention::Retain {
             target: guid("Target")?
                 .ok_or_else(|| reject("InvalidParameters", "Target (a record id) is required".into()))?,
-        },
+        }),
         Message::BulkRetain => {
             entity_ok(true)?;
             let fetch_xml =
                 text("FetchXml").ok_or_else(|| reject("InvalidParameters", "FetchXml is required".into()))?;
             let criteria = destructive_criteria(fetch_xml)?;
-            Parameters::BulkRetain { criteria, fetch_xml: fetch_xml.to_owned(), page_size: page_size()? }
+            Request::BulkRetain(retention::BulkRetain {
+                criteria,
+                fetch_xml: fetch_xml.to_owned(),
+                page_size: page_size()?,
+            })
         }
         Message::RollbackRetain => {
-            let operation_id = guid("OperationId")?;
-            let target = guid("Target")?;
-            if operation_id.is_none() && target.is_none() {
-                return Err(reject("InvalidParameters", "OperationId or Target is required".into()));
-            }
-            Parameters::RollbackRetain { operation_id, target }
+            let scope = match (guid("OperationId")?, guid("Target")?) {
+                (Some(op), _) => RollbackScope::Operation(op),
+                (None, Some(target)) => RollbackScope::Record(target),
+                (None, None) => return Err(reject("InvalidParameters", "OperationId or Target is required".into())),
+            };
+            Request::RollbackRetain(retention::RollbackRetain { scope })
         }
         Message::PurgeRetainedContent => {
             entity_ok(true)?;
@@ -501,7 +507,11 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
                 Some(x) => Some(destructive_criteria(x)?),
                 None => None,
             };
-            Parameters::PurgeRetainedContent { max_version, criteria, page_size: page_size()? }
+            Request::PurgeRetainedContent(retention::PurgeRetainedContent {
+                max_version,
+                criteria,
+                page_size: page_size()?,
+            })
         }
         Message::Retrieve => {
             let target = guid("Target")?
@@ -534,28 +544,148 @@ pub fn parse_command(value: &[u8]) -> Result<Command, Box<Reply>> {
                     ));
                 }
             };
-            Parameters::Retrieve { target, columns }
+            Request::Retrieve(retrieve::Retrieve { target, columns })
+        }
+        Message::RetrieveMultiple => {
+            let query =
+                text("Query").ok_or_else(|| reject("InvalidParameters", "Query (FetchXML) is required".into()))?;
+            let query = crate::query::page::parse(query, Utc::now()).map_err(|e| reject("InvalidFetchXml", e))?;
+            Request::RetrieveMultiple(retrieve_multiple::RetrieveMultiple {
+                query,
+                max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
+            })
+        }
+        Message::Update => {
+            let concurrency = match text("ConcurrencyBehavior") {
+                None | Some("Default") => false,
+                Some("IfRowVersionMatches") => true,
+                Some(other) => {
+                    return Err(reject(
+                        "InvalidParameters",
+                        format!("ConcurrencyBehavior '{}' is not Default or IfRowVersionMatches", truncate(other)),
+                    ));
+                }
+            };
+            let row_version = match (concurrency, params.get("RowVersion")) {
+                (false, _) => None,
+                (true, Some(v)) => Some(
+                    v.as_i64()
+                        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+                        .ok_or_else(|| reject("InvalidParameters", "RowVersion must be an integer".into()))?,
+                ),
+                (true, None) => {
+                    return Err(reject("InvalidParameters", "IfRowVersionMatches needs a RowVersion".into()));
+                }
+            };
+            let target =
+                params.get("Target").ok_or_else(|| reject("InvalidParameters", "Target is required".into()))?;
+            let mut target = update_target(target).map_err(|e| reject("InvalidParameters", e))?;
+            target.row_version = row_version;
+            Request::Update(update::Update { target })
+        }
+        Message::UpdateMultiple => {
+            let targets = params
+                .get("Targets")
+                .and_then(Json::as_array)
+                .filter(|t| !t.is_empty() && t.len() <= MAX_UPDATE_TARGETS)
+                .ok_or_else(|| {
+                    reject("InvalidParameters", format!("Targets must be a list of 1 to {MAX_UPDATE_TARGETS} records"))
+                })?;
+            let targets = targets
+                .iter()
+                .map(update_target)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| reject("InvalidParameters", e))?;
+            Request::UpdateMultiple(update::UpdateMultiple { targets })
+        }
+        Message::Delete => Request::Delete(delete::Delete {
+            target: guid("Target")?
+                .ok_or_else(|| reject("InvalidParameters", "Target (a record id) is required".into()))?,
+        }),
+        Message::SetState => {
+            let target = guid("EntityMoniker")?
+                .ok_or_else(|| reject("InvalidParameters", "EntityMoniker (a record id) is required".into()))?;
+            let int = |key: &str| {
+                params
+                    .get(key)
+                    .and_then(Json::as_i64)
+                    .and_then(|v| i32::try_from(v).ok())
+                    .ok_or_else(|| reject("InvalidParameters", format!("{key} (an integer) is required")))
+            };
+            Request::SetState(state::SetState { target, state: int("State")?, status: int("Status")? })
+        }
+        Message::IsValidStateTransition => {
+            let target = guid("Entity")?
+                .ok_or_else(|| reject("InvalidParameters", "Entity (a record id) is required".into()))?;
+            let new_state = text("NewState")
+                .ok_or_else(|| reject("InvalidParameters", "NewState (a state name) is required".into()))?;
+            let new_status = params
+                .get("NewStatus")
+                .and_then(Json::as_i64)
+                .and_then(|v| i32::try_from(v).ok())
+                .ok_or_else(|| reject("InvalidParameters", "NewStatus (an integer) is required".into()))?;
+            Request::IsValidStateTransition(state::IsValidStateTransition {
+                target,
+                new_state: new_state.to_owned(),
+                new_status,
+            })
+        }
+        Message::BulkDelete => {
+            entity_ok(true)?;
+            let fetch_xml =
+                text("FetchXml").ok_or_else(|| reject("InvalidParameters", "FetchXml is required".into()))?;
+            let mut criteria = destructive_criteria(fetch_xml)?;
+            criteria.retained = match text("DataSource") {
+                None => criteria.retained,
+                Some("live") => false,
+                Some("retained") => true,
+                Some(other) => {
+                    return Err(reject(
+                        "InvalidParameters",
+                        format!("DataSource '{}' is not live or retained", truncate(other)),
+                    ));
+                }
+            };
+            Request::BulkDelete(delete::BulkDelete {
+                criteria,
+                fetch_xml: fetch_xml.to_owned(),
+                page_size: page_size()?,
+            })
         }
     };
-    Ok(Command { command_id: id, message, parameters })
+    Ok(Command { command_id: id, message, request: parameters })
+}
+
+/// The most records one UpdateMultiple may change (Dataverse's recommended batch is far smaller).
+pub const MAX_UPDATE_TARGETS: usize = 1000;
+/// The entity bytes a RetrieveMultiple reply carries when the consumer sets
+/// no limit of its own (librdkafka's default message size, less headroom).
+pub const DEFAULT_MAX_RESPONSE_BYTES: usize = 900_000;
+
+/// An Update target: `msdyn_copilotinteractionid` and the columns to set.
+fn update_target(value: &Json) -> Result<update::UpdateTarget, String> {
+    let t = table();
+    let Json::Object(fields) = value else { return Err("a Target must be an object of column values".into()) };
+    let mut fields = fields.clone();
+    let id = match fields.remove(&t.primary_id_attribute) {
+        Some(Json::String(s)) => crate::normalize::parse_guid(&s),
+        _ => None,
+    }
+    .ok_or_else(|| format!("a Target needs {} (a GUID)", t.primary_id_attribute))?;
+    if fields.is_empty() {
+        return Err("a Target must set at least one column".into());
+    }
+    Ok(update::UpdateTarget { id, fields, row_version: None })
 }
 
 fn truncate(s: &str) -> String {
     s.chars().take(100).collect()
 }
 
-/// `{"EntityCountCollection": {"msdyn_copilotinteraction": n}}` plus extra fields.
-pub fn count_response(count: i64, extra: Json) -> Json {
-    let mut response = json!({ "EntityCountCollection": { table().logical_name.clone(): count } });
-    if let (Some(r), Json::Object(extra)) = (response.as_object_mut(), extra) {
-        r.extend(extra);
-    }
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const KEY: &str = "0123456789abcdef0123456789abcdef";
     const OLD_KEY: &str = "fedcba9876543210fedcba9876543210";
@@ -702,13 +832,23 @@ mod schema_tests {
         let statuses: Vec<&str> =
             reply["properties"]["status"]["enum"].as_array().unwrap().iter().filter_map(Json::as_str).collect();
         assert_eq!(statuses, [Status::Succeeded, Status::Failed, Status::Rejected].map(Status::name));
-        let codes: Vec<&str> = reply["properties"]["error"]["properties"]["code"]["enum"]
+        let codes: Vec<&str> = reply["properties"]["error"]["properties"]["code"]["anyOf"][0]["enum"]
             .as_array()
             .unwrap()
             .iter()
             .filter_map(Json::as_str)
             .collect();
-        let sources = [include_str!("mod.rs"), include_str!("store.rs"), include_str!("consumer.rs")].concat();
+        let sources = [
+            include_str!("mod.rs"),
+            include_str!("consumer.rs"),
+            include_str!("../../operations/mod.rs"),
+            include_str!("../../operations/retention.rs"),
+            include_str!("../../operations/retrieve.rs"),
+            include_str!("../../operations/retrieve_multiple.rs"),
+            include_str!("../../operations/update.rs"),
+            include_str!("../../operations/state.rs"),
+        ]
+        .concat();
         for code in codes {
             assert!(sources.contains(&format!("\"{code}\"")), "{code} is in the schema but never produced");
         }

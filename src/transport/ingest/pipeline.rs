@@ -244,6 +244,7 @@ struct State {
     received: prometheus::IntCounter,
     replays: prometheus::IntCounter,
     purged_replays: prometheus::IntCounter,
+    deleted_replays: prometheus::IntCounter,
     written: prometheus::IntCounter,
 }
 
@@ -426,6 +427,7 @@ impl State {
                         }
                         Outcome::Replay => self.replays.inc(),
                         Outcome::PurgedReplay => self.purged_replays.inc(),
+                        Outcome::DeletedReplay => self.deleted_replays.inc(),
                         Outcome::Rejected(rejection) => {
                             tracing::warn!(partition = m.partition, offset = m.offset, reason = %rejection.reason, "record refused by the sink; dead-lettering");
                             self.spawn_dead_letter(m.clone(), rejection);
@@ -495,6 +497,18 @@ pub async fn run(
         tracing::info!("stopped while waiting for the sink; nothing was consumed");
         return Ok(());
     };
+    run_on(config, brokers, sink, metrics, readiness, shutdown).await
+}
+
+/// [`run`] on a backend already open (the service shares it with the control consumer).
+pub async fn run_on(
+    config: Config,
+    brokers: &str,
+    sink: Arc<Backend>,
+    metrics: Arc<Metrics>,
+    readiness: Arc<Readiness>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let max_batches_in_flight = config.batches_in_flight();
     readiness.sink_reachable.store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(sink = sink.kind(), "sink ready");
@@ -535,6 +549,7 @@ pub async fn run(
     let written = metrics.records_written_total.with_label_values(&[sink.kind()]);
     let replays = metrics.records_skipped_total.with_label_values(&["replay"]);
     let purged_replays = metrics.records_skipped_total.with_label_values(&["purged_replay"]);
+    let deleted_replays = metrics.records_skipped_total.with_label_values(&["deleted_replay"]);
     let topic: Arc<str> = Arc::from(config.kafka.topic.as_str());
     let mut state = State {
         decoder: Decoder {
@@ -562,6 +577,7 @@ pub async fn run(
         topic,
         replays,
         purged_replays,
+        deleted_replays,
         received,
         written,
     };

@@ -1,0 +1,53 @@
+//! Retrieve: one record, live or retained, as Dataverse's `Entity`.
+
+use serde::Serialize;
+use serde_json::{Map, Value as Json};
+use uuid::Uuid;
+
+use super::OperationError;
+use crate::backend::Backend;
+use crate::table::table;
+
+#[derive(Debug, Clone)]
+pub struct Retrieve {
+    pub target: Uuid,
+    /// Indices of stored table columns; the id is always returned.
+    pub columns: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "PascalCase")]
+pub struct RetrieveResponse {
+    pub entity: Map<String, Json>,
+}
+
+/// The id and the asked columns by logical name, option sets as values with
+/// their labels as `<column>@OData.Community.Display.V1.FormattedValue`. An
+/// unknown, purged or deleted id is Dataverse's not-found.
+pub async fn retrieve(backend: &Backend, request: &Retrieve) -> Result<RetrieveResponse, OperationError> {
+    let t = table();
+    let id_index = t.index_of(&t.primary_id_attribute).unwrap_or(0);
+    let mut columns = vec![id_index];
+    columns.extend(request.columns.iter().copied().filter(|&c| c != id_index));
+    let values = backend.retrieve(request.target, &columns).await?.ok_or_else(|| super::not_found(request.target))?;
+    Ok(RetrieveResponse { entity: entity(&columns, values) })
+}
+
+/// A row as Dataverse's entity JSON: logical names, option-set labels beside their values.
+pub fn entity(columns: &[usize], values: Vec<Json>) -> Map<String, Json> {
+    let t = table();
+    let mut entity = Map::new();
+    for (&i, value) in columns.iter().zip(values) {
+        let column = &t.columns[i];
+        if column.column_type.is_option_set()
+            && let Some(label) = value.as_i64().and_then(|v| i32::try_from(v).ok()).and_then(|v| column.option(v))
+        {
+            entity.insert(
+                format!("{}@OData.Community.Display.V1.FormattedValue", column.logical_name),
+                Json::String(label.label.clone()),
+            );
+        }
+        entity.insert(column.logical_name.clone(), value);
+    }
+    entity
+}
