@@ -41,6 +41,36 @@ pub(crate) fn control_command(
             }
             ("RollbackRetain", p)
         }
+        ControlAction::RetrieveMultiple { fetchxml, .. } => ("RetrieveMultiple", json!({"Query": fetchxml})),
+        ControlAction::Update { target, set, row_version } => {
+            let mut record = serde_json::Map::new();
+            record.insert(crate::table::table().primary_id_attribute.clone(), json!(target));
+            for assignment in set {
+                let (column, value) = column_value(&assignment)?;
+                record.insert(column, value);
+            }
+            let mut p = json!({"Target": record});
+            if let Some(v) = row_version {
+                p["ConcurrencyBehavior"] = json!("IfRowVersionMatches");
+                p["RowVersion"] = json!(v);
+            }
+            ("Update", p)
+        }
+        ControlAction::Delete { target } => ("Delete", json!({"Target": target})),
+        ControlAction::SetState { target, state, status } => {
+            ("SetState", json!({"EntityMoniker": target, "State": state, "Status": status}))
+        }
+        ControlAction::IsValidStateTransition { target, new_state, new_status } => {
+            ("IsValidStateTransition", json!({"Entity": target, "NewState": new_state, "NewStatus": new_status}))
+        }
+        ControlAction::BulkDelete { fetchxml, retained, page_size } => {
+            let mut p = json!({"EntityName": entity, "FetchXml": fetchxml,
+                               "DataSource": if retained { "retained" } else { "live" }});
+            if let Some(n) = page_size {
+                p["PageSize"] = json!(n);
+            }
+            ("BulkDelete", p)
+        }
         ControlAction::PurgeRetainedContent { max_version, fetchxml, page_size } => {
             let mut p = json!({"EntityName": entity});
             if let Some(v) = max_version {
@@ -56,6 +86,44 @@ pub(crate) fn control_command(
         }
     };
     Ok(json!({"command_id": command_id, "message": message, "parameters": parameters}))
+}
+
+/// `column=value` of `update --set`: a number for numeric and option-set
+/// columns when it reads as one, `null` to clear, text otherwise.
+fn column_value(assignment: &str) -> Result<(String, serde_json::Value), String> {
+    use crate::table::ColumnType;
+    let (column, value) =
+        assignment.split_once('=').ok_or_else(|| format!("--set '{assignment}': use column=value"))?;
+    let numeric = crate::table::table().column(column).is_some_and(|c| {
+        matches!(
+            c.column_type,
+            ColumnType::Integer | ColumnType::Bigint | ColumnType::Picklist | ColumnType::State | ColumnType::Status
+        )
+    });
+    let value = match value.parse::<i64>() {
+        _ if value == "null" => serde_json::Value::Null,
+        Ok(n) if numeric => serde_json::Value::from(n),
+        _ => serde_json::Value::String(value.to_owned()),
+    };
+    Ok((column.to_owned(), value))
+}
+
+/// The FetchXML of the page after `reply`'s, or `None` after the last page.
+fn next_page(fetchxml: &str, reply: &serde_json::Value) -> Option<String> {
+    let collection = &reply["response"]["EntityCollection"];
+    if collection["MoreRecords"] != true {
+        return None;
+    }
+    let cookie = collection["PagingCookie"].as_str()?;
+    let page = cookie.split("page=\"").nth(1).and_then(|r| r.split('"').next()).and_then(|p| p.parse::<i64>().ok())?;
+    let escaped = cookie
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&apos;");
+    let rest = fetchxml.trim_start().strip_prefix("<fetch")?;
+    Some(format!("<fetch page='{}' paging-cookie='{escaped}'{rest}", page + 1))
 }
 
 /// `90d` / `12h` / `6m` → FetchXML on createdon.
@@ -81,27 +149,68 @@ pub(crate) async fn control_cmd(
     timeout: Duration,
     command_id: Option<String>,
 ) -> anyhow::Result<i32> {
-    use rdkafka::Message as _;
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     let brokers = brokers.unwrap_or_else(|| config.kafka.brokers.clone());
     if brokers.trim() == "embedded" {
         eprintln!("control needs the service's broker: pass --brokers host:port or set kafka.brokers");
         return Ok(EXIT_CONFIG);
     }
-    let command_id = command_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    let command = match control_command(action, &command_id, &crate::table::table().logical_name) {
+    let (mut pages, all_pages) = match &action {
+        ControlAction::RetrieveMultiple { fetchxml, all_pages } => (Some(fetchxml.clone()), *all_pages),
+        _ => (None, false),
+    };
+    let first_id = command_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let command = match control_command(action, &first_id, &crate::table::table().logical_name) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return Ok(EXIT_CONFIG);
         }
     };
-    let value = serde_json::to_vec(&command)?;
-    let options = pipeline::kafka_options(&config);
+    let mut command = command;
+    let mut command_id = first_id;
+    loop {
+        let reply = exchange(&config, &brokers, &command_id, &command, timeout).await?;
+        let Some(reply) = reply else {
+            eprintln!("no reply within {}s (is copilot-ingest running against this broker?)", timeout.as_secs());
+            return Ok(EXIT_REJECTED);
+        };
+        let Some(fetchxml) = pages.as_ref().filter(|_| reply["status"] == "Succeeded") else {
+            println!("{}", serde_json::to_string_pretty(&reply)?);
+            return Ok(if reply["status"] == "Succeeded" { EXIT_OK } else { EXIT_REJECTED });
+        };
+        // RetrieveMultiple: JSON Lines, one record per line.
+        for entity in reply["response"]["EntityCollection"]["Entities"].as_array().into_iter().flatten() {
+            println!("{entity}");
+        }
+        match next_page(fetchxml, &reply).filter(|_| all_pages) {
+            Some(next) => {
+                command_id = uuid::Uuid::new_v4().to_string();
+                command = serde_json::json!({"command_id": command_id, "message": "RetrieveMultiple",
+                                             "parameters": {"Query": next}});
+                pages = Some(next);
+            }
+            None => return Ok(EXIT_OK),
+        }
+    }
+}
+
+/// Publishes one command and waits for its reply (`None`: none in time).
+async fn exchange(
+    config: &Config,
+    brokers: &str,
+    command_id: &str,
+    command: &serde_json::Value,
+    timeout: Duration,
+) -> anyhow::Result<Option<serde_json::Value>> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let value = serde_json::to_vec(command)?;
+    let (brokers, command_id) = (brokers.to_owned(), command_id.to_owned());
+    let options = pipeline::kafka_options(config);
     let reply_topic = config.kafka.control_reply_topic.clone();
     let control_topic = config.kafka.control_topic.clone();
     let auth = crate::transport::control::Authenticator::new(&config.control);
-    let reply = tokio::task::spawn_blocking(move || -> anyhow::Result<Option<serde_json::Value>> {
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Option<serde_json::Value>> {
         // Start reading replies at the current end, before the command goes out.
         let mut cfg = rdkafka::ClientConfig::new();
         cfg.set("bootstrap.servers", &brokers)
@@ -145,17 +254,7 @@ pub(crate) async fn control_cmd(
         }
         Ok(None)
     })
-    .await??;
-    match reply {
-        Some(reply) => {
-            println!("{}", serde_json::to_string_pretty(&reply)?);
-            Ok(if reply["status"] == "Succeeded" { EXIT_OK } else { EXIT_REJECTED })
-        }
-        None => {
-            eprintln!("no reply within {}s (is copilot-ingest running against this broker?)", timeout.as_secs());
-            Ok(EXIT_REJECTED)
-        }
-    }
+    .await?
 }
 
 /// A reply the CLI believes: for the command id it sent, and, when a key is

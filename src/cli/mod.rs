@@ -190,6 +190,64 @@ pub enum ControlAction {
         #[arg(long, value_delimiter = ',')]
         columns: Option<Vec<String>>,
     },
+    /// Read records matching a FetchXML query; prints one JSON object per record (JSON Lines).
+    #[command(alias = "RetrieveMultiple")]
+    RetrieveMultiple {
+        #[arg(long)]
+        fetchxml: String,
+        /// Follow the paging cookie until the last page.
+        #[arg(long)]
+        all_pages: bool,
+    },
+    /// Change columns of one live record (validated as ingestion validates events).
+    #[command(alias = "Update")]
+    Update {
+        #[arg(long)]
+        target: String,
+        /// `column=value`, repeatable; `column=null` clears one.
+        #[arg(long = "set", required = true)]
+        set: Vec<String>,
+        /// Only if the record is still at this versionnumber (IfRowVersionMatches).
+        #[arg(long)]
+        row_version: Option<i64>,
+    },
+    /// Delete one record (live or retained); its id is tombstoned, so a replay never re-creates it.
+    #[command(alias = "Delete")]
+    Delete {
+        #[arg(long)]
+        target: String,
+    },
+    /// Set a record's state and status: 0/1 (Active), 1/2 (Inactive); status -1 = the state's default.
+    #[command(alias = "SetState")]
+    SetState {
+        #[arg(long)]
+        target: String,
+        #[arg(long)]
+        state: i32,
+        #[arg(long, allow_hyphen_values = true, default_value_t = -1)]
+        status: i32,
+    },
+    /// Whether a record may move to this state and status (changes nothing).
+    #[command(alias = "IsValidStateTransition")]
+    IsValidStateTransition {
+        #[arg(long)]
+        target: String,
+        /// `Active` or `Inactive`.
+        #[arg(long)]
+        new_state: String,
+        #[arg(long)]
+        new_status: i32,
+    },
+    /// Delete every record matching the criteria (live, or retained with --retained), page by page.
+    #[command(alias = "BulkDelete")]
+    BulkDelete {
+        #[arg(long)]
+        fetchxml: String,
+        #[arg(long)]
+        retained: bool,
+        #[arg(long)]
+        page_size: Option<i64>,
+    },
     /// Permanently delete retained records (tombstoning their ids).
     #[command(alias = "PurgeRetainedContent")]
     PurgeRetainedContent {

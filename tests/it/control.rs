@@ -28,14 +28,14 @@ async fn open_backend(config: &Config, metrics: &Arc<Metrics>) -> Arc<copilot_in
 }
 
 /// Runs the control consumer in-process.
-struct ControlService {
+pub(super) struct ControlService {
     metrics: Arc<Metrics>,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
 
 impl ControlService {
-    async fn start(config: Config) -> ControlService {
+    pub(super) async fn start(config: Config) -> ControlService {
         let metrics = Arc::new(Metrics::new());
         let (stop, rx) = tokio::sync::watch::channel(false);
         let brokers = config.kafka.brokers.clone();
@@ -54,21 +54,21 @@ impl ControlService {
         Metrics::total(&self.metrics.control_commands_total)
     }
 
-    async fn stop(self) {
+    pub(super) async fn stop(self) {
         let _ = self.stop.send(true);
         self.task.await.unwrap().unwrap();
     }
 }
 
 /// Publishes commands and reads their replies.
-struct ControlClient {
+pub(super) struct ControlClient {
     producer: FutureProducer,
     replies: BaseConsumer,
     topic: String,
 }
 
 impl ControlClient {
-    fn new(kafka: &TestKafka) -> ControlClient {
+    pub(super) fn new(kafka: &TestKafka) -> ControlClient {
         let producer = ClientConfig::new().set("bootstrap.servers", &kafka.bootstrap).create().unwrap();
         let replies: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &kafka.bootstrap)
@@ -111,19 +111,19 @@ impl ControlClient {
         panic!("no reply for {command_id}");
     }
 
-    async fn call(&self, message: &str, parameters: Json) -> Json {
+    pub(super) async fn call(&self, message: &str, parameters: Json) -> Json {
         let id = uuid::Uuid::new_v4().to_string();
         self.publish(&json!({"command_id": id, "message": message, "parameters": parameters})).await;
         self.reply(&id, Duration::from_secs(60))
     }
 }
 
-fn count(reply: &Json) -> i64 {
+pub(super) fn count(reply: &Json) -> i64 {
     reply["response"]["EntityCountCollection"][ENTITY].as_i64().unwrap_or(-1)
 }
 
 /// Counts rows in whichever sink `url` names.
-async fn query_i64(url: &str, sql: &str) -> i64 {
+pub(super) async fn query_i64(url: &str, sql: &str) -> i64 {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let conn = rusqlite::Connection::open(path).unwrap();
         conn.query_row(sql, [], |r| r.get(0)).unwrap()
@@ -134,7 +134,7 @@ async fn query_i64(url: &str, sql: &str) -> i64 {
 }
 
 /// Events: `old` with an overriddencreatedon in 2020, `recent` without.
-fn events(seed: u64, old: usize, recent: usize) -> Workload {
+pub(super) fn events(seed: u64, old: usize, recent: usize) -> Workload {
     let mut messages = Vec::new();
     for i in 0..old + recent {
         let mut e = json!({"msdyn_name": format!("event {seed}-{i}"), "msdyn_scenariorequestid": format!("req-{i}"),
@@ -149,7 +149,7 @@ fn events(seed: u64, old: usize, recent: usize) -> Workload {
     Workload { messages, expected }
 }
 
-async fn sink_urls() -> (Vec<String>, Option<PgDb>, std::path::PathBuf) {
+pub(super) async fn sink_urls() -> (Vec<String>, Option<PgDb>, std::path::PathBuf) {
     let (dir, sqlite) = temp_sqlite();
     let db = PgDb::create().await;
     let mut urls = vec![sqlite];
@@ -309,7 +309,7 @@ async fn every_message_works_on_both_sinks() {
     }
 }
 
-async fn query_text(url: &str, sql: &str) -> String {
+pub(super) async fn query_text(url: &str, sql: &str) -> String {
     if let Some(path) = url.strip_prefix("sqlite://") {
         let conn = rusqlite::Connection::open(path).unwrap();
         conn.query_row(sql, [], |r| r.get(0)).unwrap()

@@ -8,6 +8,7 @@ mod dataverse;
 mod dataverse_emulator;
 mod faults;
 mod interop;
+mod messages;
 mod observability;
 mod pipeline;
 mod postgres_tls;
