@@ -265,6 +265,18 @@ pub enum RecordState {
     Missing,
 }
 
+impl RecordState {
+    /// From a record's `msft_datastate` (`None`: no row) and whether its id is tombstoned.
+    pub(crate) fn of(data_state: Option<i64>, tombstoned: bool) -> RecordState {
+        match (data_state, tombstoned) {
+            (Some(1), _) => RecordState::Retained,
+            (Some(_), _) => RecordState::Live,
+            (None, true) => RecordState::Purged,
+            (None, false) => RecordState::Missing,
+        }
+    }
+}
+
 /// Which records a RollbackRetain returns to live.
 #[derive(Debug, Clone, Copy)]
 pub enum RollbackScope {

@@ -391,12 +391,7 @@ impl PostgresBackend {
             .map(|r| r.get::<_, i32>(0));
         let purged =
             client.query_opt(&format!("SELECT 1 FROM {} WHERE {id} = $1", t.tombstone_table()), &[&record]).await?;
-        Ok(match (state, purged.is_some()) {
-            (Some(1), _) => RecordState::Retained,
-            (Some(_), _) => RecordState::Live,
-            (None, true) => RecordState::Purged,
-            (None, false) => RecordState::Missing,
-        })
+        Ok(RecordState::of(state.map(i64::from), purged.is_some()))
     }
 
     pub(crate) async fn retrieve(&self, record: Uuid, columns: &[usize]) -> Result<Option<Vec<Json>>, BackendError> {

@@ -386,12 +386,7 @@ impl SqliteBackend {
             let key = text(record);
             let state: Option<i64> = conn.query_row(&state_sql, [&key], |r| r.get(0)).optional()?;
             let purged = conn.prepare(&tombstone_sql)?.exists([&key])?;
-            Ok(match (state, purged) {
-                (Some(1), _) => RecordState::Retained,
-                (Some(_), _) => RecordState::Live,
-                (None, true) => RecordState::Purged,
-                (None, false) => RecordState::Missing,
-            })
+            Ok(RecordState::of(state, purged))
         })
         .await
     }
