@@ -139,9 +139,10 @@ async fn sigterm_drains_commits_and_exits_0() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// `kill -9` in the middle of BulkRetain, then of PurgeRetainedContent: after a
-/// restart the redelivered command completes the same operation, with exact
-/// totals and nothing half-applied.
+/// `kill -9` in the middle of BulkRetain, of PurgeRetainedContent, then of a
+/// BulkDelete over a second set of live rows: after a restart the redelivered
+/// command completes the same operation, with exact totals and nothing
+/// half-applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_retention_commands_complete_after_a_restart() {
     use rdkafka::Message as _;
@@ -171,7 +172,7 @@ async fn killed_retention_commands_complete_after_a_restart() {
         .unwrap();
     replies.subscribe(&[&kafka.config.kafka.control_reply_topic]).unwrap();
 
-    for (id, message, parameters, op_table_row, done_sql) in [
+    for (id, message, parameters, op_table_row, done_sql, seed) in [
         (
             "kill-bulk",
             "BulkRetain",
@@ -179,15 +180,34 @@ async fn killed_retention_commands_complete_after_a_restart() {
                 "FetchXml": "<fetch><entity name='msdyn_copilotinteraction'><filter><condition attribute='msdyn_name' operator='not-null'/></filter></entity></fetch>"}),
             "SELECT total FROM copilot_ingest_retention_operation WHERE command_id = 'kill-bulk'",
             "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1",
+            None,
         ),
         (
             "kill-purge",
             "PurgeRetainedContent",
             serde_json::json!({"EntityName": "msdyn_copilotinteraction", "PageSize": 1}),
             "SELECT total FROM copilot_ingest_retention_operation WHERE command_id = 'kill-purge'",
-            "SELECT count(*) FROM msdyn_copilotinteraction_tombstone",
+            "SELECT count(*) FROM msdyn_copilotinteraction_tombstone WHERE deleted_by IS NULL",
+            None,
+        ),
+        (
+            "kill-delete",
+            "BulkDelete",
+            serde_json::json!({"EntityName": "msdyn_copilotinteraction", "PageSize": 1,
+                "FetchXml": "<fetch><entity name='msdyn_copilotinteraction'><filter><condition attribute='msdyn_name' operator='not-null'/></filter></entity></fetch>"}),
+            "SELECT total FROM copilot_ingest_retention_operation WHERE command_id = 'kill-delete'",
+            "SELECT count(*) FROM msdyn_copilotinteraction_tombstone WHERE deleted_by = 'BulkDelete'",
+            Some(52),
         ),
     ] {
+        if let Some(seed) = seed {
+            // Live rows to delete: the previous operations left none.
+            kafka.produce(&Workload::generate(seed, EVENTS as usize, 0.0).messages).await;
+            wait_for("the second set of rows", Duration::from_secs(90), || {
+                query("SELECT count(*) FROM msdyn_copilotinteraction") == EVENTS
+            })
+            .await;
+        }
         let body = serde_json::json!({"command_id": id, "message": message, "parameters": parameters}).to_string();
         producer
             .send(
