@@ -7,6 +7,17 @@ use super::{Config, redact_url};
 /// What every key means, for `config example`. A unit test checks that this
 /// names exactly the keys the parser knows, so the example cannot drift.
 const KEY_DOCS: &[(&str, &str)] = &[
+    ("api.auth", "token | none (none only on a loopback address)"),
+    ("api.cert_file", "PEM certificate chain; with key_file the API serves https (Microsoft's Python SDK needs it)"),
+    ("api.key_file", "PEM private key of cert_file"),
+    ("api.listen", "the Dataverse-compatible Web API, e.g. 127.0.0.1:8443; empty = off"),
+    ("api.max_body_bytes", "largest request body"),
+    ("api.max_connections", "connections served at once; more wait in the backlog"),
+    ("api.request_timeout_ms", "longest one request may take"),
+    (
+        "api.tokens",
+        "[[api.tokens]] sha256 = \"<hex SHA-256 of the token>\", role = \"read\" | \"write\" | \"retention\", name = \"…\"",
+    ),
     (
         "avro.registry_url",
         "Confluent-compatible Schema Registry, http(s)://[user:password@]host:8081; empty = local schemas only",

@@ -12,7 +12,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::normalize::UnknownFields;
 
+mod api;
 mod example;
+pub use api::{ApiConfig, ApiToken, AuthMode, Role};
 pub use example::{example, show};
 
 pub const ENV_PREFIX: &str = "COPILOT_INGEST__";
@@ -248,6 +250,7 @@ pub struct Config {
     pub avro: AvroConfig,
     pub metrics: MetricsConfig,
     pub control: ControlConfig,
+    pub api: ApiConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -333,6 +336,7 @@ impl Config {
                 "avro" => config.avro = load_section(&section, table, default_section, &mut errors),
                 "metrics" => config.metrics = load_section(&section, table, default_section, &mut errors),
                 "control" => config.control = load_section(&section, table, default_section, &mut errors),
+                "api" => config.api = load_section(&section, table, default_section, &mut errors),
                 "shutdown" => config.shutdown = load_section(&section, table, default_section, &mut errors),
                 _ => errors.push(format!("{section}: unknown section")),
             }
@@ -411,6 +415,7 @@ impl Config {
         if self.control.hmac_key.is_empty() && !self.control.hmac_key_previous.is_empty() {
             errors.push("control.hmac_key_previous: set only beside control.hmac_key (the new key)".into());
         }
+        self.api.check(errors);
         if self.shutdown.drain_timeout_ms == 0 {
             errors.push("shutdown.drain_timeout_ms: must be positive".into());
         }

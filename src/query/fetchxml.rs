@@ -17,7 +17,7 @@ use crate::table::{Column, ColumnType, table};
 pub const MAX_DOCUMENT_BYTES: usize = 64 * 1024;
 pub const MAX_DEPTH: usize = 32;
 pub const MAX_CONDITIONS: usize = 256;
-const MAX_IN_VALUES: usize = 1000;
+pub(super) const MAX_IN_VALUES: usize = 1000;
 
 /// A parsed XML element (attributes and children; text content only for `<value>`).
 #[derive(Debug, Clone)]
@@ -270,6 +270,8 @@ pub struct Condition {
 pub enum Filter {
     And(Vec<Filter>),
     Or(Vec<Filter>),
+    /// OData's `not`; FetchXML has no negation of a group.
+    Not(Box<Filter>),
     Condition(Condition),
 }
 
@@ -358,19 +360,11 @@ fn parse_filter(element: &Element, now: DateTime<Utc>, conditions: &mut usize) -
 }
 
 fn parse_condition(element: &Element, now: DateTime<Utc>) -> Result<Condition, String> {
-    let t = table();
     let attribute = element.attr("attribute").ok_or("<condition> needs an attribute")?;
     if element.attr("entityname").is_some() {
         return Err("conditions on linked entities are not supported".into());
     }
-    let column_index = t
-        .index_of(attribute)
-        .filter(|&i| t.columns[i].stored)
-        .ok_or_else(|| format!("'{}' is not a column of {}", truncate(attribute), t.logical_name))?;
-    let column = &t.columns[column_index];
     let op_text = element.attr("operator").ok_or("<condition> needs an operator")?;
-    let operator =
-        Operator::parse(op_text).ok_or_else(|| format!("operator '{}' is not supported", truncate(op_text)))?;
     let mut raw: Vec<String> = element.attr("value").map(|v| vec![v.to_owned()]).unwrap_or_default();
     for child in &element.children {
         if child.name != "value" {
@@ -378,6 +372,25 @@ fn parse_condition(element: &Element, now: DateTime<Utc>) -> Result<Condition, S
         }
         raw.push(child.text.clone());
     }
+    condition_of(attribute, op_text, raw, now)
+}
+
+/// One condition: a column, a FetchXML operator and its raw values, typed
+/// and checked against the column (shared with OData's query functions).
+pub(super) fn condition_of(
+    attribute: &str,
+    op_text: &str,
+    raw: Vec<String>,
+    now: DateTime<Utc>,
+) -> Result<Condition, String> {
+    let t = table();
+    let column_index = t
+        .index_of(attribute)
+        .filter(|&i| t.columns[i].stored)
+        .ok_or_else(|| format!("'{}' is not a column of {}", truncate(attribute), t.logical_name))?;
+    let column = &t.columns[column_index];
+    let operator =
+        Operator::parse(op_text).ok_or_else(|| format!("operator '{}' is not supported", truncate(op_text)))?;
     let datetime = column.column_type == ColumnType::Datetime;
     let text = column.column_type.is_text();
     let type_name = format!("{:?}", column.column_type).to_lowercase();
@@ -500,6 +513,7 @@ impl Criteria {
             match f {
                 Filter::And(parts) if parts.is_empty() => true,
                 Filter::And(parts) | Filter::Or(parts) => parts.iter().any(walk),
+                Filter::Not(inner) => walk(inner),
                 Filter::Condition(_) => false,
             }
         }
@@ -514,6 +528,15 @@ impl Criteria {
                 Filter::And(parts) => parts.iter().all(always),
                 // An empty `or` is false, not true.
                 Filter::Or(parts) => parts.iter().any(always),
+                Filter::Not(inner) => never(inner),
+                Filter::Condition(_) => false,
+            }
+        }
+        fn never(f: &Filter) -> bool {
+            match f {
+                Filter::And(parts) => parts.iter().any(never),
+                Filter::Or(parts) => parts.iter().all(never),
+                Filter::Not(inner) => always(inner),
                 Filter::Condition(_) => false,
             }
         }
@@ -571,6 +594,11 @@ fn compile_filter(f: &Filter, dialect: Dialect, first: usize, p: &mut Predicate)
             }
             p.sql.push(')');
         }
+        Filter::Not(inner) => {
+            p.sql.push_str("NOT (");
+            compile_filter(inner, dialect, first, p);
+            p.sql.push(')');
+        }
         Filter::Condition(c) => {
             let column = &table().columns[c.column].logical_name;
             let bind = |p: &mut Predicate, v: &Param| {
@@ -610,7 +638,12 @@ fn compile_filter(f: &Filter, dialect: Dialect, first: usize, p: &mut Predicate)
                         _ => "=",
                     };
                     let ph = bind(p, &c.values[0]);
-                    format!("{column} {sql_op} {ph}")
+                    if matches!(c.operator, Operator::Like | Operator::NotLike) {
+                        // One escape character on both databases (SQLite has none by default).
+                        format!("{column} {sql_op} {ph} ESCAPE '\\'")
+                    } else {
+                        format!("{column} {sql_op} {ph}")
+                    }
                 }
             };
             p.sql.push_str(&sql);
@@ -677,8 +710,8 @@ mod tests {
             ("importsequencenumber", "le", "5", "importsequencenumber <= ?3"),
             ("importsequencenumber", "gt", "5", "importsequencenumber > ?3"),
             ("importsequencenumber", "ge", "5", "importsequencenumber >= ?3"),
-            ("msdyn_name", "like", "Thumbs%", "msdyn_name LIKE ?3"),
-            ("msdyn_name", "not-like", "Thumbs%", "msdyn_name NOT LIKE ?3"),
+            ("msdyn_name", "like", "Thumbs%", "msdyn_name LIKE ?3 ESCAPE '\\'"),
+            ("msdyn_name", "not-like", "Thumbs%", "msdyn_name NOT LIKE ?3 ESCAPE '\\'"),
             ("createdon", "on-or-before", "2024-01-31", "createdon < ?3"),
             ("createdon", "on-or-after", "2024-01-01", "createdon >= ?3"),
             ("createdon", "olderthan-x-days", "30", "createdon < ?3"),

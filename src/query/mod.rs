@@ -3,4 +3,5 @@
 //! in either dialect.
 
 pub mod fetchxml;
+pub mod odata;
 pub mod page;

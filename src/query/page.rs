@@ -43,7 +43,7 @@ pub struct PageQuery {
 }
 
 /// Whether rows can be ordered by this column: it always has a value.
-fn orderable(index: usize) -> bool {
+pub(super) fn orderable(index: usize) -> bool {
     let t = table();
     let c = &t.columns[index];
     c.stored
@@ -143,7 +143,7 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;").replace('\'', "&apos;")
 }
 
-fn parse_cookie(cookie: &str, order: &[Order]) -> Result<Vec<Param>, String> {
+pub(super) fn parse_cookie(cookie: &str, order: &[Order]) -> Result<Vec<Param>, String> {
     if cookie.len() > MAX_DOCUMENT_BYTES {
         return Err("paging-cookie is too long".into());
     }

@@ -1,0 +1,130 @@
+//! `[api]`: the Dataverse-compatible Web API (SPEC §8) and its checks.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// How a request proves who it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// `Authorization: Bearer <token>` whose SHA-256 is one of `api.tokens`.
+    #[default]
+    Token,
+    /// No authentication, every request may do everything: only on a
+    /// loopback address, for local development.
+    None,
+}
+
+/// What a caller may do; each role includes the ones before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Retrieve, RetrieveMultiple, metadata.
+    Read,
+    /// Create, Update, Upsert, Delete, SetState.
+    Write,
+    /// The destructive bulk messages: Retain, BulkRetain, RollbackRetain,
+    /// PurgeRetainedContent, BulkDelete.
+    Retention,
+}
+
+/// One static bearer token: only its SHA-256 is configured, so the
+/// configuration file never holds the token itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiToken {
+    /// Lower-case hex SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`).
+    pub sha256: String,
+    pub role: Role,
+    /// Who the token belongs to, shown by `WhoAmI` and in logs.
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// `host:port`; empty = the Web API is off.
+    pub listen: String,
+    /// PEM certificate chain and private key: with both, the API serves https.
+    pub cert_file: String,
+    pub key_file: String,
+    pub auth: AuthMode,
+    pub tokens: Vec<ApiToken>,
+    /// Largest request body (a CreateMultiple of 1,000 typical records is ~1 MiB).
+    pub max_body_bytes: usize,
+    /// Connections served at once; the rest wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Longest one request may take, answer included.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: String::new(),
+            cert_file: String::new(),
+            key_file: String::new(),
+            auth: AuthMode::Token,
+            tokens: Vec::new(),
+            max_body_bytes: 16 * 1024 * 1024,
+            max_connections: 256,
+            request_timeout_ms: 120_000,
+        }
+    }
+}
+
+impl ApiConfig {
+    pub fn is_enabled(&self) -> bool {
+        !self.listen.trim().is_empty()
+    }
+
+    pub fn tls(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
+
+    pub(super) fn check(&self, errors: &mut Vec<String>) {
+        if !self.is_enabled() {
+            return;
+        }
+        let address = self.listen.parse::<SocketAddr>();
+        match &address {
+            Err(_) => errors.push(format!("api.listen: '{}' is not an address like 127.0.0.1:8443", self.listen)),
+            Ok(a) if self.auth == AuthMode::None && !a.ip().is_loopback() => errors.push(format!(
+                "api.auth: \"none\" is refused on {a}: it lets anyone reach the table; listen on 127.0.0.1 or use tokens"
+            )),
+            Ok(_) => {}
+        }
+        if self.cert_file.is_empty() != self.key_file.is_empty() {
+            errors.push("api.cert_file, api.key_file: set both (https) or neither (http)".into());
+        }
+        for (key, path) in [("api.cert_file", &self.cert_file), ("api.key_file", &self.key_file)] {
+            if !path.is_empty() && !std::path::Path::new(path).is_file() {
+                errors.push(format!("{key}: '{path}' is not a readable file"));
+            }
+        }
+        if self.auth == AuthMode::Token && self.tokens.is_empty() {
+            errors.push(
+                "api.tokens: auth = \"token\" needs at least one [[api.tokens]] (sha256 of the token, role)".into(),
+            );
+        }
+        for (i, token) in self.tokens.iter().enumerate() {
+            let hex = token.sha256.len() == 64 && token.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !hex {
+                errors.push(format!(
+                    "api.tokens[{i}].sha256: must be the 64 hex digits of the token's SHA-256, not the token"
+                ));
+            }
+        }
+        if !(1024..=1_073_741_824).contains(&self.max_body_bytes) {
+            errors.push("api.max_body_bytes: must be between 1024 and 1073741824".into());
+        }
+        if !(1..=65_536).contains(&self.max_connections) {
+            errors.push("api.max_connections: must be between 1 and 65536".into());
+        }
+        if !(1000..=3_600_000).contains(&self.request_timeout_ms) {
+            errors.push("api.request_timeout_ms: must be between 1000 and 3600000".into());
+        }
+    }
+}
