@@ -12,6 +12,7 @@
 
 pub mod create_multiple;
 pub mod delete;
+pub mod parameters;
 pub mod retention;
 pub mod retrieve;
 pub mod retrieve_multiple;
