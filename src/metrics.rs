@@ -17,6 +17,7 @@ pub struct Metrics {
     pub end_to_end_seconds: Histogram,
     pub consumer_lag: IntGaugeVec,
     pub control_commands_total: IntCounterVec,
+    pub api_requests_total: IntCounterVec,
     pub retention_records_total: IntCounterVec,
     /// Dataverse sink: HTTP responses by status class and throttling (429).
     pub dataverse_responses_total: IntCounterVec,
@@ -59,6 +60,11 @@ impl Metrics {
             }
         }
         self.control_commands_total.with_label_values(&["invalid", crate::transport::control::Status::Rejected.name()]);
+        for method in ["GET", "POST", "PATCH", "DELETE"] {
+            for status in ["2xx", "4xx", "5xx"] {
+                self.api_requests_total.with_label_values(&[method, status]);
+            }
+        }
         for action in ["retained", "rolled_back", "purged"] {
             self.retention_records_total.with_label_values(&[action]);
         }
@@ -156,6 +162,12 @@ impl Metrics {
                 "Control commands handled, by message and status.",
                 &["message", "status"],
             ),
+            api_requests_total: counter(
+                &registry,
+                "copilot_ingest_api_requests_total",
+                "Web API requests answered, by method and status class (2xx, 4xx, 5xx).",
+                &["method", "status"],
+            ),
             retention_records_total: counter(
                 &registry,
                 "copilot_ingest_retention_records_total",
@@ -203,7 +215,7 @@ impl Metrics {
     /// Every metric name this process exports.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 16] = [
+        let collectors: [&dyn Collector; 17] = [
             &self.retention_records_total,
             &self.dataverse_responses_total,
             &self.dataverse_token_renewals_total,
@@ -219,6 +231,7 @@ impl Metrics {
             &self.end_to_end_seconds,
             &self.consumer_lag,
             &self.control_commands_total,
+            &self.api_requests_total,
             &self.build_info,
         ];
         collectors.iter().flat_map(|c| c.desc().into_iter().map(|d| d.fq_name.clone())).collect()

@@ -50,6 +50,38 @@ pub(crate) async fn start_http(
     }
 }
 
+/// Starts the Web API when `api.listen` is set, over the service's backend.
+pub(crate) async fn start_api(
+    config: &Config,
+    backend: &Arc<crate::backend::Backend>,
+    metrics: &Arc<Metrics>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    use crate::transport::webapi;
+    if !config.api.is_enabled() {
+        return Ok(None);
+    }
+    let tls = webapi::tls_acceptor(&config.api)?;
+    let listener = tokio::net::TcpListener::bind(&config.api.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("api.listen {}: {e}", config.api.listen))?;
+    let addr = listener.local_addr()?;
+    // The Web API refuses unknown properties whatever validation.unknown_fields
+    // says for Kafka events: Dataverse does.
+    let api = Arc::new(webapi::WebApi::new(
+        &config.api,
+        Arc::clone(backend),
+        crate::normalize::Normalizer::default(),
+        Arc::clone(metrics),
+    ));
+    let scheme = if config.api.tls() { "https" } else { "http" };
+    println!("Web API listening on {scheme}://{addr}/api/data/v9.2/ (auth: {:?})", config.api.auth);
+    let _ = std::io::stdout().flush();
+    tracing::info!(%addr, scheme, "Web API listening");
+    tokio::spawn(webapi::serve(listener, api, config.api.clone(), tls, shutdown.clone()));
+    Ok(Some(addr))
+}
+
 /// Starts the embedded broker when configured; returns it (to keep it alive) and the bootstrap list.
 pub(crate) fn brokers_for(config: &Config) -> anyhow::Result<(Option<EmbeddedBroker>, String)> {
     if config.kafka.is_embedded() {
@@ -89,6 +121,7 @@ pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
         tracing::info!("stopped while waiting for the sink; nothing was consumed");
         return Ok(EXIT_OK);
     };
+    start_api(&config, &backend, &metrics, &shutdown).await?;
     let control = tokio::spawn(crate::transport::control::consumer::supervised(
         crate::transport::control::consumer::run(
             config.clone(),

@@ -64,3 +64,42 @@ pub async fn write_batch(sink: &Backend, batch: Arc<Batch>, metrics: &Metrics) -
         .map(|o| o.unwrap_or(Outcome::Rejected(Rejection::new(Reason::SinkRejected, None, "no outcome"))))
         .collect()
 }
+
+/// CreateMultiple for a request/response transport (the Web API): the
+/// records, already validated, in one atomic write, one outcome each. A
+/// failing database is reported at once rather than retried: the caller
+/// retries (the ids make a retry a replay).
+pub async fn create_records(
+    sink: &Backend,
+    records: Vec<crate::record::Record>,
+    metrics: &Metrics,
+) -> Result<Vec<Outcome>, BackendError> {
+    use crate::batch::Entry;
+    use crate::transport::ingest::source::Inbound;
+    // Records that came from no Kafka message: partition and offset -1.
+    let batch: Arc<Batch> = Arc::new(
+        records
+            .into_iter()
+            .map(|record| Entry {
+                record,
+                message: Inbound {
+                    partition: -1,
+                    offset: -1,
+                    timestamp_ms: None,
+                    key: None,
+                    payload: None,
+                    headers: Vec::new(),
+                },
+            })
+            .collect(),
+    );
+    let indices: Vec<usize> = (0..batch.len()).collect();
+    let label = sink.kind();
+    let started = Instant::now();
+    let outcomes = sink.write(&batch, &indices).await;
+    metrics.sink_write_seconds.with_label_values(&[label]).observe(started.elapsed().as_secs_f64());
+    let outcomes = outcomes?;
+    let written = outcomes.iter().filter(|o| matches!(o, Outcome::Written)).count();
+    metrics.records_written_total.with_label_values(&[label]).inc_by(written as u64);
+    Ok(outcomes)
+}

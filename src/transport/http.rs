@@ -60,11 +60,44 @@ async fn serve_bounded(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     max_connections: usize,
 ) {
-    let app = router(metrics, readiness);
-    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let limits = Limits {
+        max_connections,
+        max_head_bytes: MAX_HEAD_BYTES,
+        head_timeout: HEAD_TIMEOUT,
+        connection_timeout: CONNECTION_TIMEOUT,
+        keep_alive: false,
+    };
+    serve_app(listener, router(metrics, readiness), None, limits, shutdown).await
+}
+
+/// The bounds of one listener.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; the rest wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Largest request head.
+    pub max_head_bytes: usize,
+    /// Time to send a request head (and, between requests, how long an idle
+    /// kept-alive connection is held), TLS handshake included.
+    pub head_timeout: Duration,
+    /// Longest a connection is kept, answers included.
+    pub connection_timeout: Duration,
+    pub keep_alive: bool,
+}
+
+/// Serves `app` on `listener` (https when `tls` is given) within `limits`
+/// until `shutdown` turns true; answers under way then finish.
+pub async fn serve_app(
+    listener: TcpListener,
+    app: axum::Router,
+    tls: Option<Arc<openssl::ssl::SslAcceptor>>,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     let mut accept_backoff = Duration::from_millis(10);
     loop {
@@ -85,7 +118,7 @@ async fn serve_bounded(
                 }
                 Err(e) => {
                     // e.g. out of file descriptors: wait instead of spinning.
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed; backing off");
+                    tracing::warn!(error = %e, "HTTP listener: accept failed; backing off");
                     tokio::time::sleep(accept_backoff).await;
                     accept_backoff = (accept_backoff * 2).min(Duration::from_secs(1));
                     continue;
@@ -94,19 +127,45 @@ async fn serve_bounded(
         };
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
-            .header_read_timeout(HEAD_TIMEOUT)
-            .max_buf_size(MAX_HEAD_BYTES)
-            .keep_alive(false);
-        let connection = http.serve_connection(
-            hyper_util::rt::TokioIo::new(stream),
-            hyper_util::service::TowerToHyperService::new(app.clone()),
-        );
-        let connection = connections.watch(connection);
-        tokio::spawn(async move {
-            let _permit = permit;
-            // A client that reads its answer slowly is cut off as well.
-            let _ = tokio::time::timeout(CONNECTION_TIMEOUT, connection).await;
-        });
+            .header_read_timeout(limits.head_timeout)
+            .max_buf_size(limits.max_head_bytes.max(8192))
+            .keep_alive(limits.keep_alive);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        match &tls {
+            None => {
+                let connection =
+                    connections.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    // A client that reads its answer slowly is cut off as well.
+                    let _ = tokio::time::timeout(limits.connection_timeout, connection).await;
+                });
+            }
+            Some(acceptor) => {
+                let Ok(stream) = openssl::ssl::Ssl::new(acceptor.context())
+                    .and_then(|ssl| tokio_openssl::SslStream::new(ssl, stream))
+                else {
+                    continue;
+                };
+                // The handshake runs in the connection's task, bounded like a request head.
+                let mut stream = Box::pin(stream);
+                let watcher = connections.watcher();
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(limits.head_timeout, stream.as_mut().accept()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                    let connection =
+                        watcher.watch(http.serve_connection(hyper_util::rt::TokioIo::new(stream), service));
+                    let _ = tokio::time::timeout(limits.connection_timeout, connection).await;
+                });
+            }
+        }
     }
     // Answers being written finish; the rest are dropped after a moment.
     let _ = tokio::time::timeout(Duration::from_secs(2), connections.shutdown()).await;
