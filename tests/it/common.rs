@@ -43,6 +43,11 @@ impl Service {
         Service(Some(command.spawn().unwrap_or_else(|e| panic!("starting {command:?}: {e}"))))
     }
 
+    /// Takes over a process started by the caller (e.g. with its stdout piped).
+    pub fn from_child(child: std::process::Child) -> Service {
+        Service(Some(child))
+    }
+
     pub fn id(&self) -> u32 {
         self.0.as_ref().map(std::process::Child::id).unwrap_or(0)
     }

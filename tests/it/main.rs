@@ -12,3 +12,4 @@ mod messages;
 mod observability;
 mod pipeline;
 mod postgres_tls;
+mod webapi;

@@ -1,0 +1,249 @@
+//! The Web API driven by the two real Dataverse client libraries, installed
+//! unmodified: Microsoft's Python SDK (`PowerPlatform-Dataverse-Client`, over
+//! https with a local CA, as it requires) and DynamicsWebApi (npm
+//! `dynamics-web-api`), against the built binary on SQLite and PostgreSQL
+//! while the Kafka pipeline keeps ingesting. The scripts in `tests/clients/`
+//! assert each answer; this test then checks the table itself and replays
+//! the topic to prove a deleted record stays deleted.
+//!
+//! `.ci/run` installs both clients; without them this test fails under
+//! `CI=true` and is skipped elsewhere.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::control::{query_i64, query_text, sink_urls};
+use crate::common::*;
+
+fn repository() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python interpreter with the SDK installed, and node with DynamicsWebApi.
+fn clients() -> Option<(PathBuf, PathBuf)> {
+    let python = std::env::var_os("COPILOT_INGEST_DATAVERSE_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("copilot-ingest-dataverse-venv/bin/python"));
+    let python_ok = Command::new(&python)
+        .args(["-c", "import PowerPlatform.Dataverse"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let node_modules = repository().join("tests/clients/node_modules/dynamics-web-api");
+    let node_ok = node_modules.is_dir()
+        && Command::new("node").arg("--version").stdout(Stdio::null()).status().is_ok_and(|s| s.success());
+    if python_ok && node_ok {
+        return Some((python, PathBuf::from("node")));
+    }
+    let why = format!(
+        "the Dataverse clients are not installed (python {} with PowerPlatform-Dataverse-Client: {python_ok}; \
+         node with tests/clients/node_modules/dynamics-web-api: {node_ok}); .ci/run installs them",
+        python.display()
+    );
+    assert!(std::env::var("CI").is_err(), "{why}");
+    eprintln!("SKIPPED: {why}");
+    None
+}
+
+/// A CA-less self-signed certificate for 127.0.0.1 (urllib3 2 needs the SAN).
+fn certificate(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let status = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl");
+    assert!(status.success(), "openssl req failed");
+    (cert, key)
+}
+
+fn sha256_hex(token: &str) -> String {
+    Sha256::digest(token.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+struct Tokens {
+    read: String,
+    write: String,
+    retention: String,
+}
+
+fn config_file(dir: &Path, cert: &Path, key: &Path, tokens: &Tokens) -> PathBuf {
+    let mut text = format!(
+        "[api]\nlisten = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    for (token, role) in [(&tokens.read, "read"), (&tokens.write, "write"), (&tokens.retention, "retention")] {
+        text.push_str(&format!(
+            "[[api.tokens]]\nsha256 = \"{}\"\nrole = \"{role}\"\nname = \"{role}\"\n",
+            sha256_hex(token)
+        ));
+    }
+    let path = dir.join("copilot-ingest.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts the service and returns it with the Web API's `https://host:port`.
+fn start(kafka: &TestKafka, url: &str, config: &Path) -> (Service, String) {
+    let mut command = kafka.run_binary(url);
+    command.arg("--config").arg(config).stdout(Stdio::piped());
+    let mut child = command.spawn().expect("the service starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(rest) = line.strip_prefix("Web API listening on ") {
+                let _ = tx.send(rest.split("/api/").next().unwrap_or_default().to_owned());
+            }
+        }
+    });
+    let server = rx.recv_timeout(Duration::from_secs(60)).expect("the Web API listens");
+    (Service::from_child(child), server)
+}
+
+fn run_client(mut command: Command, what: &str) -> serde_json::Value {
+    let output = command.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{what} failed\n--- stdout\n{stdout}\n--- stderr\n{stderr}");
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{what}: the last line is not the summary ({e}): {last}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_sdk_and_dynamics_web_api_work_unmodified_on_both_sinks() {
+    let Some((python, node)) = clients() else { return };
+    let (urls, _db, dir) = sink_urls().await;
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = certificate(&dir);
+    let tokens = Tokens {
+        read: format!("read-{}", uuid::Uuid::new_v4()),
+        write: format!("write-{}", uuid::Uuid::new_v4()),
+        retention: format!("retention-{}", uuid::Uuid::new_v4()),
+    };
+    let config = config_file(&dir, &cert, &key, &tokens);
+    for url in urls {
+        const EVENTS: i64 = 2000;
+        let kafka = TestKafka::new(2);
+        let first_wave = Workload::generate(71, EVENTS as usize, 0.0);
+        kafka.produce(&first_wave.messages).await;
+        let (service, server) = start(&kafka, &url, &config);
+        let rows = || {
+            let url = url.clone();
+            async move { query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction").await }
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while rows().await < EVENTS {
+            assert!(std::time::Instant::now() < deadline, "the first wave was not ingested");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let ingested = query_text(
+            &url,
+            "SELECT msdyn_copilotinteractionid FROM msdyn_copilotinteraction ORDER BY createdon LIMIT 1",
+        )
+        .await;
+        // A second wave arrives while the clients page through the table.
+        let second_wave = Workload::generate(72, EVENTS as usize, 0.0);
+        let producing = {
+            let messages = second_wave.messages.clone();
+            let bootstrap = kafka.bootstrap.clone();
+            let topic = kafka.config.kafka.topic.clone();
+            tokio::spawn(async move { produce_slowly(&bootstrap, &topic, &messages).await })
+        };
+
+        let py_tag = format!("py{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut py = Command::new(&python);
+        py.arg(repository().join("tests/clients/python_sdk.py"))
+            .args([&server, &tokens.write, &tokens.read, &py_tag])
+            .env("REQUESTS_CA_BUNDLE", &cert);
+        let python_summary = run_client(py, "the Python SDK script");
+        assert_eq!(python_summary["paged_ids"], python_summary["paged_distinct"], "a page repeated a row");
+        assert!(python_summary["paged_ids"].as_i64().unwrap() >= EVENTS, "{python_summary}");
+
+        let js_tag = format!("js{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        let mut js = Command::new(&node);
+        js.arg(repository().join("tests/clients/dynamics_web_api.js"))
+            .args([&server, &tokens.write, &tokens.retention, &js_tag, &ingested])
+            .env("NODE_EXTRA_CA_CERTS", &cert)
+            .env_remove("http_proxy")
+            .env_remove("https_proxy");
+        let js_summary = run_client(js, "the DynamicsWebApi script");
+        producing.await.unwrap();
+
+        // What the clients did is in the table.
+        let value = |sql: String| {
+            let url = url.clone();
+            async move { query_i64(&url, &sql).await }
+        };
+        let id_is = |id: &serde_json::Value| format!("msdyn_copilotinteractionid = '{}'", id.as_str().unwrap());
+        let py_first = id_is(&python_summary["first"]);
+        assert_eq!(
+            query_text(&url, &format!("SELECT msdyn_name FROM msdyn_copilotinteraction WHERE {py_first}")).await,
+            format!("{py_tag}-0-updated")
+        );
+        for deleted in [&python_summary["deleted"], &js_summary["deleted"]] {
+            assert_eq!(
+                value(format!("SELECT count(*) FROM msdyn_copilotinteraction WHERE {}", id_is(deleted))).await,
+                0
+            );
+            assert_eq!(
+                value(format!("SELECT count(*) FROM msdyn_copilotinteraction_tombstone WHERE {}", id_is(deleted)))
+                    .await,
+                1
+            );
+        }
+        let retained = id_is(&js_summary["retained"]);
+        assert_eq!(
+            value(format!("SELECT CAST(msft_datastate AS BIGINT) FROM msdyn_copilotinteraction WHERE {retained}"))
+                .await,
+            1
+        );
+
+        // Replaying the first wave brings back nothing that was deleted.
+        kafka.produce(&first_wave.messages).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while kafka.committed() != kafka.log_end() {
+            assert!(std::time::Instant::now() < deadline, "the replay was not consumed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let ingested_is = format!("msdyn_copilotinteractionid = '{ingested}'");
+        assert_eq!(value(format!("SELECT count(*) FROM msdyn_copilotinteraction WHERE {ingested_is}")).await, 0);
+        assert_eq!(
+            value(format!("SELECT count(*) FROM msdyn_copilotinteraction_tombstone WHERE {ingested_is}")).await,
+            1
+        );
+        // Both waves, less the deleted one, plus what the clients created and kept.
+        let from_kafka =
+            value("SELECT count(*) FROM msdyn_copilotinteraction WHERE ingest_partition >= 0".to_owned()).await;
+        assert_eq!(from_kafka, 2 * EVENTS - 1);
+        service.terminate();
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Publishes over about ten seconds, so ingestion runs while the clients page.
+async fn produce_slowly(bootstrap: &str, topic: &str, messages: &[(String, Vec<u8>)]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer =
+        rdkafka::ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("producer");
+    for chunk in messages.chunks(100) {
+        for (key, value) in chunk {
+            producer
+                .send(FutureRecord::to(topic).key(key).payload(value), Duration::from_secs(10))
+                .await
+                .expect("produced");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
