@@ -128,3 +128,42 @@ impl ApiConfig {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn problems(toml: &str) -> Vec<String> {
+        Config::from_sources(Some(toml), &[]).err().map(|e| e.0).unwrap_or_default()
+    }
+
+    #[test]
+    fn the_api_refuses_unsafe_settings() {
+        let digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+        // Off unless listen is set: nothing else is checked then.
+        assert!(problems("[api]\nauth = \"none\"\n").is_empty());
+        let open = problems("[api]\nlisten = \"0.0.0.0:8443\"\nauth = \"none\"\n");
+        assert!(open.iter().any(|p| p.starts_with("api.auth: \"none\" is refused on 0.0.0.0:8443")), "{open:?}");
+        assert!(problems("[api]\nlisten = \"127.0.0.1:8443\"\nauth = \"none\"\n").is_empty());
+        let no_tokens = problems("[api]\nlisten = \"127.0.0.1:8443\"\n");
+        assert!(no_tokens.iter().any(|p| p.starts_with("api.tokens:")), "{no_tokens:?}");
+        let plain = problems(
+            "[api]\nlisten = \"127.0.0.1:8443\"\n[[api.tokens]]\nsha256 = \"my-secret-token\"\nrole = \"read\"\n",
+        );
+        assert!(plain.iter().any(|p| p.contains("not the token")), "{plain:?}");
+        assert!(!plain.iter().any(|p| p.contains("my-secret-token")), "a token is never echoed: {plain:?}");
+        let half_tls = problems(&format!(
+            "[api]\nlisten = \"127.0.0.1:8443\"\ncert_file = \"/nonexistent.pem\"\n[[api.tokens]]\nsha256 = \"{digest}\"\nrole = \"write\"\n"
+        ));
+        assert!(half_tls.iter().any(|p| p.contains("set both")), "{half_tls:?}");
+        assert!(half_tls.iter().any(|p| p.contains("not a readable file")), "{half_tls:?}");
+        let role = problems(&format!(
+            "[api]\nlisten = \"127.0.0.1:8443\"\n[[api.tokens]]\nsha256 = \"{digest}\"\nrole = \"admin\"\n"
+        ));
+        assert!(role.iter().any(|p| p.starts_with("api.tokens")), "{role:?}");
+        let good = format!(
+            "[api]\nlisten = \"127.0.0.1:8443\"\n[[api.tokens]]\nsha256 = \"{digest}\"\nrole = \"retention\"\n"
+        );
+        assert!(problems(&good).is_empty(), "{:?}", problems(&good));
+    }
+}
