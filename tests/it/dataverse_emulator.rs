@@ -37,6 +37,8 @@ pub struct Behaviour {
     /// Column limits of this environment (a customized or older schema).
     pub max_name_length: usize,
     pub refused_interaction_types: Vec<i64>,
+    /// Issue this access token every time (another service checks it by its digest).
+    pub fixed_token: Option<String>,
 }
 
 impl Default for Behaviour {
@@ -52,6 +54,7 @@ impl Default for Behaviour {
             lose_response_next: 0,
             max_name_length: 100,
             refused_interaction_types: Vec::new(),
+            fixed_token: None,
         }
     }
 }
@@ -334,7 +337,11 @@ fn token(request: &Request, state: &Mutex<State>) -> Answer {
         return answer(400, json!({"error": "invalid_scope", "error_description": "AADSTS1002012"}));
     }
     s.issued += 1;
-    let value = format!("token-{}-{}", s.issued, uuid::Uuid::new_v4().simple());
+    let value = s
+        .behaviour
+        .fixed_token
+        .clone()
+        .unwrap_or_else(|| format!("token-{}-{}", s.issued, uuid::Uuid::new_v4().simple()));
     let lifetime = s.behaviour.token_lifetime;
     s.tokens.insert(value.clone(), Instant::now() + lifetime);
     answer(

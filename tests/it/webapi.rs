@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 
 use super::control::{query_i64, query_text, sink_urls};
 use crate::common::*;
+use crate::dataverse_emulator::{Behaviour, CLIENT_ID, CLIENT_SECRET, Emulator, TENANT};
 
 fn repository() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -246,4 +247,63 @@ async fn produce_slowly(bootstrap: &str, topic: &str, messages: &[(String, Vec<u
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// copilot-ingest A's Dataverse sink writing into copilot-ingest B's Web API
+/// (the emulator only issues A's token, which B knows by its digest): every
+/// valid event one row in B, every invalid one dead-lettered by A, a full
+/// replay by a fresh consumer group adds nothing and conflicts with nothing
+/// (B answers a re-create of identical content as success, so A counts those
+/// as written rather than as replays). Both sides of the Dataverse protocol,
+/// ours against ours.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataverse_sink_writes_into_another_instances_web_api() {
+    const LONG: Duration = Duration::from_secs(120);
+    let (dir, url) = temp_sqlite();
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = format!("a-to-b-{}", uuid::Uuid::new_v4());
+    let config = dir.join("b.toml");
+    std::fs::write(
+        &config,
+        format!("[api]\nlisten = \"127.0.0.1:0\"\n[[api.tokens]]\nsha256 = \"{}\"\nrole = \"write\"\nname = \"instance A\"\n", sha256_hex(&token)),
+    )
+    .unwrap();
+    let b_kafka = TestKafka::new(1);
+    let (b, server) = start(&b_kafka, &url, &config);
+
+    let emulator = Emulator::start(Behaviour { fixed_token: Some(token), ..Behaviour::default() });
+    let kafka = TestKafka::new(2);
+    let mut a = kafka.config_with_sink("dataverse://contoso.crm.dynamics.com");
+    a.sink.dataverse.tenant_id = TENANT.into();
+    a.sink.dataverse.client_id = CLIENT_ID.into();
+    a.sink.dataverse.client_secret = copilot_ingest::config::Secret::new(CLIENT_SECRET);
+    a.sink.dataverse.authority = emulator.url.clone();
+    a.sink.dataverse.api_url = server;
+    a.batch.max_records = 100;
+    let workload = Workload::generate(91, 1500, 0.1);
+    let pipeline = RunningPipeline::start(a.clone());
+    kafka.produce(&workload.messages).await;
+    pipeline.wait_handled(workload.messages.len() as u64, LONG).await;
+    let metrics = std::sync::Arc::clone(&pipeline.metrics);
+    pipeline.stop().await;
+    let rows = query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction").await;
+    assert_eq!(rows, workload.valid() as i64, "every valid event is exactly one row in B");
+    assert_eq!(kafka.read_dlq(workload.invalid()).len(), workload.invalid());
+    assert_eq!(kafka.committed(), kafka.log_end());
+    assert_eq!(metrics.dlq_events_total.with_label_values(&["duplicate_id_conflict"]).get(), 0);
+    assert_eq!(metrics.dlq_events_total.with_label_values(&["sink_rejected"]).get(), 0, "B refused what A accepted");
+
+    let mut replay = a.clone();
+    replay.kafka.group_id = unique("replay");
+    let pipeline = RunningPipeline::start(replay);
+    pipeline.wait_handled(workload.messages.len() as u64, LONG).await;
+    let metrics = std::sync::Arc::clone(&pipeline.metrics);
+    pipeline.stop().await;
+    assert_eq!(query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction").await, workload.valid() as i64);
+    let settled = metrics.records_skipped_total.with_label_values(&["replay"]).get()
+        + copilot_ingest::metrics::Metrics::total(&metrics.records_written_total);
+    assert_eq!(settled, workload.valid() as u64);
+    assert_eq!(metrics.dlq_events_total.with_label_values(&["duplicate_id_conflict"]).get(), 0);
+    b.terminate();
+    let _ = std::fs::remove_dir_all(dir);
 }
