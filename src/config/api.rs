@@ -58,6 +58,9 @@ pub struct ApiConfig {
     pub max_connections: usize,
     /// Longest one request may take, answer included.
     pub request_timeout_ms: u64,
+    /// Requests executed at once; more are answered 429 with `Retry-After`
+    /// rather than queued, so a burst cannot pile up work or memory.
+    pub max_requests_in_flight: usize,
 }
 
 impl Default for ApiConfig {
@@ -71,6 +74,7 @@ impl Default for ApiConfig {
             max_body_bytes: 16 * 1024 * 1024,
             max_connections: 256,
             request_timeout_ms: 120_000,
+            max_requests_in_flight: 64,
         }
     }
 }
@@ -122,6 +126,9 @@ impl ApiConfig {
         }
         if !(1..=65_536).contains(&self.max_connections) {
             errors.push("api.max_connections: must be between 1 and 65536".into());
+        }
+        if !(1..=65_536).contains(&self.max_requests_in_flight) {
+            errors.push("api.max_requests_in_flight: must be between 1 and 65536".into());
         }
         if !(1000..=3_600_000).contains(&self.request_timeout_ms) {
             errors.push("api.request_timeout_ms: must be between 1000 and 3600000".into());

@@ -13,6 +13,7 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("api.listen", "the Dataverse-compatible Web API, e.g. 127.0.0.1:8443; empty = off"),
     ("api.max_body_bytes", "largest request body"),
     ("api.max_connections", "connections served at once; more wait in the backlog"),
+    ("api.max_requests_in_flight", "requests executed at once; more are answered 429 with Retry-After"),
     ("api.request_timeout_ms", "longest one request may take"),
     (
         "api.tokens",

@@ -50,6 +50,8 @@ pub struct WebApi {
     pub max_body_bytes: usize,
     pub request_timeout: Duration,
     pub https: bool,
+    /// Requests being executed; none left means 429.
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl WebApi {
@@ -62,6 +64,7 @@ impl WebApi {
             max_body_bytes: config.max_body_bytes,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             https: config.tls(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
         }
     }
 }
@@ -111,14 +114,26 @@ pub async fn serve(
 async fn handle(api: &WebApi, request: axum::extract::Request) -> Response {
     let method = request.method().clone();
     let started = std::time::Instant::now();
-    let response = match tokio::time::timeout(api.request_timeout, answer(api, request)).await {
-        Ok(response) => response,
-        Err(_) => ApiError::new(
-            StatusCode::GATEWAY_TIMEOUT,
-            error::UNEXPECTED,
-            format!("the request took longer than {} s", api.request_timeout.as_secs()),
-        )
+    let response = match Arc::clone(&api.in_flight).try_acquire_owned() {
+        // Shed load instead of queueing it: the client is told when to come back.
+        Err(_) => ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                error::THROTTLED,
+                "too many requests are being served; retry after the time in Retry-After",
+            )
+        }
         .into_response(),
+        Ok(_permit) => match tokio::time::timeout(api.request_timeout, answer(api, request)).await {
+            Ok(response) => response,
+            Err(_) => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                error::UNEXPECTED,
+                format!("the request took longer than {} s", api.request_timeout.as_secs()),
+            )
+            .into_response(),
+        },
     };
     let class = match response.status().as_u16() {
         200..=399 => "2xx",
@@ -216,4 +231,35 @@ pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
     );
     headers.insert("OData-Version", axum::http::HeaderValue::from_static("4.0"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Past `max_requests_in_flight`, requests are answered 429 with
+    /// Retry-After in Dataverse's error shape; a freed slot serves again.
+    #[tokio::test]
+    async fn requests_beyond_the_limit_are_shed_with_retry_after() {
+        let dir = std::env::temp_dir().join(format!("copilot-ingest-shed-{}", uuid::Uuid::new_v4().simple()));
+        let metrics = Arc::new(Metrics::new());
+        let url = crate::config::SinkUrl::Sqlite(dir.join("t.db"));
+        let backend = Arc::new(Backend::open(&url, "t", 1, &metrics).await.unwrap());
+        let config =
+            ApiConfig { auth: crate::config::AuthMode::None, max_requests_in_flight: 1, ..ApiConfig::default() };
+        let api = WebApi::new(&config, backend, Normalizer::default(), Arc::clone(&metrics));
+        let request =
+            || axum::http::Request::get("/api/data/v9.2/WhoAmI()").header("Host", "h").body(Body::empty()).unwrap();
+        let held = Arc::clone(&api.in_flight).try_acquire_owned().unwrap();
+        let shed = handle(&api, request()).await;
+        assert_eq!(shed.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(shed.headers().get("Retry-After").unwrap(), "1");
+        let body = axum::body::to_bytes(shed.into_body(), 4096).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], error::THROTTLED);
+        drop(held);
+        assert_eq!(handle(&api, request()).await.status(), StatusCode::OK);
+        assert_eq!(metrics.api_requests_total.with_label_values(&["GET", "4xx"]).get(), 1);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
