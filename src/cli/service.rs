@@ -73,7 +73,7 @@ pub(crate) async fn start_api(
         Arc::clone(backend),
         crate::normalize::Normalizer::default(),
         Arc::clone(metrics),
-    ));
+    )?);
     let scheme = if config.api.tls() { "https" } else { "http" };
     println!("Web API listening on {scheme}://{addr}/api/data/v9.2/ (auth: {:?})", config.api.auth);
     let _ = std::io::stdout().flush();

@@ -11,6 +11,9 @@ pub enum AuthMode {
     /// `Authorization: Bearer <token>` whose SHA-256 is one of `api.tokens`.
     #[default]
     Token,
+    /// `Authorization: Bearer <JWT>` signed (RS256) by the `[api.jwt]`
+    /// issuer's keys, e.g. an Entra ID access token; the role from its `roles` claim.
+    Jwt,
     /// No authentication, every request may do everything: only on a
     /// loopback address, for local development.
     None,
@@ -42,6 +45,26 @@ pub struct ApiToken {
     pub name: String,
 }
 
+/// The OpenID issuer whose access tokens the Web API accepts (`auth = "jwt"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtConfig {
+    /// The `iss` claim, e.g. `https://login.microsoftonline.com/<tenant>/v2.0`.
+    pub issuer: String,
+    /// The `aud` claim: this API's application id URI or client id.
+    pub audience: String,
+    /// The issuer's signing keys, e.g. `https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys`.
+    pub jwks_url: String,
+    /// Clock skew allowed on `exp` and `nbf`.
+    pub leeway_seconds: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig { issuer: String::new(), audience: String::new(), jwks_url: String::new(), leeway_seconds: 60 }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
@@ -52,6 +75,7 @@ pub struct ApiConfig {
     pub key_file: String,
     pub auth: AuthMode,
     pub tokens: Vec<ApiToken>,
+    pub jwt: JwtConfig,
     /// Largest request body (a CreateMultiple of 1,000 typical records is ~1 MiB).
     pub max_body_bytes: usize,
     /// Connections served at once; the rest wait in the kernel's backlog.
@@ -71,6 +95,7 @@ impl Default for ApiConfig {
             key_file: String::new(),
             auth: AuthMode::Token,
             tokens: Vec::new(),
+            jwt: JwtConfig::default(),
             max_body_bytes: 16 * 1024 * 1024,
             max_connections: 256,
             request_timeout_ms: 120_000,
@@ -112,6 +137,21 @@ impl ApiConfig {
             errors.push(
                 "api.tokens: auth = \"token\" needs at least one [[api.tokens]] (sha256 of the token, role)".into(),
             );
+        }
+        if self.auth == AuthMode::Jwt {
+            for (key, value) in
+                [("issuer", &self.jwt.issuer), ("audience", &self.jwt.audience), ("jwks_url", &self.jwt.jwks_url)]
+            {
+                if value.trim().is_empty() {
+                    errors.push(format!("api.jwt.{key}: required with auth = \"jwt\""));
+                }
+            }
+            if !self.jwt.jwks_url.is_empty() && crate::http_client::Endpoint::parse(&self.jwt.jwks_url).is_err() {
+                errors.push(format!("api.jwt.jwks_url: '{}' is not an http(s) URL", self.jwt.jwks_url));
+            }
+            if self.jwt.leeway_seconds > 600 {
+                errors.push("api.jwt.leeway_seconds: must be at most 600".into());
+            }
         }
         for (i, token) in self.tokens.iter().enumerate() {
             let hex = token.sha256.len() == 64 && token.sha256.bytes().all(|b| b.is_ascii_hexdigit());
@@ -168,6 +208,12 @@ mod tests {
             "[api]\nlisten = \"127.0.0.1:8443\"\n[[api.tokens]]\nsha256 = \"{digest}\"\nrole = \"admin\"\n"
         ));
         assert!(role.iter().any(|p| p.starts_with("api.tokens")), "{role:?}");
+        let jwt = problems("[api]\nlisten = \"127.0.0.1:8443\"\nauth = \"jwt\"\n[api.jwt]\njwks_url = \"ftp://x\"\n");
+        for key in ["api.jwt.issuer", "api.jwt.audience", "api.jwt.jwks_url"] {
+            assert!(jwt.iter().any(|p| p.starts_with(key)), "{key}: {jwt:?}");
+        }
+        let entra = "[api]\nlisten = \"0.0.0.0:8443\"\nauth = \"jwt\"\n[api.jwt]\nissuer = \"https://login.microsoftonline.com/t/v2.0\"\naudience = \"api://copilot-ingest\"\njwks_url = \"https://login.microsoftonline.com/t/discovery/v2.0/keys\"\n";
+        assert!(problems(entra).is_empty(), "{:?}", problems(entra));
         let good = format!(
             "[api]\nlisten = \"127.0.0.1:8443\"\n[[api.tokens]]\nsha256 = \"{digest}\"\nrole = \"retention\"\n"
         );

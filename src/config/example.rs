@@ -7,8 +7,15 @@ use super::{Config, redact_url};
 /// What every key means, for `config example`. A unit test checks that this
 /// names exactly the keys the parser knows, so the example cannot drift.
 const KEY_DOCS: &[(&str, &str)] = &[
-    ("api.auth", "token | none (none only on a loopback address)"),
+    ("api.auth", "token | jwt | none (none only on a loopback address)"),
     ("api.cert_file", "PEM certificate chain; with key_file the API serves https (Microsoft's Python SDK needs it)"),
+    ("api.jwt.audience", "auth = \"jwt\": the aud claim (this API's application id URI or client id)"),
+    ("api.jwt.issuer", "auth = \"jwt\": the iss claim, e.g. https://login.microsoftonline.com/<tenant>/v2.0"),
+    (
+        "api.jwt.jwks_url",
+        "auth = \"jwt\": the issuer's keys, e.g. https://login.microsoftonline.com/<tenant>/discovery/v2.0/keys",
+    ),
+    ("api.jwt.leeway_seconds", "clock skew allowed on exp and nbf"),
     ("api.key_file", "PEM private key of cert_file"),
     ("api.listen", "the Dataverse-compatible Web API, e.g. 127.0.0.1:8443; empty = off"),
     ("api.max_body_bytes", "largest request body"),

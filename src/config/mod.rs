@@ -14,7 +14,7 @@ use crate::normalize::UnknownFields;
 
 mod api;
 mod example;
-pub use api::{ApiConfig, ApiToken, AuthMode, Role};
+pub use api::{ApiConfig, ApiToken, AuthMode, JwtConfig, Role};
 pub use example::{example, show};
 
 pub const ENV_PREFIX: &str = "COPILOT_INGEST__";

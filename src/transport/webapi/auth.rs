@@ -31,15 +31,15 @@ impl Caller {
     }
 }
 
-#[derive(Debug, Clone)]
 pub struct Authenticator {
     mode: AuthMode,
     tokens: Vec<([u8; 32], Caller)>,
+    jwt: Option<super::jwt::JwtVerifier>,
 }
 
 impl Authenticator {
     /// From a checked configuration (the digests are 64 hex digits).
-    pub fn new(config: &ApiConfig) -> Authenticator {
+    pub fn new(config: &ApiConfig) -> Result<Authenticator, String> {
         let tokens = config
             .tokens
             .iter()
@@ -53,10 +53,14 @@ impl Authenticator {
                 Some((digest, Caller { name, role: t.role }))
             })
             .collect();
-        Authenticator { mode: config.auth, tokens }
+        let jwt = match config.auth {
+            AuthMode::Jwt => Some(super::jwt::JwtVerifier::new(&config.jwt)?),
+            _ => None,
+        };
+        Ok(Authenticator { mode: config.auth, tokens, jwt })
     }
 
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    pub async fn authenticate(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
         if self.mode == AuthMode::None {
             return Ok(Caller { name: "anonymous (auth = none)".into(), role: Role::Retention });
         }
@@ -71,6 +75,9 @@ impl Authenticator {
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| unauthorized("the Authorization header must be 'Bearer <token>'"))?;
+        if let Some(verifier) = &self.jwt {
+            return verifier.verify(token).await.map_err(|why| unauthorized(&why));
+        }
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         // Every digest is compared in full, so the time taken says nothing
         // about how close a guess came.
@@ -100,8 +107,8 @@ mod tests {
         h
     }
 
-    #[test]
-    fn tokens_are_matched_by_digest_and_roles_ordered() {
+    #[tokio::test]
+    async fn tokens_are_matched_by_digest_and_roles_ordered() {
         let config = ApiConfig {
             tokens: vec![
                 ApiToken { sha256: hex("reader-secret"), role: Role::Read, name: "dash".into() },
@@ -109,20 +116,20 @@ mod tests {
             ],
             ..ApiConfig::default()
         };
-        let auth = Authenticator::new(&config);
-        let reader = auth.authenticate(&headers("Bearer reader-secret")).unwrap();
+        let auth = Authenticator::new(&config).unwrap();
+        let reader = auth.authenticate(&headers("Bearer reader-secret")).await.unwrap();
         assert_eq!((reader.name.as_str(), reader.role), ("dash", Role::Read));
-        let writer = auth.authenticate(&headers("Bearer writer-secret")).unwrap();
+        let writer = auth.authenticate(&headers("Bearer writer-secret")).await.unwrap();
         assert_eq!(writer.role, Role::Write);
         assert!(writer.require(Role::Write, "Update").is_ok());
         let denied = reader.require(Role::Write, "Update").unwrap_err();
         assert_eq!((denied.status, denied.code), (StatusCode::FORBIDDEN, ACCESS_DENIED));
         assert!(writer.require(Role::Retention, "BulkDelete").is_err());
         for bad in ["Bearer nope", "Basic cmVhZGVyLXNlY3JldA==", "Bearer ", "reader-secret"] {
-            let e = auth.authenticate(&headers(bad)).unwrap_err();
+            let e = auth.authenticate(&headers(bad)).await.unwrap_err();
             assert_eq!(e.status, StatusCode::UNAUTHORIZED, "{bad}");
             assert!(!e.message.contains("secret"), "the token is never echoed: {}", e.message);
         }
-        assert_eq!(auth.authenticate(&HeaderMap::new()).unwrap_err().status, StatusCode::UNAUTHORIZED);
+        assert_eq!(auth.authenticate(&HeaderMap::new()).await.unwrap_err().status, StatusCode::UNAUTHORIZED);
     }
 }

@@ -5,7 +5,7 @@
 //!
 //! - [`path`]: the resource an OData path names.
 //! - [`request`]: query options, `Prefer`, the caller's base URL.
-//! - [`auth`]: bearer tokens and roles.
+//! - [`auth`]: bearer tokens and roles; [`jwt`]: JWTs of an OpenID issuer.
 //! - [`entities`]: the entity set: Create, Retrieve, RetrieveMultiple, Update/Upsert, Delete, `$count`,
 //!   CreateMultiple, UpdateMultiple, UpsertMultiple.
 //! - [`actions`]: the table's other messages as OData actions and functions.
@@ -19,6 +19,7 @@ pub mod batch;
 pub mod encode;
 pub mod entities;
 pub mod error;
+pub mod jwt;
 pub mod metadata;
 pub mod path;
 pub mod request;
@@ -55,17 +56,22 @@ pub struct WebApi {
 }
 
 impl WebApi {
-    pub fn new(config: &ApiConfig, backend: Arc<Backend>, normalizer: Normalizer, metrics: Arc<Metrics>) -> WebApi {
-        WebApi {
+    pub fn new(
+        config: &ApiConfig,
+        backend: Arc<Backend>,
+        normalizer: Normalizer,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<WebApi> {
+        Ok(WebApi {
             backend,
             normalizer,
             metrics,
-            auth: auth::Authenticator::new(config),
+            auth: auth::Authenticator::new(config).map_err(anyhow::Error::msg)?,
             max_body_bytes: config.max_body_bytes,
             request_timeout: Duration::from_millis(config.request_timeout_ms),
             https: config.tls(),
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_requests_in_flight)),
-        }
+        })
     }
 }
 
@@ -163,7 +169,7 @@ async fn answer(api: &WebApi, request: axum::extract::Request) -> Response {
         }
     };
     let scheme = if api.https { "https" } else { "http" };
-    let caller = match api.auth.authenticate(&parts.headers) {
+    let caller = match api.auth.authenticate(&parts.headers).await {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
@@ -247,7 +253,7 @@ mod tests {
         let backend = Arc::new(Backend::open(&url, "t", 1, &metrics).await.unwrap());
         let config =
             ApiConfig { auth: crate::config::AuthMode::None, max_requests_in_flight: 1, ..ApiConfig::default() };
-        let api = WebApi::new(&config, backend, Normalizer::default(), Arc::clone(&metrics));
+        let api = WebApi::new(&config, backend, Normalizer::default(), Arc::clone(&metrics)).unwrap();
         let request =
             || axum::http::Request::get("/api/data/v9.2/WhoAmI()").header("Host", "h").body(Body::empty()).unwrap();
         let held = Arc::clone(&api.in_flight).try_acquire_owned().unwrap();
