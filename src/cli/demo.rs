@@ -192,6 +192,10 @@ pub(crate) fn print_next_steps(sink: &crate::config::SinkUrl, metrics: Option<st
     if let Some(addr) = metrics {
         println!("  metrics             copilot-ingest run, then: curl http://{addr}/metrics");
     }
+    println!(
+        "  the Web API         copilot-ingest run, then: curl 'http://{}/api/data/v9.2/msdyn_copilotinteractions?$top=3&$select=msdyn_name'",
+        super::service::LOCAL_API_LISTEN
+    );
     println!("  a real Kafka and PostgreSQL:");
     println!("    COPILOT_INGEST__KAFKA__BROKERS=broker1:9092 \\");
     println!(

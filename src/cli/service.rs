@@ -62,9 +62,14 @@ pub(crate) async fn start_api(
         return Ok(None);
     }
     let tls = webapi::tls_acceptor(&config.api)?;
-    let listener = tokio::net::TcpListener::bind(&config.api.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("api.listen {}: {e}", config.api.listen))?;
+    let listener = match tokio::net::TcpListener::bind(&config.api.listen).await {
+        Ok(l) => l,
+        Err(e) if config.api.local_default => {
+            tracing::warn!(listen = %config.api.listen, error = %e, "local Web API not started; set api.listen to choose a port");
+            return Ok(None);
+        }
+        Err(e) => anyhow::bail!("api.listen {}: {e}", config.api.listen),
+    };
     let addr = listener.local_addr()?;
     // The Web API refuses unknown properties whatever validation.unknown_fields
     // says for Kafka events: Dataverse does.
@@ -167,10 +172,20 @@ pub(crate) async fn broker(mut config: Config, partitions: i32) -> anyhow::Resul
     Ok(EXIT_OK)
 }
 
+/// The Web API `run` serves on the embedded defaults when `[api]` is not configured.
+pub(crate) const LOCAL_API_LISTEN: &str = "127.0.0.1:8080";
+
 /// `run` and `demo` on the embedded broker are local: their metrics listen
-/// on loopback unless `metrics.listen` was set to something else.
+/// on loopback unless `metrics.listen` was set to something else, and the
+/// Web API, unless configured, listens on loopback without authentication
+/// (like the embedded broker, reachable from this machine only).
 pub(crate) fn local_defaults(config: &mut Config) {
     if config.kafka.is_embedded() && !config.metrics.listen_set {
         config.metrics.listen = "127.0.0.1:9464".into();
+    }
+    if config.kafka.is_embedded() && !config.api.is_enabled() && config.api.tokens.is_empty() {
+        config.api.listen = LOCAL_API_LISTEN.into();
+        config.api.auth = crate::config::AuthMode::None;
+        config.api.local_default = true;
     }
 }

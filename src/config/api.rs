@@ -85,6 +85,10 @@ pub struct ApiConfig {
     /// Requests executed at once; more are answered 429 with `Retry-After`
     /// rather than queued, so a burst cannot pile up work or memory.
     pub max_requests_in_flight: usize,
+    /// Set by `run` on the embedded broker when nothing was configured: the
+    /// API then listens on loopback only if the port is free, without tokens.
+    #[serde(skip)]
+    pub local_default: bool,
 }
 
 impl Default for ApiConfig {
@@ -100,6 +104,7 @@ impl Default for ApiConfig {
             max_connections: 256,
             request_timeout_ms: 120_000,
             max_requests_in_flight: 64,
+            local_default: false,
         }
     }
 }

@@ -576,6 +576,7 @@ fn the_demo_starts_fast_and_reads_well_off_a_terminal() {
         "end-to-end latency  p50",
         "next steps",
         "sqlite3 ./data/copilot-ingest.db",
+        "http://127.0.0.1:8080/api/data/v9.2/msdyn_copilotinteractions",
     ] {
         assert!(stdout.contains(needle), "{needle} missing:\n{stdout}");
     }

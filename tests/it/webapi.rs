@@ -307,3 +307,48 @@ async fn a_dataverse_sink_writes_into_another_instances_web_api() {
     b.terminate();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `run` on the embedded defaults serves the Web API on loopback without
+/// authentication, as it does the embedded broker: a record created over
+/// HTTP is counted there.
+#[test]
+fn run_on_the_embedded_defaults_serves_the_web_api_on_loopback() {
+    use std::io::{Read, Write};
+    let dir = std::env::temp_dir().join(unique("embedded-api"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_copilot-ingest"))
+        .arg("run")
+        .current_dir(&dir)
+        .env_remove("COPILOT_INGEST__API__LISTEN")
+        .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines().map_while(Result::ok);
+    let url = lines.find_map(|l| l.strip_prefix("Web API listening on ").map(str::to_owned)).expect("the API listens");
+    std::thread::spawn(move || lines.for_each(drop));
+    let service = Service::from_child(child);
+    assert!(url.starts_with("http://127.0.0.1:8080/api/data/v9.2/"), "{url}");
+    let exchange = |request: String| {
+        let mut s = std::net::TcpStream::connect("127.0.0.1:8080").unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let body = r#"{"msdyn_name":"local","msdyn_scenariorequestid":"r","msdyn_interactiontype":100230301,"msdyn_scenariotype":100230201}"#;
+    let created = exchange(format!(
+        "POST /api/data/v9.2/msdyn_copilotinteractions HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    assert!(created.starts_with("HTTP/1.1 204"), "{created}");
+    let counted = exchange(
+        "GET /api/data/v9.2/msdyn_copilotinteractions/$count HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nConnection: close\r\n\r\n"
+            .into(),
+    );
+    assert!(counted.starts_with("HTTP/1.1 200") && counted.ends_with("\r\n\r\n1"), "{counted}");
+    service.terminate();
+    let _ = std::fs::remove_dir_all(dir);
+}
