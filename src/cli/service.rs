@@ -61,6 +61,14 @@ pub(crate) async fn start_api(
     if !config.api.is_enabled() {
         return Ok(None);
     }
+    if backend.kind() == "dataverse" {
+        if config.api.local_default {
+            return Ok(None);
+        }
+        anyhow::bail!(
+            "api.listen: the Web API serves a SQLite or PostgreSQL sink; with dataverse:// use Dataverse's own Web API"
+        );
+    }
     let tls = webapi::tls_acceptor(&config.api)?;
     let listener = match tokio::net::TcpListener::bind(&config.api.listen).await {
         Ok(l) => l,

@@ -87,8 +87,14 @@ pub enum Request {
     IsValidStateTransition(state::IsValidStateTransition),
 }
 
-/// Runs one request and returns its response in Dataverse's shape.
+/// Runs one request and returns its response in Dataverse's shape. With
+/// the Dataverse backend, Dataverse itself executes the messages it has.
 pub async fn execute(backend: &Backend, context: &Context, request: &Request) -> Result<Json, OperationError> {
+    if let Backend::Dataverse(dataverse) = backend
+        && let Some(forwarded) = dataverse.forward(request).await
+    {
+        return forwarded;
+    }
     match request {
         Request::ValidateRetentionConfig(r) => respond(retention::validate_retention_config(r)),
         Request::Retain(r) => respond(retention::retain(backend, context, r).await?),

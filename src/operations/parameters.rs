@@ -244,9 +244,11 @@ pub fn request(message: Message, params: &Map<String, Json>) -> Result<Request, 
         Message::RetrieveMultiple => {
             let query =
                 text("Query").ok_or_else(|| reject("InvalidParameters", "Query (FetchXML) is required".into()))?;
+            let fetch_xml = Some(query.to_owned());
             let query = crate::query::page::parse(query, Utc::now()).map_err(|e| reject("InvalidFetchXml", e))?;
             Request::RetrieveMultiple(retrieve_multiple::RetrieveMultiple {
                 query,
+                fetch_xml,
                 max_response_bytes: DEFAULT_MAX_RESPONSE_BYTES,
             })
         }

@@ -13,6 +13,9 @@ use crate::query::page::{PageQuery, paging_cookie};
 #[derive(Debug, Clone)]
 pub struct RetrieveMultiple {
     pub query: PageQuery,
+    /// The FetchXML the query came from, when it came from FetchXML (a
+    /// backend that forwards the message to Dataverse sends it as it is).
+    pub fetch_xml: Option<String>,
     /// The most bytes of entities one response may carry (a transport's
     /// message limit); a page that would be larger is cut short, with
     /// `MoreRecords: true` and a cookie after the last row it holds.

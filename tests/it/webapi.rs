@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::control::{query_i64, query_text, sink_urls};
+use super::control::{ControlClient, ControlService, query_i64, query_text, sink_urls};
 use crate::common::*;
 use crate::dataverse_emulator::{Behaviour, CLIENT_ID, CLIENT_SECRET, Emulator, TENANT};
 
@@ -254,10 +254,13 @@ async fn produce_slowly(bootstrap: &str, topic: &str, messages: &[(String, Vec<u
 /// valid event one row in B, every invalid one dead-lettered by A, a full
 /// replay by a fresh consumer group adds nothing and conflicts with nothing
 /// (B answers a re-create of identical content as success, so A counts those
-/// as written rather than as replays). Both sides of the Dataverse protocol,
-/// ours against ours.
+/// as written rather than as replays). Then A's control topic: Retrieve,
+/// RetrieveMultiple paged to the end, Update (and a stale RowVersion),
+/// UpdateMultiple, SetState, IsValidStateTransition and Delete are executed by
+/// B as Dataverse, retention is refused. Both sides of the Dataverse
+/// protocol, ours against ours.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dataverse_sink_writes_into_another_instances_web_api() {
+async fn a_dataverse_sink_writes_into_and_forwards_messages_to_another_instances_web_api() {
     const LONG: Duration = Duration::from_secs(120);
     let (dir, url) = temp_sqlite();
     std::fs::create_dir_all(&dir).unwrap();
@@ -304,6 +307,138 @@ async fn a_dataverse_sink_writes_into_another_instances_web_api() {
         + copilot_ingest::metrics::Metrics::total(&metrics.records_written_total);
     assert_eq!(settled, workload.valid() as u64);
     assert_eq!(metrics.dlq_events_total.with_label_values(&["duplicate_id_conflict"]).get(), 0);
+
+    // A's control topic: the table's messages are executed by "Dataverse" (B).
+    let service = ControlService::start(a.clone()).await;
+    let client = ControlClient::new(&kafka);
+    let ids: Vec<String> = {
+        let conn = rusqlite::Connection::open(url.trim_start_matches("sqlite://")).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT msdyn_copilotinteractionid FROM msdyn_copilotinteraction ORDER BY createdon LIMIT 4")
+            .unwrap();
+        stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+    };
+    let b_text = |sql: String| {
+        let url = url.clone();
+        async move { query_text(&url, &sql).await }
+    };
+    let ok = |reply: &serde_json::Value| assert_eq!(reply["status"], "Succeeded", "{reply}");
+    let reply = client
+        .call("Retrieve", serde_json::json!({"Target": ids[0], "ColumnSet": ["msdyn_name", "msdyn_interactiontype"]}))
+        .await;
+    ok(&reply);
+    let stored_name = b_text(format!(
+        "SELECT msdyn_name FROM msdyn_copilotinteraction WHERE msdyn_copilotinteractionid = '{}'",
+        ids[0]
+    ))
+    .await;
+    assert_eq!(reply["response"]["Entity"]["msdyn_name"], stored_name.as_str(), "{reply}");
+    assert!(
+        reply["response"]["Entity"]["msdyn_interactiontype@OData.Community.Display.V1.FormattedValue"].is_string(),
+        "{reply}"
+    );
+    let query = "<fetch count='500'><entity name='msdyn_copilotinteraction'><attribute name='msdyn_name'/><order attribute='createdon'/></entity></fetch>";
+    let mut seen = std::collections::HashSet::new();
+    let mut cookie: Option<String> = None;
+    for page in 1.. {
+        let fetch = match &cookie {
+            None => query.to_owned(),
+            Some(c) => query.replacen(
+                "<fetch ",
+                &format!(
+                    "<fetch page='{page}' paging-cookie='{}' ",
+                    c.replace('&', "&amp;")
+                        .replace('<', "&lt;")
+                        .replace('>', "&gt;")
+                        .replace('\'', "&apos;")
+                        .replace('"', "&quot;")
+                ),
+                1,
+            ),
+        };
+        let reply = client.call("RetrieveMultiple", serde_json::json!({"Query": fetch})).await;
+        ok(&reply);
+        let collection = &reply["response"]["EntityCollection"];
+        for e in collection["Entities"].as_array().unwrap() {
+            assert!(seen.insert(e["msdyn_copilotinteractionid"].as_str().unwrap().to_owned()), "a row came twice");
+        }
+        if collection["MoreRecords"] != true {
+            break;
+        }
+        cookie = collection["PagingCookie"].as_str().map(str::to_owned);
+        assert!(cookie.is_some(), "more records without a cookie: {reply}");
+    }
+    assert_eq!(seen.len(), workload.valid(), "paging through Dataverse returns every row once");
+    ok(&client
+        .call(
+            "Update",
+            serde_json::json!({"Target": {"msdyn_copilotinteractionid": ids[0], "msdyn_name": "via-dataverse"}}),
+        )
+        .await);
+    assert_eq!(
+        b_text(format!(
+            "SELECT msdyn_name FROM msdyn_copilotinteraction WHERE msdyn_copilotinteractionid = '{}'",
+            ids[0]
+        ))
+        .await,
+        "via-dataverse"
+    );
+    let stale = client
+        .call(
+            "Update",
+            serde_json::json!({"Target": {"msdyn_copilotinteractionid": ids[0], "msdyn_name": "stale"},
+            "ConcurrencyBehavior": "IfRowVersionMatches", "RowVersion": 1}),
+        )
+        .await;
+    assert_eq!(stale["status"], "Failed", "{stale}");
+    assert_eq!(stale["error"]["code"], "0x80060882", "{stale}");
+    ok(&client
+        .call(
+            "UpdateMultiple",
+            serde_json::json!({"Targets": [
+        {"msdyn_copilotinteractionid": ids[1], "msdyn_name": "many-1"},
+        {"msdyn_copilotinteractionid": ids[2], "msdyn_name": "many-2"}]}),
+        )
+        .await);
+    assert_eq!(
+        b_text(format!(
+            "SELECT msdyn_name FROM msdyn_copilotinteraction WHERE msdyn_copilotinteractionid = '{}'",
+            ids[2]
+        ))
+        .await,
+        "many-2"
+    );
+    ok(&client.call("SetState", serde_json::json!({"EntityMoniker": ids[1], "State": 1, "Status": -1})).await);
+    assert_eq!(
+        query_i64(
+            &url,
+            &format!("SELECT statecode FROM msdyn_copilotinteraction WHERE msdyn_copilotinteractionid = '{}'", ids[1])
+        )
+        .await,
+        1
+    );
+    let valid = client
+        .call("IsValidStateTransition", serde_json::json!({"Entity": ids[1], "NewState": "Active", "NewStatus": 1}))
+        .await;
+    assert_eq!(valid["response"]["IsValid"], true, "{valid}");
+    ok(&client.call("Delete", serde_json::json!({"Target": ids[3]})).await);
+    assert_eq!(
+        query_i64(
+            &url,
+            &format!("SELECT count(*) FROM msdyn_copilotinteraction WHERE msdyn_copilotinteractionid = '{}'", ids[3])
+        )
+        .await,
+        0
+    );
+    let missing = client.call("Retrieve", serde_json::json!({"Target": ids[3]})).await;
+    assert_eq!(missing["error"]["code"], "0x80040217", "{missing}");
+    let retention = client.call("Retain", serde_json::json!({"Target": ids[0]})).await;
+    assert_eq!(
+        (&retention["status"], &retention["error"]["code"]),
+        (&serde_json::json!("Rejected"), &serde_json::json!("NotSupported")),
+        "{retention}"
+    );
+    service.stop().await;
     b.terminate();
     let _ = std::fs::remove_dir_all(dir);
 }

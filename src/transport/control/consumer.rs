@@ -29,8 +29,6 @@ pub async fn run(
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    // Dataverse runs retention itself (its long-term retention policies).
-    let store = (backend.kind() != "dataverse").then_some(&*backend);
     let options = crate::transport::ingest::pipeline::kafka_options(&config);
     let mut consumer_config = rdkafka::ClientConfig::new();
     consumer_config
@@ -78,7 +76,7 @@ pub async fn run(
         };
         let value = message.payload().unwrap_or_default();
         let headers = super::signature_headers_of(&message);
-        let Some(reply) = handle(store, &auth, value, headers, &mut shutdown, &metrics, reply_limit).await else {
+        let Some(reply) = handle(&backend, &auth, value, headers, &mut shutdown, &metrics, reply_limit).await else {
             // Shutting down in the middle of a command: left uncommitted, it
             // resumes after the restart.
             break;
@@ -167,7 +165,7 @@ pub async fn prune_periodically(config: Config, backend: Arc<Backend>, mut shutd
 /// Authenticates, deduplicates and executes one command. `None` when shutdown
 /// interrupted a retry.
 async fn handle(
-    store: Option<&Backend>,
+    store: &Backend,
     auth: &Authenticator,
     value: &[u8],
     (timestamp, signature): (Option<&[u8]>, Option<&[u8]>),
@@ -192,18 +190,24 @@ async fn handle(
     if let operations::Request::RetrieveMultiple(query) = &mut command.request {
         query.max_response_bytes = reply_limit;
     }
-    let Some(store) = store else {
+    // Dataverse keeps no command ledger here and runs retention itself (its
+    // long-term retention policies); the other messages are forwarded to it.
+    let ledger = store.kind() != "dataverse";
+    if !ledger && !crate::backend::dataverse::forwards(command.message) {
         return Some(Reply::rejected(
             Some(command.command_id.clone()),
             Some(command.message.name().to_owned()),
             "NotSupported",
-            "the dataverse:// sink does not execute retention commands: configure a long-term retention policy \
-             in the Dataverse environment instead",
+            "the dataverse:// sink does not execute retention commands (Retain, BulkRetain, RollbackRetain, \
+             PurgeRetainedContent, BulkDelete): configure a long-term retention policy in the Dataverse environment instead",
         ));
-    };
+    }
     let mut backoff = Backoff::default();
     loop {
         let attempt = async {
+            if !ledger {
+                return Ok::<_, BackendError>(Some(execute(store, &command).await?));
+            }
             // Claimed in the database first: another instance handed the same
             // command (a rebalance, a second consumer group) waits here until
             // this one has stored its reply, then returns that reply.
@@ -306,15 +310,20 @@ mod tests {
         let auth = Authenticator::new(&crate::config::ControlConfig::default());
         let (_tx, mut shutdown) = watch::channel(false);
         let metrics = Metrics::new();
+        let dir = std::env::temp_dir().join(format!("copilot-ingest-refused-{}", uuid::Uuid::new_v4().simple()));
+        let url = crate::config::SinkUrl::Sqlite(dir.join("t.db"));
+        let backend = Backend::open(&url, "t", 1, &Arc::new(Metrics::new())).await.unwrap();
         let huge = "x".repeat(200_000);
         for (id, echoed) in [("ok-id", true), (huge.as_str(), false), ("forged\nERROR line", false)] {
             let value = serde_json::json!({"command_id": id, "message": "BulkRetain"}).to_string();
-            let reply =
-                handle(None, &auth, value.as_bytes(), (None, None), &mut shutdown, &metrics, 1 << 20).await.unwrap();
+            let reply = handle(&backend, &auth, value.as_bytes(), (None, None), &mut shutdown, &metrics, 1 << 20)
+                .await
+                .unwrap();
             assert_eq!(reply.status, Status::Rejected);
             assert_eq!(reply.error.as_ref().map(|e| e.code.as_str()), Some("Unauthorized"));
             assert_eq!(reply.command_id.as_deref(), echoed.then_some(id), "{}", loggable(id));
             assert_eq!(reply.message.as_deref(), Some("BulkRetain"));
         }
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

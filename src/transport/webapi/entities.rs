@@ -110,8 +110,8 @@ pub async fn retrieve_multiple(api: &WebApi, call: &Call) -> Result<Response, Ap
     }
     let top = query.count;
     let asked_top = options.top.as_deref().and_then(|t| t.trim().parse::<i64>().ok());
-    let result = retrieve_page(&api.backend, &RetrieveMultiple { query, max_response_bytes: MAX_PAGE_BYTES }).await?;
-    let collection = result.entity_collection;
+    let request = RetrieveMultiple { query, fetch_xml: None, max_response_bytes: MAX_PAGE_BYTES };
+    let collection = retrieve_page(&api.backend, &request).await?.entity_collection;
     let returned = collection.entities.len() as i64;
     let mut body = Map::new();
     body.insert("@odata.context".into(), Json::String(context(call, "")));
@@ -149,8 +149,8 @@ async fn fetch(api: &WebApi, call: &Call, fetch_xml: &str) -> Result<Response, A
     }
     let page = query.page;
     let total = query.total_record_count;
-    let result = retrieve_page(&api.backend, &RetrieveMultiple { query, max_response_bytes: MAX_PAGE_BYTES }).await?;
-    let collection = result.entity_collection;
+    let request = RetrieveMultiple { query, fetch_xml: Some(fetch_xml.to_owned()), max_response_bytes: MAX_PAGE_BYTES };
+    let collection = retrieve_page(&api.backend, &request).await?.entity_collection;
     let mut body = Map::new();
     body.insert("@odata.context".into(), Json::String(context(call, "")));
     if total {

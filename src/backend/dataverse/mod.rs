@@ -34,6 +34,9 @@ use crate::metrics::Metrics;
 use crate::record::{Record, Value, format_datetime};
 use crate::table::{ColumnType, table};
 
+mod forward;
+pub use forward::forwards;
+
 /// The service's per-user concurrency limit (service protection API limits).
 const SERVICE_MAX_CONCURRENCY: usize = 52;
 /// Ids per lookup query: keeps the URL far below the service's 32 KB limit.
@@ -376,6 +379,19 @@ impl DataverseBackend {
         path: String,
         body: Vec<u8>,
     ) -> Result<Answer, BackendError> {
+        self.call_with(kind, method, path, body, Vec::new()).await
+    }
+
+    /// [`Self::call`] with more headers (`If-Match`, `Prefer`).
+    async fn call_with(
+        &self,
+        kind: &'static str,
+        method: &'static str,
+        path: String,
+        body: Vec<u8>,
+        extra_headers: Vec<(&'static str, String)>,
+    ) -> Result<Answer, BackendError> {
+        let extra_headers = Arc::new(extra_headers);
         let body = Arc::new(body);
         let path = Arc::new(path);
         let mut renewed = false;
@@ -385,6 +401,7 @@ impl DataverseBackend {
             let tokens = Arc::clone(&self.tokens);
             let api = Arc::clone(&self.api);
             let (body_ref, path_ref) = (Arc::clone(&body), Arc::clone(&path));
+            let extra_ref = Arc::clone(&extra_headers);
             let stale = rejected_token.take();
             let bypass = self.bypass_custom_plugins;
             let result = tokio::task::spawn_blocking(move || {
@@ -404,6 +421,9 @@ impl DataverseBackend {
                 }
                 if bypass {
                     headers.push(("MSCRM.BypassCustomPluginExecution", "true"));
+                }
+                for (name, value) in extra_ref.iter() {
+                    headers.push((name, value.as_str()));
                 }
                 let response = api.request(method, &path_ref, &headers, &body_ref);
                 Ok((token, response))
