@@ -638,7 +638,10 @@ fn compile_filter(f: &Filter, dialect: Dialect, first: usize, p: &mut Predicate)
                         _ => "=",
                     };
                     let ph = bind(p, &c.values[0]);
-                    if matches!(c.operator, Operator::Like | Operator::NotLike) {
+                    if matches!(c.operator, Operator::Eq | Operator::Ne) && matches!(c.values[0], Param::Text(_)) {
+                        // Dataverse compares strings case-insensitively.
+                        format!("lower({column}) {sql_op} lower({ph})")
+                    } else if matches!(c.operator, Operator::Like | Operator::NotLike) {
                         // One escape character on both databases (SQLite has none by default).
                         format!("{column} {sql_op} {ph} ESCAPE '\\'")
                     } else {
@@ -704,8 +707,8 @@ mod tests {
     #[test]
     fn every_operator_is_supported() {
         let cases = [
-            ("msdyn_name", "eq", "x", "msdyn_name = ?3"),
-            ("msdyn_name", "ne", "x", "msdyn_name <> ?3"),
+            ("msdyn_name", "eq", "x", "lower(msdyn_name) = lower(?3)"),
+            ("msdyn_name", "ne", "x", "lower(msdyn_name) <> lower(?3)"),
             ("importsequencenumber", "lt", "5", "importsequencenumber < ?3"),
             ("importsequencenumber", "le", "5", "importsequencenumber <= ?3"),
             ("importsequencenumber", "gt", "5", "importsequencenumber > ?3"),
@@ -827,7 +830,7 @@ mod tests {
         for value in ["' OR 1=1 --", "x'; DROP TABLE msdyn_copilotinteraction; --", "\" OR \"\"=\"", "%' OR '1'='1"] {
             let escaped = value.replace('&', "&amp;").replace('\'', "&apos;").replace('"', "&quot;");
             let p = parse(&cond("msdyn_name", "eq", &escaped), now()).unwrap().compile(Dialect::Postgres, 1);
-            assert_eq!(p.sql, "(msdyn_name = $1::text)");
+            assert_eq!(p.sql, "(lower(msdyn_name) = lower($1::text))");
             assert_eq!(p.params, vec![Param::Text(value.to_owned())]);
         }
         // An attribute name is looked up, never pasted.

@@ -488,7 +488,7 @@ mod tests {
         );
         assert_eq!(
             sql,
-            "((msdyn_name = $1::text AND NOT (msdyn_interactiontype = $2::bigint)) OR msdyn_name ILIKE $3::text ESCAPE '\\')"
+            "((lower(msdyn_name) = lower($1::text) AND NOT (msdyn_interactiontype = $2::bigint)) OR msdyn_name ILIKE $3::text ESCAPE '\\')"
         );
         assert_eq!(params, vec![Param::Text("a'b".into()), Param::Int(100230301), Param::Text("%50\\%\\_x%".into())]);
         let (sql, params) = compile(

@@ -62,6 +62,8 @@ async function main() {
   assert.equal(all.value.length, 6);
   const counted = await api.retrieveMultiple({ collection: ES, filter, count: true, top: 1 });
   assert.equal(counted.oDataCount, 6);
+  const folded = await api.retrieveMultiple({ collection: ES, select: ["msdyn_name"], filter: `msdyn_name eq '${tag.toUpperCase()}-1'` });
+  assert.equal(folded.value.length, 1, "string comparison ignores case, as in Dataverse");
   const total = await api.count({ collection: ES });
   assert.ok(typeof total === "number" && total >= 6, `count ${total}`);
 
