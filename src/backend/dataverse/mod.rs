@@ -35,7 +35,13 @@ use crate::record::{Record, Value, format_datetime};
 use crate::table::{ColumnType, table};
 
 mod forward;
+mod limiter;
+mod token;
 pub use forward::forwards;
+use limiter::Limiter;
+#[cfg(test)]
+use token::renew_after;
+use token::{TokenError, TokenSource};
 
 /// The service's per-user concurrency limit (service protection API limits).
 const SERVICE_MAX_CONCURRENCY: usize = 52;
@@ -78,195 +84,6 @@ impl ApiError {
         } else {
             format!("{}: {}", self.code, self.message)
         }
-    }
-}
-
-// ---------------------------------------------------------------------------
-// OAuth2 client credentials
-// ---------------------------------------------------------------------------
-
-struct Token {
-    value: String,
-    renew_at: Instant,
-}
-
-enum TokenError {
-    /// The issuer refused the credentials: an operator must fix the configuration.
-    Refused(String),
-    Transient(String),
-}
-
-struct TokenSource {
-    client: HttpClient,
-    path: String,
-    form: Secret,
-    cache: Mutex<Option<Token>>,
-    metrics: Arc<Metrics>,
-}
-
-impl TokenSource {
-    fn new(target: &DataverseTarget, timeout: Duration, metrics: Arc<Metrics>) -> Result<TokenSource, String> {
-        let mut origin = Endpoint::parse(&target.token_url)?;
-        let path = std::mem::take(&mut origin.base_path);
-        let d = &target.settings;
-        let form = format!(
-            "grant_type=client_credentials&client_id={}&client_secret={}&scope={}",
-            percent_encode(d.client_id.trim()),
-            percent_encode(d.client_secret.expose()),
-            percent_encode(&target.scope)
-        );
-        Ok(TokenSource {
-            client: HttpClient::new(origin, timeout)?,
-            path,
-            form: Secret::new(form),
-            cache: Mutex::new(None),
-            metrics,
-        })
-    }
-
-    /// A valid token; `rejected` is a token the API just answered 401 to, which forces a renewal.
-    fn get(&self, rejected: Option<&str>) -> Result<String, TokenError> {
-        let mut cache = self.cache.lock().map_err(|_| TokenError::Transient("token cache poisoned".into()))?;
-        if let Some(token) = cache.as_ref() {
-            let renew = Instant::now() >= token.renew_at || rejected == Some(token.value.as_str());
-            if !renew {
-                return Ok(token.value.clone());
-            }
-        }
-        // Renewing under the lock: concurrent requests wait for one renewal instead of each asking.
-        let fetched = self.fetch();
-        let outcome = if fetched.is_ok() { "ok" } else { "failed" };
-        self.metrics.dataverse_token_renewals_total.with_label_values(&[outcome]).inc();
-        let token = fetched?;
-        let value = token.value.clone();
-        *cache = Some(token);
-        Ok(value)
-    }
-
-    fn fetch(&self) -> Result<Token, TokenError> {
-        let headers = [("Content-Type", "application/x-www-form-urlencoded"), ("Accept", "application/json")];
-        let response = self
-            .client
-            .request("POST", &self.path, &headers, self.form.expose().as_bytes())
-            .map_err(|e| TokenError::Transient(format!("token endpoint: {e}")))?;
-        let body: Option<Json> = serde_json::from_slice(&response.body).ok();
-        let text = |name: &str| body.as_ref().and_then(|b| b.get(name)).and_then(Json::as_str).unwrap_or("");
-        match response.status {
-            200 => {
-                let value = text("access_token");
-                if value.is_empty() {
-                    return Err(TokenError::Transient("token endpoint answered without access_token".into()));
-                }
-                // `expires_in` is a number (Entra ID v2) or a numeric string (v1).
-                let lifetime = body
-                    .as_ref()
-                    .and_then(|b| b.get("expires_in"))
-                    .and_then(|v| v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
-                    .unwrap_or(3600);
-                Ok(Token { value: value.to_owned(), renew_at: Instant::now() + renew_after(lifetime) })
-            }
-            400 | 401 | 403 => Err(TokenError::Refused(format!(
-                "the token endpoint refused the client credentials (HTTP {}): {} {}",
-                response.status,
-                text("error"),
-                text("error_description").lines().next().unwrap_or("")
-            ))),
-            status => Err(TokenError::Transient(format!("token endpoint answered HTTP {status}"))),
-        }
-    }
-}
-
-/// When to renew a token that lives `lifetime_secs`: 5 minutes before it
-/// expires, or at 80% of a short lifetime.
-fn renew_after(lifetime_secs: u64) -> Duration {
-    let lifetime = Duration::from_secs(lifetime_secs);
-    lifetime - (lifetime / 5).min(Duration::from_secs(300))
-}
-
-// ---------------------------------------------------------------------------
-// Adaptive concurrency
-// ---------------------------------------------------------------------------
-
-struct LimitState {
-    limit: f64,
-    in_use: usize,
-    hinted: bool,
-}
-
-/// Additive increase, multiplicative decrease on 429.
-struct Limiter {
-    state: Mutex<LimitState>,
-    released: tokio::sync::Notify,
-    max: usize,
-    gauge: prometheus::IntGauge,
-}
-
-struct Permit<'a>(&'a Limiter);
-
-impl Drop for Permit<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut s) = self.0.state.lock() {
-            s.in_use = s.in_use.saturating_sub(1);
-        }
-        self.0.released.notify_waiters();
-    }
-}
-
-impl Limiter {
-    fn new(max: usize, gauge: prometheus::IntGauge) -> Limiter {
-        let max = max.clamp(1, SERVICE_MAX_CONCURRENCY);
-        gauge.set(max as i64);
-        Limiter {
-            state: Mutex::new(LimitState { limit: max as f64, in_use: 0, hinted: false }),
-            released: tokio::sync::Notify::new(),
-            max,
-            gauge,
-        }
-    }
-
-    async fn acquire(&self) -> Permit<'_> {
-        loop {
-            // Registered before the check, so a release in between is not missed.
-            let released = self.released.notified();
-            if let Ok(mut s) = self.state.lock()
-                && (s.in_use as f64) < s.limit.floor().max(1.0)
-            {
-                s.in_use += 1;
-                return Permit(self);
-            }
-            released.await;
-        }
-    }
-
-    fn update(&self, change: impl FnOnce(&mut LimitState, usize)) {
-        if let Ok(mut s) = self.state.lock() {
-            change(&mut s, self.max);
-            self.gauge.set(s.limit.floor() as i64);
-        }
-        self.released.notify_waiters();
-    }
-
-    /// The service's suggested degree of parallelism, taken once as the starting point.
-    fn hint(&self, dop: usize) {
-        self.update(|s, max| {
-            if !s.hinted {
-                s.hinted = true;
-                s.limit = dop.clamp(1, max) as f64;
-            }
-        });
-    }
-
-    fn succeeded(&self) {
-        self.update(|s, max| s.limit = (s.limit + 1.0 / s.limit).min(max as f64));
-    }
-
-    fn throttled(&self) {
-        self.update(|s, _| s.limit = (s.limit / 2.0).max(1.0));
-    }
-
-    #[cfg(test)]
-    fn limit(&self) -> usize {
-        self.state.lock().map(|s| s.limit.floor() as usize).unwrap_or(0)
     }
 }
 
