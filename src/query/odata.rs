@@ -19,6 +19,8 @@ use crate::table::{ColumnType, table};
 /// Longest `$filter` accepted: far above what any client builds by hand,
 /// and what bounds the parser's work.
 pub const MAX_FILTER_BYTES: usize = 32 * 1024;
+/// Tokens a `$filter` may have: room for [`MAX_CONDITIONS`] conditions.
+const MAX_TOKENS: usize = 4 * MAX_CONDITIONS + 64;
 
 /// The table column an OData property names: its logical name, or for a
 /// lookup Dataverse's `_<name>_value`.
@@ -231,8 +233,8 @@ fn tokenize(text: &str) -> Result<Vec<Token>, String> {
                 tokens.push(Token::Word(text[start..end].to_owned()));
             }
         }
-        if tokens.len() > 4 * MAX_CONDITIONS + 64 {
-            return Err(format!("$filter has more than {MAX_CONDITIONS} conditions"));
+        if tokens.len() > MAX_TOKENS {
+            return Err(format!("$filter is too long: more than {MAX_TOKENS} names, values and symbols"));
         }
     }
     Ok(tokens)
@@ -533,7 +535,10 @@ mod tests {
         let deep = format!("{}msdyn_name eq 'x'{}", "(".repeat(100), ")".repeat(100));
         assert!(parse_filter(&deep, Utc::now()).unwrap_err().contains("nested"));
         let many = vec!["msdyn_name eq 'x'"; MAX_CONDITIONS + 1].join(" or ");
-        assert!(parse_filter(&many, Utc::now()).unwrap_err().contains("conditions"));
+        let e = parse_filter(&many, Utc::now()).unwrap_err();
+        assert!(e.contains("conditions") || e.contains("too long"), "{e}");
+        let parens = format!("{}msdyn_name eq 'x'{}", "(".repeat(10_000), ")".repeat(10_000));
+        assert!(parse_filter(&parens, Utc::now()).unwrap_err().contains("too long"));
     }
 
     #[test]

@@ -159,6 +159,7 @@ try:
     raise AssertionError("a read-only token updated a record")
 except HttpError as e:
     assert e.status_code == 403, e.status_code
+assert client.records.retrieve(T, first, select=["msdyn_name"])["msdyn_name"] == f"{tag}-0-updated", "a refused write changed nothing"
 
 step("ingested")
 # Rows the Kafka pipeline writes while this pages: none missing, none twice.

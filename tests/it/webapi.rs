@@ -487,3 +487,111 @@ fn run_on_the_embedded_defaults_serves_the_web_api_on_loopback() {
     service.terminate();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Hostile requests are answered within their bounds and never take the
+/// service down: no or a wrong token, an oversized body, a request head over
+/// 64 KiB (a 10,000-term `$filter` in the URL), the same filter and 10,000
+/// nested parentheses inside a `$batch`, malformed multipart, and a client
+/// that never finishes its request while others are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_are_bounded_and_others_still_served() {
+    use std::io::{Read, Write};
+    let (dir, url) = temp_sqlite();
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = format!("t-{}", uuid::Uuid::new_v4());
+    let config = dir.join("api.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[api]\nlisten = \"127.0.0.1:0\"\nmax_body_bytes = 1048576\n[[api.tokens]]\nsha256 = \"{}\"\nrole = \"write\"\n",
+            sha256_hex(&token)
+        ),
+    )
+    .unwrap();
+    let kafka = TestKafka::new(1);
+    let (service, server) = start(&kafka, &url, &config);
+    let authority = server.trim_start_matches("http://").to_owned();
+    let send = |head: String, body: &[u8]| -> String {
+        let mut s = std::net::TcpStream::connect(&authority).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let _ = s.write_all(head.as_bytes());
+        let _ = s.write_all(body);
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    let request = |method: &str, target: &str, extra: &str, body: &[u8]| {
+        format!(
+            "{method} /api/data/v9.2/{target} HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer {token}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+    };
+    let status = |answer: &str| answer.split_whitespace().nth(1).unwrap_or("none").to_owned();
+
+    // A client that never finishes its request head holds one connection only.
+    let mut slow = std::net::TcpStream::connect(&authority).unwrap();
+    slow.write_all(b"GET /api/data/v9.2/WhoAmI HTTP/1.1\r\nHost: x\r\n").unwrap();
+
+    let no_token =
+        send(format!("GET /api/data/v9.2/WhoAmI HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n"), b"");
+    assert_eq!(status(&no_token), "401", "{no_token}");
+    assert!(no_token.contains("0x80072560"), "{no_token}");
+    let wrong = send(
+        format!(
+            "GET /api/data/v9.2/WhoAmI HTTP/1.1\r\nHost: {authority}\r\nAuthorization: Bearer nope\r\nConnection: close\r\n\r\n"
+        ),
+        b"",
+    );
+    assert_eq!(status(&wrong), "401");
+    assert!(!wrong.contains(&token));
+
+    let big = vec![b'x'; 2 * 1024 * 1024];
+    let oversized =
+        send(request("POST", "msdyn_copilotinteractions", "Content-Type: application/json\r\n", &big), &big);
+    assert!(oversized.is_empty() || status(&oversized) == "413", "{}", &oversized[..oversized.len().min(300)]);
+
+    let terms = vec!["msdyn_name eq 'x'"; 10_000].join(" or ");
+    let long_url =
+        send(request("GET", &format!("msdyn_copilotinteractions?$filter={}", terms.replace(' ', "%20")), "", b""), b"");
+    assert!(long_url.is_empty() || status(&long_url) == "431", "{}", &long_url[..long_url.len().min(300)]);
+
+    let batch = |inner: &str| {
+        format!(
+            "--b\r\nContent-Type: application/http\r\nContent-Transfer-Encoding: binary\r\n\r\nGET {server}/api/data/v9.2/msdyn_copilotinteractions?$filter={inner} HTTP/1.1\r\n\r\n--b--\r\n"
+        )
+    };
+    for (inner, why) in [
+        (terms.replace(' ', "%20"), "longer than"),
+        (format!("{}msdyn_name%20eq%20'x'{}", "(".repeat(10_000), ")".repeat(10_000)), "too long"),
+    ] {
+        let body = batch(&inner);
+        let answer = send(
+            request("POST", "$batch", "Content-Type: multipart/mixed; boundary=b\r\n", body.as_bytes()),
+            body.as_bytes(),
+        );
+        assert_eq!(status(&answer), "200", "{}", &answer[..answer.len().min(300)]);
+        assert!(answer.contains("HTTP/1.1 400") && answer.contains(why), "{why}: {}", &answer[..answer.len().min(600)]);
+    }
+    for (content_type, body) in [
+        ("multipart/mixed; boundary=b", "no parts at all"),
+        ("multipart/mixed", "--b\r\n\r\n--b--"),
+        (
+            "multipart/mixed; boundary=b",
+            "--b\r\nContent-Type: application/http\r\n\r\nNOT AN HTTP REQUEST\r\n--b--\r\n",
+        ),
+    ] {
+        let answer = send(
+            request("POST", "$batch", &format!("Content-Type: {content_type}\r\n"), body.as_bytes()),
+            body.as_bytes(),
+        );
+        assert_eq!(status(&answer), "400", "{content_type} {body:?}: {answer}");
+    }
+
+    // Others are served all along, and the service is still up.
+    let who = send(request("GET", "WhoAmI", "", b""), b"");
+    assert_eq!(status(&who), "200", "{who}");
+    assert_eq!(query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction").await, 0, "nothing was written");
+    drop(slow);
+    service.terminate();
+    let _ = std::fs::remove_dir_all(dir);
+}
