@@ -66,6 +66,22 @@ async fn update_all(backend: &Backend, targets: &[UpdateTarget]) -> Result<Empty
     }
 }
 
+/// Whether an Update would succeed now, changing nothing: the columns, the
+/// values through the normalizer, the record's state and its row version (a
+/// Web API change set checks every part before it runs any).
+pub async fn check(backend: &Backend, target: &UpdateTarget) -> Result<(), OperationError> {
+    check_columns(&target.fields)?;
+    normalized(backend, target).await?;
+    if let Some(expected) = target.row_version {
+        let version = table().index_of("versionnumber").unwrap_or(0);
+        let current = backend.retrieve(target.id, &[version]).await?.and_then(|v| v.first().and_then(Json::as_i64));
+        if current != Some(expected) {
+            return Err(why_not_updated(backend, target).await?);
+        }
+    }
+    Ok(())
+}
+
 /// Only stored columns valid for update may be set.
 pub(super) fn check_columns(fields: &Map<String, Json>) -> Result<(), OperationError> {
     let t = table();

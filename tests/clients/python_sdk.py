@@ -134,6 +134,14 @@ with batch.changeset() as changeset:
 result = batch.execute()
 assert not result.failed, [(r.status_code, r.error_message) for r in result.failed]
 assert client.records.retrieve(T, many[3], select=["msdyn_name"])["msdyn_name"] == f"{tag}-in-changeset"
+# A change set whose second part cannot succeed applies nothing.
+failing = client.batch.new()
+with failing.changeset() as changeset:
+    changeset.records.update(T, many[3], {"msdyn_name": f"{tag}-rolled-back"})
+    changeset.records.update(T, str(uuid.uuid4()), {"msdyn_name": "nobody"})
+result = failing.execute()
+assert result.failed and result.failed[0].status_code == 404, [(r.status_code, r.error_message) for r in result.responses]
+assert client.records.retrieve(T, many[3], select=["msdyn_name"])["msdyn_name"] == f"{tag}-in-changeset", "nothing applied"
 
 step("errors")
 try:

@@ -1,6 +1,8 @@
 //! `$batch`: a multipart/mixed body of requests, each answered as if sent
-//! alone; change sets (a nested multipart) run in order and stop at the
-//! first failure, which answers for the whole change set. DynamicsWebApi
+//! alone. A change set (a nested multipart) is checked part by part before
+//! any part runs — validation, existence, row versions, states — so a part
+//! that would fail leaves the others unapplied; the parts then run in order
+//! and a failure at that point (a race, the database) stops the rest. DynamicsWebApi
 //! sends any GET longer than 2,000 characters this way. Inner requests are
 //! parsed with `httparse`; `$<Content-ID>` at the start of an inner URL
 //! names a record an earlier part of the change set created.
@@ -20,6 +22,7 @@ use super::{WebApi, dispatch};
 pub const MAX_PARTS: usize = 1000;
 
 /// One inner request.
+#[derive(Clone)]
 struct Part {
     content_id: Option<String>,
     method: Method,
@@ -166,20 +169,43 @@ fn local_target(call: &Call, target: &str, created: &[(String, String)]) -> Stri
     format!("{root}/{target}")
 }
 
-async fn run_part(api: &WebApi, call: &Call, part: Part, created: &[(String, String)]) -> Response {
+/// The request a part holds, as if it had arrived alone.
+fn inner_call(call: &Call, part: Part, created: &[(String, String)]) -> Result<Call, ApiError> {
     let target = local_target(call, &part.target, created);
     let mut headers = part.headers;
     if let Some(host) = call.headers.get(header::HOST) {
         headers.insert(header::HOST, host.clone());
     }
     let scheme = call.base.split_once("://").map_or("https", |(s, _)| s);
-    match Call::new(part.method, &target, headers, part.body, scheme, call.caller.clone()) {
-        Ok(inner) if inner.resource == Resource::Batch => {
-            ApiError::bad_request("a $batch cannot hold another $batch").into_response()
-        }
+    let inner = Call::new(part.method, &target, headers, part.body, scheme, call.caller.clone())?;
+    if inner.resource == Resource::Batch {
+        return Err(ApiError::bad_request("a $batch cannot hold another $batch"));
+    }
+    Ok(inner)
+}
+
+async fn run_part(api: &WebApi, call: &Call, part: Part, created: &[(String, String)]) -> Response {
+    match inner_call(call, part, created) {
         Ok(inner) => Box::pin(dispatch(api, inner)).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// Checks every part of a change set before any runs; the first that would
+/// fail is the change set's answer (with its Content-ID) and nothing is
+/// applied. Parts that name a record created earlier in the set (`$1`) are
+/// checked when they run.
+async fn precheck_change_set(api: &WebApi, call: &Call, parts: &[Part]) -> Option<(Response, Option<String>)> {
+    for part in parts.iter().filter(|p| !p.target.starts_with('$')) {
+        let checked = match inner_call(call, part.clone(), &[]) {
+            Ok(inner) => super::entities::precheck(api, &inner).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = checked {
+            return Some((e.into_response(), part.content_id.clone()));
+        }
+    }
+    None
 }
 
 /// One answer as an `application/http` part.
@@ -225,7 +251,10 @@ pub async fn handle(api: &WebApi, call: &Call) -> Result<Response, ApiError> {
                 );
                 let mut created: Vec<(String, String)> = Vec::new();
                 let mut answers = Vec::new();
-                for part in parts {
+                let refusal = precheck_change_set(api, call, &parts).await;
+                let to_run = if refusal.is_some() { Vec::new() } else { parts };
+                answers.extend(refusal);
+                for part in to_run {
                     let content_id = part.content_id.clone();
                     let response = run_part(api, call, part, &created).await;
                     if let (Some(id), Some(url)) = (&content_id, response.headers().get("OData-EntityId")) {

@@ -284,42 +284,25 @@ fn expected_version(value: &str) -> Result<Option<i64>, ApiError> {
         .map_err(|_| ApiError::bad_request(format!("If-Match '{value}' is not * or an ETag W/\"<version>\"")))
 }
 
-/// PATCH one record: an upsert, an update only (`If-Match`), or a create
-/// only (`If-None-Match: *`). `statecode`/`statuscode` change the state as
-/// SetState does.
-pub async fn patch(api: &WebApi, call: &Call, id: Uuid) -> Result<Response, ApiError> {
-    call.caller.require(Role::Write, "Update")?;
-    let body = body_object(call)?;
-    let if_match = call.header("If-Match").map(expected_version).transpose()?;
-    let create_only = call.header("If-None-Match").is_some_and(|v| v.trim() == "*");
-    let existing = api.backend.record_state(id).await?;
-    let exists = matches!(existing, RecordState::Live | RecordState::Retained);
-    if create_only && exists {
-        return Err(ApiError::precondition_failed(DUPLICATE, format!("A record with id {id} already exists")));
-    }
-    if if_match.is_some() && !exists {
-        return Err(ApiError::not_found(format!("{} With Id = {id} Does Not Exist", table().logical_name)));
-    }
-    if !exists {
-        let record = validated(api, &body, Some(id))?;
-        create_validated(api, vec![record]).await?;
-        return written(api, call, id, true).await;
-    }
-    update_fields(api, id, &body, if_match.flatten()).await?;
-    written(api, call, id, false).await
+/// What a PATCH will do, decided before anything is written.
+enum PatchPlan {
+    Create(Record),
+    Update(Changes),
 }
 
-/// Applies a PATCH body to an existing record: columns through Update
-/// (validated like ingestion), `statecode` (with `statuscode`) through SetState.
-async fn update_fields(
-    api: &WebApi,
+/// A PATCH body's changes to an existing record: columns for Update,
+/// `statecode` (with `statuscode`) for SetState.
+struct Changes {
     id: Uuid,
-    body: &Map<String, Json>,
+    fields: Map<String, Json>,
     row_version: Option<i64>,
-) -> Result<(), ApiError> {
+    state: Option<(i32, i32)>,
+}
+
+fn changes(id: Uuid, body: &Map<String, Json>, row_version: Option<i64>) -> Result<Changes, ApiError> {
     let mut fields = event_fields(body).map_err(ApiError::bad_request)?;
     fields.remove(&table().primary_id_attribute);
-    let state_change = match fields.remove("statecode") {
+    let state = match fields.remove("statecode") {
         None => None,
         Some(state) => {
             let state = state.as_i64().and_then(|s| i32::try_from(s).ok());
@@ -333,12 +316,126 @@ async fn update_fields(
             }
         }
     };
-    if !fields.is_empty() || row_version.is_some() {
-        let target = UpdateTarget { id, fields, row_version };
-        update::update(&api.backend, &update::Update { target }).await?;
+    Ok(Changes { id, fields, row_version, state })
+}
+
+impl Changes {
+    fn update(&self) -> Option<UpdateTarget> {
+        (!self.fields.is_empty() || self.row_version.is_some()).then(|| UpdateTarget {
+            id: self.id,
+            fields: self.fields.clone(),
+            row_version: self.row_version,
+        })
     }
-    if let Some((state, status)) = state_change {
-        state::set_state(&api.backend, &state::SetState { target: id, state, status }).await?;
+
+    async fn apply(&self, api: &WebApi) -> Result<(), ApiError> {
+        if let Some(target) = self.update() {
+            update::update(&api.backend, &update::Update { target }).await?;
+        }
+        if let Some((state, status)) = self.state {
+            state::set_state(&api.backend, &state::SetState { target: self.id, state, status }).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether [`Self::apply`] would succeed now; changes nothing.
+    async fn check(&self, api: &WebApi) -> Result<(), ApiError> {
+        if let Some(target) = self.update() {
+            update::check(&api.backend, &target).await?;
+        }
+        if let Some((state, status)) = self.state {
+            let pair = state::IsValidStateTransition {
+                target: self.id,
+                new_state: table()
+                    .column("statecode")
+                    .and_then(|c| c.option(state))
+                    .map(|o| o.label.clone())
+                    .unwrap_or_default(),
+                new_status: state::status_for(state, status).unwrap_or(-2),
+            };
+            if !state::is_valid_state_transition(&api.backend, &pair).await?.is_valid {
+                return Err(ApiError::bad_request(format!(
+                    "({state}, {status}) is not a state the record {} can be set to",
+                    self.id
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn plan_patch(api: &WebApi, call: &Call, id: Uuid) -> Result<PatchPlan, ApiError> {
+    let body = body_object(call)?;
+    let if_match = call.header("If-Match").map(expected_version).transpose()?;
+    let create_only = call.header("If-None-Match").is_some_and(|v| v.trim() == "*");
+    let existing = api.backend.record_state(id).await?;
+    let exists = matches!(existing, RecordState::Live | RecordState::Retained);
+    if create_only && exists {
+        return Err(ApiError::precondition_failed(DUPLICATE, format!("A record with id {id} already exists")));
+    }
+    if if_match.is_some() && !exists {
+        return Err(ApiError::not_found(format!("{} With Id = {id} Does Not Exist", table().logical_name)));
+    }
+    if exists {
+        Ok(PatchPlan::Update(changes(id, &body, if_match.flatten())?))
+    } else {
+        Ok(PatchPlan::Create(validated(api, &body, Some(id))?))
+    }
+}
+
+/// PATCH one record: an upsert, an update only (`If-Match`), or a create
+/// only (`If-None-Match: *`). `statecode`/`statuscode` change the state as
+/// SetState does.
+pub async fn patch(api: &WebApi, call: &Call, id: Uuid) -> Result<Response, ApiError> {
+    call.caller.require(Role::Write, "Update")?;
+    match plan_patch(api, call, id).await? {
+        PatchPlan::Create(record) => {
+            create_validated(api, vec![record]).await?;
+            written(api, call, id, true).await
+        }
+        PatchPlan::Update(changes) => {
+            changes.apply(api).await?;
+            written(api, call, id, false).await
+        }
+    }
+}
+
+/// The checks of one write of a change set, made for every part before any
+/// runs, so that a part that would fail leaves the others unapplied.
+pub async fn precheck(api: &WebApi, call: &Call) -> Result<(), ApiError> {
+    use super::path::Resource;
+    use axum::http::Method;
+    match (&call.method, &call.resource) {
+        (&Method::POST, Resource::EntitySet) => {
+            call.caller.require(Role::Write, "Create")?;
+            validated(api, &body_object(call)?, None).map(|_| ())
+        }
+        (&Method::PATCH, Resource::Entity(id)) => {
+            call.caller.require(Role::Write, "Update")?;
+            match plan_patch(api, call, *id).await? {
+                PatchPlan::Create(_) => Ok(()),
+                PatchPlan::Update(changes) => changes.check(api).await,
+            }
+        }
+        (&Method::DELETE, Resource::Entity(id)) => {
+            call.caller.require(Role::Write, "Delete")?;
+            check_delete(api, call, *id).await
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The record exists, and its version is the `If-Match` one when given.
+async fn check_delete(api: &WebApi, call: &Call, id: Uuid) -> Result<(), ApiError> {
+    let columns = vec![version_index()];
+    let current = retrieve_record(&api.backend, &Retrieve { target: id, columns }).await?;
+    if let Some(Some(expected)) = call.header("If-Match").map(expected_version).transpose()?
+        && current.entity.get("versionnumber").and_then(Json::as_i64) != Some(expected)
+    {
+        return Err(ApiError::precondition_failed(
+            super::error::VERSION_MISMATCH,
+            format!("The version of {id} is not {expected}"),
+        ));
     }
     Ok(())
 }
@@ -346,15 +443,8 @@ async fn update_fields(
 /// DELETE one record (tombstoned: a Kafka replay never brings it back).
 pub async fn delete(api: &WebApi, call: &Call, id: Uuid) -> Result<Response, ApiError> {
     call.caller.require(Role::Write, "Delete")?;
-    if let Some(Some(expected)) = call.header("If-Match").map(expected_version).transpose()? {
-        let columns = vec![version_index()];
-        let current = retrieve_record(&api.backend, &Retrieve { target: id, columns }).await?;
-        if current.entity.get("versionnumber").and_then(Json::as_i64) != Some(expected) {
-            return Err(ApiError::precondition_failed(
-                super::error::VERSION_MISMATCH,
-                format!("The version of {id} is not {expected}"),
-            ));
-        }
+    if call.header("If-Match").is_some() {
+        check_delete(api, call, id).await?;
     }
     delete_op::delete(&api.backend, &delete_op::Delete { target: id }).await?;
     let mut response = StatusCode::NO_CONTENT.into_response();
@@ -434,7 +524,10 @@ pub async fn set_action(api: &WebApi, call: &Call, name: &str) -> Result<Respons
             for (i, target) in targets(call)?.iter().enumerate() {
                 let id = target_id(target).unwrap_or_else(Uuid::new_v4);
                 match api.backend.record_state(id).await? {
-                    RecordState::Live | RecordState::Retained => update_fields(api, id, target, None).await,
+                    RecordState::Live | RecordState::Retained => match changes(id, target, None) {
+                        Ok(changes) => changes.apply(api).await,
+                        Err(e) => Err(e),
+                    },
                     _ => match validated(api, target, Some(id)) {
                         Ok(record) => create_validated(api, vec![record]).await.map(|_| ()),
                         Err(e) => Err(e),
