@@ -50,13 +50,14 @@ pub(crate) async fn start_http(
     }
 }
 
-/// Starts the Web API when `api.listen` is set, over the service's backend.
+/// Starts the Web API when `api.listen` is set, over the service's backend;
+/// the task ends once requests under way have been answered after shutdown.
 pub(crate) async fn start_api(
     config: &Config,
     backend: &Arc<crate::backend::Backend>,
     metrics: &Arc<Metrics>,
     shutdown: &watch::Receiver<bool>,
-) -> anyhow::Result<Option<std::net::SocketAddr>> {
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
     use crate::transport::webapi;
     if !config.api.is_enabled() {
         return Ok(None);
@@ -91,8 +92,7 @@ pub(crate) async fn start_api(
     println!("Web API listening on {scheme}://{addr}/api/data/v9.2/ (auth: {:?})", config.api.auth);
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, scheme, "Web API listening");
-    tokio::spawn(webapi::serve(listener, api, config.api.clone(), tls, shutdown.clone()));
-    Ok(Some(addr))
+    Ok(Some(tokio::spawn(webapi::serve(listener, api, config.api.clone(), tls, shutdown.clone()))))
 }
 
 /// Starts the embedded broker when configured; returns it (to keep it alive) and the bootstrap list.
@@ -134,7 +134,7 @@ pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
         tracing::info!("stopped while waiting for the sink; nothing was consumed");
         return Ok(EXIT_OK);
     };
-    start_api(&config, &backend, &metrics, &shutdown).await?;
+    let api = start_api(&config, &backend, &metrics, &shutdown).await?;
     let control = tokio::spawn(crate::transport::control::consumer::supervised(
         crate::transport::control::consumer::run(
             config.clone(),
@@ -152,6 +152,10 @@ pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
     ));
     pipeline::run_on(config, &brokers, backend, metrics, readiness, shutdown).await?;
     let _ = control.await;
+    // The pipeline has drained; requests the Web API is still answering finish too.
+    if let Some(api) = api {
+        let _ = api.await;
+    }
     Ok(EXIT_OK)
 }
 
