@@ -198,12 +198,9 @@ fn body_object(call: &Call) -> Result<Map<String, Json>, ApiError> {
 fn validated(api: &WebApi, body: &Map<String, Json>, id: Option<Uuid>) -> Result<Record, ApiError> {
     let t = table();
     let mut fields = event_fields(body).map_err(ApiError::bad_request)?;
-    let id = match (id, fields.get(&t.primary_id_attribute)) {
-        (Some(id), _) => id,
-        (None, Some(_)) => Uuid::nil(),
-        (None, None) => Uuid::new_v4(),
-    };
-    if !id.is_nil() {
+    // Without an id in the URL or the body, Dataverse makes one up.
+    let id = id.or_else(|| (!fields.contains_key(&t.primary_id_attribute)).then(Uuid::new_v4));
+    if let Some(id) = id {
         fields.insert(t.primary_id_attribute.clone(), Json::String(id.to_string()));
     }
     let payload = serde_json::to_vec(&fields).map_err(|e| ApiError::bad_request(e.to_string()))?;
