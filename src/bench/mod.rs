@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+mod webapi;
+
 use crate::cli::{Load, produce_events};
 use crate::config::Config;
 use crate::generator::Generator;
@@ -43,6 +45,12 @@ pub struct BenchArgs {
     /// Event rate of the latency phase (0: half the sink's measured throughput).
     #[arg(long, default_value_t = 0)]
     latency_rate: u64,
+    /// Seconds of the Web API's idle read phase per sink (0 skips the Web API phases).
+    #[arg(long, default_value_t = 10)]
+    api_seconds: u64,
+    /// Retrieve requests per second in the Web API phases.
+    #[arg(long, default_value_t = 200)]
+    api_rate: u64,
 }
 
 struct KillOnDrop(Child);
@@ -109,7 +117,9 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
     let dir = std::env::temp_dir().join(format!("copilot-ingest-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir)?;
     let mut e2e_rows = Vec::new();
+    let mut api_lines = Vec::new();
     for sink in &args.sinks {
+        let mut api_databases = Vec::new();
         let (url, raw_rate, cleanup) = match sink.as_str() {
             "sqlite" => {
                 eprintln!("raw SQLite insert…");
@@ -145,7 +155,7 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
             note: String::new(),
         });
         eprintln!("copilot-ingest end to end into {sink}…");
-        let e2e = end_to_end(&exe, &brokers, &topic, &url, n, quiet).await?;
+        let e2e = end_to_end(&exe, &brokers, &topic, &url, n, quiet, None).await?;
         let limit = raw_consume.min(raw_rate);
         e2e_rows.push((sink.clone(), e2e.events_per_s));
         rows.push(Row {
@@ -153,7 +163,29 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
             note: format!("{:.0}% of min(raw consume, raw sink)", 100.0 * e2e.events_per_s / limit),
             ..e2e
         });
-        if let Some((admin, dbs)) = cleanup {
+        if args.api_seconds > 0 {
+            let drain_url = match &cleanup {
+                None => format!("sqlite://{}", dir.join("api.db").display()),
+                Some((admin, _)) => {
+                    let db = format!("copilot_bench_api_{}", uuid::Uuid::new_v4().simple());
+                    admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+                    let base = args.pg_admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or_default();
+                    api_databases.push(db.clone());
+                    format!("{base}/{db}")
+                }
+            };
+            let phase = ApiPhase {
+                exe: &exe,
+                brokers: &brokers,
+                topic: &topic,
+                n,
+                seconds: args.api_seconds,
+                rate: args.api_rate,
+            };
+            api_lines.push(phase.run(sink, &url, &drain_url, e2e.events_per_s, quiet).await?);
+        }
+        if let Some((admin, mut dbs)) = cleanup {
+            dbs.append(&mut api_databases);
             for db in dbs {
                 let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
             }
@@ -193,6 +225,15 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
             r.peak_rss_mb.map(|m| format!("{m:.0} MB")).unwrap_or_default(),
             r.note
         );
+    }
+    if !api_lines.is_empty() {
+        println!(
+            "\n| Web API on | Retrieve p50 / p99 at {} req/s, idle | RetrieveMultiple (5,000-row pages), idle | drain with both readers | the same, during that drain |\n|---|---|---|---|---|",
+            args.api_rate
+        );
+        for l in api_lines {
+            println!("{l}");
+        }
     }
     if !latency_lines.is_empty() {
         println!("\n| sink | rate (events/s) | p50 end-to-end | p99 end-to-end |\n|---|---|---|---|");
@@ -377,8 +418,9 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-fn spawn_ingest(exe: &std::path::Path, brokers: &str, topic: &str, url: &str, port: u16) -> anyhow::Result<KillOnDrop> {
-    Ok(KillOnDrop(ingest_command(exe, brokers, topic, url, port).spawn()?))
+/// The Web API on loopback, without authentication (the benchmark's own machine).
+fn with_api(command: &mut Command, port: u16) {
+    command.env("COPILOT_INGEST__API__LISTEN", format!("127.0.0.1:{port}")).env("COPILOT_INGEST__API__AUTH", "none");
 }
 
 fn ingest_command(exe: &std::path::Path, brokers: &str, topic: &str, url: &str, port: u16) -> Command {
@@ -419,9 +461,14 @@ async fn end_to_end(
     url: &str,
     n: u64,
     quiet: bool,
+    api_port: Option<u16>,
 ) -> anyhow::Result<Row> {
     let port = free_port()?;
-    let child = spawn_ingest(exe, brokers, topic, url, port)?;
+    let mut command = ingest_command(exe, brokers, topic, url, port);
+    if let Some(api) = api_port {
+        with_api(&mut command, api);
+    }
+    let child = KillOnDrop(command.spawn()?);
     let pid = child.0.id();
     let mut started = None;
     let mut finished = None;
@@ -522,4 +569,69 @@ fn quantile(text: &str, q: f64) -> f64 {
         .collect();
     buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
     crate::metrics::bucket_quantile(&buckets, q).unwrap_or(f64::NAN)
+}
+
+/// The Web API's read rates on one sink: readers alone on the drained table,
+/// then readers while the same kind of service drains the topic again.
+struct ApiPhase<'a> {
+    exe: &'a std::path::Path,
+    brokers: &'a str,
+    topic: &'a str,
+    n: u64,
+    seconds: u64,
+    rate: u64,
+}
+
+impl ApiPhase<'_> {
+    async fn run(
+        &self,
+        sink: &str,
+        url: &str,
+        drain_url: &str,
+        drain_rate: f64,
+        quiet: bool,
+    ) -> anyhow::Result<String> {
+        let ms = |s: f64| s * 1000.0;
+        // Idle: the drained table, no ingestion (the service starts at the end of the topic).
+        let (port, api) = (free_port()?, free_port()?);
+        let mut command = ingest_command(self.exe, self.brokers, self.topic, url, port);
+        command.env("COPILOT_INGEST__KAFKA__OPTIONS__AUTO_OFFSET_RESET", "latest");
+        with_api(&mut command, api);
+        let child = KillOnDrop(command.spawn()?);
+        let base = format!("http://127.0.0.1:{api}/api/data/v9.2");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut ids = Vec::new();
+        while ids.is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let b = base.clone();
+            ids = tokio::task::spawn_blocking(move || webapi::ids(&b, 1000)).await?;
+        }
+        eprintln!("Web API on {sink}: readers alone for {}s…", self.seconds);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let idle = webapi::read_load(base, ids.clone(), self.rate, self.seconds, std::sync::Arc::clone(&stop)).await;
+        drop(child);
+
+        // The same readers while a service drains the whole topic into a fresh table.
+        eprintln!("Web API on {sink}: readers while draining {} events…", self.n);
+        let api = free_port()?;
+        let base = format!("http://127.0.0.1:{api}/api/data/v9.2");
+        let readers = tokio::spawn(webapi::read_load(base, ids, self.rate, 3600, std::sync::Arc::clone(&stop)));
+        let drain = end_to_end(self.exe, self.brokers, self.topic, drain_url, self.n, quiet, Some(api)).await?;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let busy = readers.await?;
+        Ok(format!(
+            "| {sink} | {:.1} / {:.1} ms ({} requests, {} failed) | {:.0} rows/s | {:.0} events/s = {:.0}% of {:.0} without readers | Retrieve {:.1} / {:.1} ms, RetrieveMultiple {:.0} rows/s |",
+            ms(idle.percentile(0.5)),
+            ms(idle.percentile(0.99)),
+            idle.retrieve_seconds.len(),
+            idle.retrieve_errors,
+            idle.rows_per_second(),
+            drain.events_per_s,
+            100.0 * drain.events_per_s / drain_rate.max(1e-9),
+            drain_rate,
+            ms(busy.percentile(0.5)),
+            ms(busy.percentile(0.99)),
+            busy.rows_per_second(),
+        ))
+    }
 }
