@@ -228,7 +228,7 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
     }
     if !api_lines.is_empty() {
         println!(
-            "\n| Web API on | Retrieve p50 / p99 at {} req/s, idle | RetrieveMultiple (5,000-row pages), idle | drain with both readers | the same, during that drain |\n|---|---|---|---|---|",
+            "\nEach reader alone while the service ingests at half its drain rate, then both readers during a full drain:\n\n| Web API on | ingesting (events/s offered) | Retrieve p50 / p99 at {} req/s | RetrieveMultiple (5,000-row pages) | ingested meanwhile | drain with both readers vs without | readers during that drain: Retrieve p50 / p99, RetrieveMultiple |\n|---|---|---|---|---|---|---|",
             args.api_rate
         );
         for l in api_lines {
@@ -591,8 +591,12 @@ impl ApiPhase<'_> {
         drain_rate: f64,
         quiet: bool,
     ) -> anyhow::Result<String> {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
         let ms = |s: f64| s * 1000.0;
-        // Idle: the drained table, no ingestion (the service starts at the end of the topic).
+        // Each reader alone on the drained table while the service ingests
+        // new events at half its measured drain rate.
+        let half = (drain_rate / 2.0).max(100.0) as u64;
         let (port, api) = (free_port()?, free_port()?);
         let mut command = ingest_command(self.exe, self.brokers, self.topic, url, port);
         command.env("COPILOT_INGEST__KAFKA__OPTIONS__AUTO_OFFSET_RESET", "latest");
@@ -606,26 +610,51 @@ impl ApiPhase<'_> {
             let b = base.clone();
             ids = tokio::task::spawn_blocking(move || webapi::ids(&b, 1000)).await?;
         }
-        eprintln!("Web API on {sink}: readers alone for {}s…", self.seconds);
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let idle = webapi::read_load(base, ids.clone(), self.rate, self.seconds, std::sync::Arc::clone(&stop)).await;
+        // Let the group form before the clock starts.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        eprintln!("Web API on {sink}: each reader alone for {}s while ingesting {half} events/s…", self.seconds);
+        let load = Load {
+            count: half * (2 * self.seconds + 2),
+            rate: half,
+            invalid_ratio: 0.0,
+            seed: 11,
+            progress: false,
+            avro_schema_id: None,
+            round_robin_partitions: None,
+        };
+        let (brokers, topic) = (self.brokers.to_owned(), self.topic.to_owned());
+        let producing = tokio::spawn(async move { produce_events(&brokers, &topic, &[], load, None).await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let written = || async { metric(&scrape(port).await, "copilot_ingest_records_written_total") };
+        let (w0, t0) = (written().await, Instant::now());
+        let never = Arc::new(AtomicBool::new(false));
+        let (b, i, n, r, seconds) = (base.clone(), ids.clone(), Arc::clone(&never), self.rate, self.seconds);
+        let (latencies, failed) =
+            tokio::task::spawn_blocking(move || webapi::retrieve_load(&b, &i, r, seconds, &n)).await?;
+        let (b, n) = (base.clone(), Arc::clone(&never));
+        let (rows, rows_seconds) = tokio::task::spawn_blocking(move || webapi::page_load(&b, seconds, &n)).await?;
+        let ingested = (written().await - w0) / t0.elapsed().as_secs_f64();
+        let _ = producing.await;
         drop(child);
+        let alone = webapi::Reads { retrieve_seconds: latencies, retrieve_errors: failed, rows, rows_seconds };
 
-        // The same readers while a service drains the whole topic into a fresh table.
-        eprintln!("Web API on {sink}: readers while draining {} events…", self.n);
+        // Both readers while a service drains the whole topic into a fresh table.
+        eprintln!("Web API on {sink}: both readers while draining {} events…", self.n);
         let api = free_port()?;
         let base = format!("http://127.0.0.1:{api}/api/data/v9.2");
-        let readers = tokio::spawn(webapi::read_load(base, ids, self.rate, 3600, std::sync::Arc::clone(&stop)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers = tokio::spawn(webapi::read_load(base, ids, self.rate, 3600, Arc::clone(&stop)));
         let drain = end_to_end(self.exe, self.brokers, self.topic, drain_url, self.n, quiet, Some(api)).await?;
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let busy = readers.await?;
         Ok(format!(
-            "| {sink} | {:.1} / {:.1} ms ({} requests, {} failed) | {:.0} rows/s | {:.0} events/s = {:.0}% of {:.0} without readers | Retrieve {:.1} / {:.1} ms, RetrieveMultiple {:.0} rows/s |",
-            ms(idle.percentile(0.5)),
-            ms(idle.percentile(0.99)),
-            idle.retrieve_seconds.len(),
-            idle.retrieve_errors,
-            idle.rows_per_second(),
+            "| {sink} | {half} | {:.1} / {:.1} ms ({} requests, {} failed) | {:.0} rows/s | {:.0} events/s | {:.0} events/s = {:.0}% of {:.0} | {:.1} / {:.1} ms, {:.0} rows/s |",
+            ms(alone.percentile(0.5)),
+            ms(alone.percentile(0.99)),
+            alone.retrieve_seconds.len(),
+            alone.retrieve_errors,
+            alone.rows_per_second(),
+            ingested,
             drain.events_per_s,
             100.0 * drain.events_per_s / drain_rate.max(1e-9),
             drain_rate,

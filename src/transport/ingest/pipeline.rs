@@ -133,9 +133,13 @@ pub async fn open_sink(
     shutdown: &mut watch::Receiver<bool>,
 ) -> anyhow::Result<Option<Arc<Backend>>> {
     let url: SinkUrl = config.sink_url().map_err(anyhow::Error::msg)?;
+    // Connections beyond the batches in flight, so that control commands and
+    // Web API reads never wait for a batch write to return its connection.
+    const READ_CONNECTIONS: usize = 4;
+    let connections = config.batches_in_flight() + READ_CONNECTIONS;
     let mut backoff = Backoff::default();
     loop {
-        match Backend::open(&url, &config.kafka.topic, config.batches_in_flight(), metrics).await {
+        match Backend::open(&url, &config.kafka.topic, connections, metrics).await {
             Ok(s) => return Ok(Some(Arc::new(s))),
             Err(crate::backend::BackendError::Fatal(message)) => {
                 return Err(crate::config::FatalConfig(format!("sink configuration: {message}")).into());
