@@ -41,7 +41,7 @@ fn action(name: &str) -> Option<Message> {
         "PurgeRetainedContent" => Some(Message::PurgeRetainedContent),
         "ValidateRetentionConfig" => Some(Message::ValidateRetentionConfig),
         "BulkDelete" => Some(Message::BulkDelete),
-        "SetState" => Some(Message::SetState),
+        // SetState is a PATCH of statecode/statuscode in the Web API, not an action.
         _ => None,
     }
 }
