@@ -16,7 +16,8 @@ use crate::operations::retrieve_multiple::{EntityCollection, RetrieveMultipleRes
 use crate::operations::state::{IsValidStateTransitionResponse, status_for};
 use crate::operations::update::{Empty, UpdateTarget};
 use crate::operations::{NOT_FOUND, OperationError, Request, not_found};
-use crate::table::{ColumnType, table};
+use crate::query::odata::property_name;
+use crate::table::table;
 
 const FORMATTED: &str = "OData.Community.Display.V1.FormattedValue";
 
@@ -73,20 +74,9 @@ fn entity_of(row: &Map<String, Json>) -> Map<String, Json> {
     out
 }
 
+/// `$select` for columns: the Web API's property names (lookups as `_x_value`).
 fn select(columns: &[usize]) -> String {
-    let t = table();
-    columns
-        .iter()
-        .map(|&i| {
-            let c = &t.columns[i];
-            if c.column_type == ColumnType::Lookup {
-                format!("_{}_value", c.logical_name)
-            } else {
-                c.logical_name.clone()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
+    columns.iter().map(|&i| property_name(i)).collect::<Vec<_>>().join(",")
 }
 
 fn body_of(response: &crate::http_client::Response) -> Result<Map<String, Json>, OperationError> {

@@ -463,17 +463,8 @@ impl DataverseBackend {
     /// Stored rows among `ids`, by id, with the columns we write.
     async fn existing(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Map<String, Json>>, BackendError> {
         let t = table();
-        let select: Vec<String> = crate::record::create_columns()
-            .iter()
-            .map(|&i| {
-                let c = &t.columns[i];
-                if c.column_type == ColumnType::Lookup {
-                    format!("_{}_value", c.logical_name)
-                } else {
-                    c.logical_name.clone()
-                }
-            })
-            .collect();
+        let select: Vec<String> =
+            crate::record::create_columns().iter().map(|&i| crate::query::odata::property_name(i)).collect();
         let mut found = HashMap::new();
         for chunk in ids.chunks(LOOKUP_CHUNK) {
             let values: Vec<String> = chunk.iter().map(|id| format!("'{}'", id.hyphenated())).collect();
