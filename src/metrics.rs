@@ -1,7 +1,7 @@
 //! Prometheus metrics (SPEC §7): base units, `_total` counters, low-cardinality labels.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -19,6 +19,14 @@ pub struct Metrics {
     pub control_commands_total: IntCounterVec,
     pub api_requests_total: IntCounterVec,
     pub retention_records_total: IntCounterVec,
+    /// Scheduled policy runs by policy and outcome (Succeeded, Failed).
+    pub retention_runs_total: IntCounterVec,
+    /// When each policy last succeeded (its start time until it first does).
+    pub retention_last_success_timestamp_seconds: GaugeVec,
+    /// Each policy's nominal interval, for "has not succeeded within twice it".
+    pub retention_policy_interval_seconds: GaugeVec,
+    /// Records changed so far by the running operation of each kind.
+    pub retention_operation_records: IntGaugeVec,
     /// Dataverse sink: HTTP responses by status class and throttling (429).
     pub dataverse_responses_total: IntCounterVec,
     pub postgres_batches_total: IntCounterVec,
@@ -27,6 +35,21 @@ pub struct Metrics {
     pub dataverse_concurrency_limit: IntGaugeVec,
     pub build_info: IntGaugeVec,
 }
+
+fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let g = GaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+fn int_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+/// The kinds of long operation the progress gauge reports.
+pub const OPERATION_KINDS: [&str; 4] = ["BulkRetain", "PurgeRetainedContent", "BulkDelete", "RetentionPolicy"];
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| panic!("metric {name}: {e}"));
@@ -67,6 +90,9 @@ impl Metrics {
         }
         for action in ["retained", "rolled_back", "purged"] {
             self.retention_records_total.with_label_values(&[action]);
+        }
+        for kind in OPERATION_KINDS {
+            self.retention_operation_records.with_label_values(&[kind]);
         }
     }
 
@@ -193,6 +219,30 @@ impl Metrics {
                 "OAuth2 access tokens acquired, by outcome (ok, failed).",
                 &["outcome"],
             ),
+            retention_runs_total: counter(
+                &registry,
+                "copilot_ingest_retention_runs_total",
+                "Scheduled retention policy runs, by policy and outcome (Succeeded, Failed).",
+                &["policy", "outcome"],
+            ),
+            retention_last_success_timestamp_seconds: gauge(
+                &registry,
+                "copilot_ingest_retention_last_success_timestamp_seconds",
+                "Unix time of each retention policy's last successful run (its start time until the first).",
+                &["policy"],
+            ),
+            retention_policy_interval_seconds: gauge(
+                &registry,
+                "copilot_ingest_retention_policy_interval_seconds",
+                "Each scheduled retention policy's nominal interval (months as 31 days, years as 366).",
+                &["policy"],
+            ),
+            retention_operation_records: int_gauge(
+                &registry,
+                "copilot_ingest_retention_operation_records",
+                "Records changed so far by the running long operation of each kind (0 when none runs).",
+                &["operation_kind"],
+            ),
             dataverse_concurrency_limit,
             batch_records,
             sink_write_seconds,
@@ -215,8 +265,12 @@ impl Metrics {
     /// Every metric name this process exports.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 17] = [
+        let collectors: [&dyn Collector; 21] = [
             &self.retention_records_total,
+            &self.retention_runs_total,
+            &self.retention_last_success_timestamp_seconds,
+            &self.retention_policy_interval_seconds,
+            &self.retention_operation_records,
             &self.dataverse_responses_total,
             &self.dataverse_token_renewals_total,
             &self.dataverse_concurrency_limit,

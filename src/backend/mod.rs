@@ -3,6 +3,7 @@
 //! dead-lettered; transient failures are retried with backoff, forever.
 
 pub mod dataverse;
+pub mod policy_sql;
 pub mod postgres;
 pub mod sqlite;
 
@@ -15,6 +16,7 @@ use uuid::Uuid;
 use crate::batch::Batch;
 use crate::config::SinkUrl;
 use crate::metrics::Metrics;
+use crate::operations::policy::{PolicyRecord, RetentionPolicy};
 use crate::query::fetchxml::Criteria;
 use crate::query::page::PageQuery;
 use crate::reason::{Reason, Rejection};
@@ -176,6 +178,73 @@ impl Backend {
         dispatch!(self.records()?, begin_operation(start))
     }
 
+    /// One operation's row.
+    pub async fn operation(&self, operation_id: Uuid) -> Result<Option<OperationRecord>, BackendError> {
+        dispatch!(self.records()?, operation(operation_id))
+    }
+
+    /// The newest operations, at most `limit` (newest first).
+    pub async fn operations(&self, limit: i64) -> Result<Vec<OperationRecord>, BackendError> {
+        dispatch!(self.records()?, operations(limit.clamp(1, MAX_OPERATIONS_LISTED)))
+    }
+
+    /// Records why an operation failed.
+    pub async fn set_operation_error(&self, operation_id: Uuid, error: &str) -> Result<(), BackendError> {
+        dispatch!(self.records()?, set_operation_error(operation_id, error))
+    }
+
+    /// Every stored retention policy, by uniquename.
+    pub async fn policies(&self) -> Result<Vec<PolicyRecord>, BackendError> {
+        dispatch!(self.records()?, policies())
+    }
+
+    /// Creates or replaces a policy's definition and sets its next run; its
+    /// run history is kept.
+    pub async fn save_policy(
+        &self,
+        policy: &RetentionPolicy,
+        next_run: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<(), BackendError> {
+        dispatch!(self.records()?, save_policy(policy, next_run, now))
+    }
+
+    /// Deletes a policy; `false` if there was none.
+    pub async fn delete_policy(&self, uniquename: &str) -> Result<bool, BackendError> {
+        dispatch!(self.records()?, delete_policy(uniquename))
+    }
+
+    /// Claims a policy's due run for this instance, in one statement so that
+    /// exactly one of many instances wins: a run that is due (`nextrun <= now`
+    /// and none in progress) becomes `claim.operation_id` and the next run
+    /// moves to `claim.next_run`; a run whose lease expired (its instance was
+    /// killed) is taken over with its own operation id, to resume. Returns the
+    /// run claimed (operation id and due time), or `None`.
+    pub async fn claim_policy_run(&self, claim: &PolicyClaim) -> Result<Option<(Uuid, DateTime<Utc>)>, BackendError> {
+        dispatch!(self.records()?, claim_policy_run(claim))
+    }
+
+    /// Extends the lease of the run this instance holds.
+    pub async fn renew_policy_lease(
+        &self,
+        uniquename: &str,
+        operation_id: Uuid,
+        lease_until: DateTime<Utc>,
+    ) -> Result<(), BackendError> {
+        dispatch!(self.records()?, renew_policy_lease(uniquename, operation_id, lease_until))
+    }
+
+    /// Ends the run this instance holds, recording its outcome.
+    pub async fn finish_policy_run(
+        &self,
+        uniquename: &str,
+        operation_id: Uuid,
+        outcome: &str,
+        now: DateTime<Utc>,
+    ) -> Result<(), BackendError> {
+        dispatch!(self.records()?, finish_policy_run(uniquename, operation_id, outcome, now))
+    }
+
     /// The message that started an operation, if it exists.
     pub async fn operation_message(&self, operation_id: Uuid) -> Result<Option<String>, BackendError> {
         dispatch!(self.records()?, operation_message(operation_id))
@@ -255,6 +324,21 @@ impl Backend {
 pub const OPERATION_TABLE: &str = "copilot_ingest_retention_operation";
 pub const REPLY_TABLE: &str = "copilot_ingest_control_reply";
 
+/// The retention policies, whichever way they came.
+pub const POLICY_TABLE: &str = "copilot_ingest_retention_policy";
+
+/// A claim of a policy's run (see [`Backend::claim_policy_run`]).
+#[derive(Debug, Clone)]
+pub struct PolicyClaim {
+    pub uniquename: String,
+    /// The id a new run gets (derived from the policy and its due time).
+    pub operation_id: Uuid,
+    pub now: DateTime<Utc>,
+    /// The policy's run after this one.
+    pub next_run: Option<DateTime<Utc>>,
+    pub lease_until: DateTime<Utc>,
+}
+
 /// Where a record id stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RecordState {
@@ -300,6 +384,8 @@ pub struct OperationStart {
     pub command_id: String,
     pub message: &'static str,
     pub criteria: Option<String>,
+    /// The policy whose scheduled run this is.
+    pub policy: Option<String>,
 }
 
 /// Which records a bulk deletion removes.
@@ -312,7 +398,49 @@ pub struct DeletePage {
     pub criteria: Criteria,
     /// The message recorded in the tombstone (`None`: a purge).
     pub deleted_by: Option<&'static str>,
+    /// Only records retained by an operation that ended at or before this
+    /// time (a policy's `purge_after`).
+    pub retained_before: Option<DateTime<Utc>>,
+    /// Which of the operation's counts the page adds to.
+    pub counter: OperationCounter,
 }
+
+/// An operation's counts: `total` (what its message did: retained, deleted,
+/// purged) and `purged` (what a policy run purged after retaining).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperationCounter {
+    Total,
+    Purged,
+}
+
+impl OperationCounter {
+    pub fn column(self) -> &'static str {
+        match self {
+            OperationCounter::Total => "total",
+            OperationCounter::Purged => "purged",
+        }
+    }
+}
+
+/// An operation's row, as read back (`control operation`, `retentionoperations`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperationRecord {
+    pub operation_id: Uuid,
+    pub command_id: String,
+    pub message: String,
+    /// The policy whose scheduled run this is.
+    pub policy: Option<String>,
+    pub criteria: Option<String>,
+    pub status: String,
+    pub total: i64,
+    pub purged: i64,
+    pub started_on: DateTime<Utc>,
+    pub ended_on: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+/// The most operations one read returns (newest first).
+pub const MAX_OPERATIONS_LISTED: i64 = 5000;
 
 /// New values for one live record: the whole create-column layout, already
 /// validated and normalized as ingestion does.

@@ -8,7 +8,7 @@ use uuid::Uuid;
 use super::retention::{delete_pages, start};
 use super::update::Empty;
 use super::{Context, EntityCountCollection, OperationError};
-use crate::backend::{Backend, DeletePage};
+use crate::backend::{Backend, DeletePage, OperationCounter};
 use crate::query::fetchxml::Criteria;
 
 #[derive(Debug, Clone)]
@@ -49,9 +49,11 @@ pub async fn bulk_delete(
         max_version: None,
         criteria: request.criteria.clone(),
         deleted_by: Some("BulkDelete"),
+        retained_before: None,
+        counter: OperationCounter::Total,
     };
     let operation = start(context, "BulkDelete", Some(&request.fetch_xml));
-    let total = delete_pages(backend, &operation, &page, request.page_size).await?;
+    let total = delete_pages(backend, context, &operation, &page, request.page_size).await?;
     Ok(BulkDeleteResponse {
         entity_count_collection: EntityCountCollection(total),
         operation_id: context.operation_id,

@@ -13,9 +13,12 @@
 pub mod create_multiple;
 pub mod delete;
 pub mod parameters;
+pub mod policy;
+pub mod report;
 pub mod retention;
 pub mod retrieve;
 pub mod retrieve_multiple;
+pub mod scheduler;
 pub mod state;
 pub mod update;
 
@@ -34,13 +37,19 @@ pub struct Context {
     /// The id of the run: stable across redeliveries of one request, so a
     /// redelivered request resumes the same run.
     pub operation_id: Uuid,
+    /// Where a long operation reports its progress, if anyone listens.
+    pub progress: Option<report::ProgressSink>,
 }
 
 impl Context {
     /// A context whose operation id is derived from the request id.
     pub fn for_request(request_id: &str) -> Context {
         const NS: Uuid = Uuid::from_u128(0x6f0b_4c1e_2a57_4d0e_9b1c_0c0b_71c5_7a03);
-        Context { request_id: request_id.to_owned(), operation_id: Uuid::new_v5(&NS, request_id.as_bytes()) }
+        Context {
+            request_id: request_id.to_owned(),
+            operation_id: Uuid::new_v5(&NS, request_id.as_bytes()),
+            progress: None,
+        }
     }
 }
 

@@ -7,8 +7,9 @@ use chrono::Utc;
 use serde::Serialize;
 use uuid::Uuid;
 
+use super::report::Tracker;
 use super::{Context, EntityCountCollection, OperationError};
-use crate::backend::{Backend, DeletePage, OperationStart, RecordState, RollbackScope};
+use crate::backend::{Backend, DeletePage, OperationCounter, OperationStart, RecordState, RollbackScope};
 use crate::query::fetchxml::{self, Condition, Criteria, Filter, Operator, Param};
 use crate::table::table;
 
@@ -93,17 +94,12 @@ pub async fn bulk_retain(
     request: &BulkRetain,
 ) -> Result<BulkRetainResponse, OperationError> {
     let op = context.operation_id;
-    let mut total = backend.begin_operation(&start(context, "BulkRetain", Some(&request.fetch_xml))).await?;
-    loop {
-        let n = backend.retain_page(op, &request.criteria, request.page_size).await?;
-        total += n;
-        if n < request.page_size {
-            break;
-        }
-    }
+    let total = backend.begin_operation(&start(context, "BulkRetain", Some(&request.fetch_xml))).await?;
+    let mut tracker = Tracker::new(context.progress.clone(), op, "BulkRetain", "Marking", total);
+    retain_pages(backend, op, &request.criteria, request.page_size, &mut tracker, || async { Ok(()) }).await?;
     backend.set_operation_status(op, "Succeeded", true).await?;
     Ok(BulkRetainResponse {
-        entity_count_collection: EntityCountCollection(total),
+        entity_count_collection: EntityCountCollection(tracker.count()),
         operation_id: op,
         has_more_records: false,
         failed_records: Vec::new(),
@@ -203,8 +199,11 @@ pub async fn purge_retained_content(
         max_version: request.max_version,
         criteria: request.criteria.clone().unwrap_or(Criteria { filter: None, retained: true }),
         deleted_by: None,
+        retained_before: None,
+        counter: OperationCounter::Total,
     };
-    let total = delete_pages(backend, &start(context, "PurgeRetainedContent", None), &page, request.page_size).await?;
+    let total =
+        delete_pages(backend, context, &start(context, "PurgeRetainedContent", None), &page, request.page_size).await?;
     Ok(PurgeRetainedContentResponse {
         entity_count_collection: EntityCountCollection(total),
         operation_id: op,
@@ -215,20 +214,65 @@ pub async fn purge_retained_content(
 /// Deletes `page` page by page under one operation; returns the total.
 pub(super) async fn delete_pages(
     backend: &Backend,
+    context: &Context,
     operation: &OperationStart,
     page: &DeletePage,
     page_size: i64,
 ) -> Result<i64, OperationError> {
-    let mut total = backend.begin_operation(operation).await?;
+    let op = operation.operation_id;
+    let total = backend.begin_operation(operation).await?;
+    backend.set_operation_status(op, "Deleting", false).await?;
+    let mut tracker = Tracker::new(context.progress.clone(), op, operation.message, "Deleting", total);
+    delete_page_loop(backend, op, page, page_size, &mut tracker, || async { Ok(()) }).await?;
+    backend.set_operation_status(op, "Succeeded", true).await?;
+    Ok(tracker.count())
+}
+
+/// Retains page by page until a page comes back short; `between` runs after
+/// each page (the scheduler renews its lease there).
+pub(crate) async fn retain_pages<F, Fut>(
+    backend: &Backend,
+    operation_id: Uuid,
+    criteria: &Criteria,
+    page_size: i64,
+    tracker: &mut Tracker,
+    between: F,
+) -> Result<(), OperationError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::backend::BackendError>>,
+{
     loop {
-        let n = backend.delete_page(operation.operation_id, page, page_size).await?;
-        total += n;
+        let n = backend.retain_page(operation_id, criteria, page_size).await?;
+        tracker.page(n);
         if n < page_size {
-            break;
+            return Ok(());
         }
+        between().await?;
     }
-    backend.set_operation_status(operation.operation_id, "Succeeded", true).await?;
-    Ok(total)
+}
+
+/// Deletes page by page until a page comes back short; `between` as for [`retain_pages`].
+pub(crate) async fn delete_page_loop<F, Fut>(
+    backend: &Backend,
+    operation_id: Uuid,
+    page: &DeletePage,
+    page_size: i64,
+    tracker: &mut Tracker,
+    between: F,
+) -> Result<(), OperationError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), crate::backend::BackendError>>,
+{
+    loop {
+        let n = backend.delete_page(operation_id, page, page_size).await?;
+        tracker.page(n);
+        if n < page_size {
+            return Ok(());
+        }
+        between().await?;
+    }
 }
 
 pub(super) fn start(context: &Context, message: &'static str, criteria: Option<&str>) -> OperationStart {
@@ -237,5 +281,6 @@ pub(super) fn start(context: &Context, message: &'static str, criteria: Option<&
         command_id: context.request_id.clone(),
         message,
         criteria: criteria.map(str::to_owned),
+        policy: None,
     }
 }

@@ -12,4 +12,5 @@ mod messages;
 mod observability;
 mod pipeline;
 mod postgres_tls;
+mod scheduler;
 mod webapi;

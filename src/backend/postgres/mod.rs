@@ -11,6 +11,7 @@ use tokio_postgres::{Client, Statement};
 
 pub mod connect;
 mod create;
+mod policies;
 mod records;
 
 pub use create::encode_copy_rows;
@@ -109,6 +110,7 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
             client.batch_execute(&format!("ALTER TABLE {name} ADD COLUMN IF NOT EXISTS {def}")).await?;
         }
         client.batch_execute(&records::ddl()).await?;
+        client.batch_execute(&policies::ddl()).await?;
         Ok(())
     }
     .await;

@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use super::{PostgresBackend, connect};
 use crate::backend::{
-    BackendError, DEAD_LETTER_TABLE, DeletePage, OPERATION_TABLE, OperationStart, REPLY_TABLE, RecordState,
-    RollbackCounts, RollbackScope, RowUpdate, update_columns,
+    BackendError, DEAD_LETTER_TABLE, DeletePage, OPERATION_TABLE, OperationCounter, OperationStart, REPLY_TABLE,
+    RecordState, RollbackCounts, RollbackScope, RowUpdate, update_columns,
 };
 use crate::query::fetchxml::{Criteria, Dialect, Param, Predicate};
 use crate::query::page::PageQuery;
@@ -144,10 +144,10 @@ impl PostgresBackend {
         client
             .execute(
                 &format!(
-                    "INSERT INTO {OPERATION_TABLE} (operationid, command_id, message, criteria, status, started_on)
-                     VALUES ($1, $2, $3, $4, 'Marking', now()) ON CONFLICT (operationid) DO NOTHING"
+                    "INSERT INTO {OPERATION_TABLE} (operationid, command_id, message, criteria, status, started_on, policy)
+                     VALUES ($1, $2, $3, $4, 'Marking', now(), $5) ON CONFLICT (operationid) DO NOTHING"
                 ),
-                &[&start.operation_id, &start.command_id, &start.message, &start.criteria],
+                &[&start.operation_id, &start.command_id, &start.message, &start.criteria, &start.policy],
             )
             .await?;
         let row = client
@@ -191,6 +191,7 @@ impl PostgresBackend {
     async fn page(
         &self,
         operation_id: Uuid,
+        counter: OperationCounter,
         sql: &str,
         mut params: Vec<BoxedParam>,
         predicate: &Predicate,
@@ -199,8 +200,9 @@ impl PostgresBackend {
         let tx = lease.client()?.transaction().await?;
         params.extend(predicate.params.iter().map(param));
         let n = tx.execute(sql, &refs(&params)).await? as i64;
+        let column = counter.column();
         tx.execute(
-            &format!("UPDATE {OPERATION_TABLE} SET total = total + $2 WHERE operationid = $1"),
+            &format!("UPDATE {OPERATION_TABLE} SET {column} = {column} + $2 WHERE operationid = $1"),
             &[&operation_id, &n],
         )
         .await?;
@@ -222,7 +224,14 @@ impl PostgresBackend {
              WHERE {id} IN (SELECT {id} FROM {name} WHERE msft_datastate = 0 AND ({}) LIMIT $2 FOR UPDATE SKIP LOCKED)",
             predicate.sql
         );
-        self.page(operation_id, &sql, vec![Box::new(operation_id), Box::new(limit)], &predicate).await
+        self.page(
+            operation_id,
+            OperationCounter::Total,
+            &sql,
+            vec![Box::new(operation_id), Box::new(limit)],
+            &predicate,
+        )
+        .await
     }
 
     pub(crate) async fn rollback(&self, scope: RollbackScope) -> Result<RollbackCounts, BackendError> {
@@ -259,11 +268,14 @@ impl PostgresBackend {
     ) -> Result<i64, BackendError> {
         let t = table();
         let (name, id, tombstones) = (&t.logical_name, &t.primary_id_attribute, t.tombstone_table());
-        let predicate = page.criteria.compile(Dialect::Postgres, 5);
+        let predicate = page.criteria.compile(Dialect::Postgres, 6);
         let sql = format!(
             "WITH doomed AS (
                 DELETE FROM {name} WHERE {id} IN (
-                    SELECT {id} FROM {name} WHERE msft_datastate = $3 AND ($1::bigint IS NULL OR versionnumber <= $1::bigint) AND ({})
+                    SELECT {id} FROM {name} WHERE msft_datastate = $3 AND ($1::bigint IS NULL OR versionnumber <= $1::bigint)
+                    AND ($5::timestamptz IS NULL OR msft_retention_operationid IN
+                         (SELECT operationid FROM {OPERATION_TABLE} WHERE ended_on IS NOT NULL AND ended_on <= $5::timestamptz))
+                    AND ({})
                     LIMIT $2 FOR UPDATE SKIP LOCKED)
                 RETURNING {id}, versionnumber, msft_retention_operationid)
              INSERT INTO {tombstones} ({id}, purgedon, versionnumber, retention_operationid, deleted_by)
@@ -276,8 +288,9 @@ impl PostgresBackend {
             Box::new(limit),
             Box::new(i32::from(page.retained)),
             Box::new(page.deleted_by.map(str::to_owned)),
+            Box::new(page.retained_before),
         ];
-        self.page(operation_id, &sql, params, &predicate).await
+        self.page(operation_id, page.counter, &sql, params, &predicate).await
     }
 
     pub(crate) async fn delete_record(&self, record: Uuid) -> Result<bool, BackendError> {

@@ -14,6 +14,7 @@ use crate::batch::Batch;
 use crate::table::{ColumnType, EXTRA_COLUMNS, ExtraColumnKind, table};
 
 mod create;
+mod policies;
 mod records;
 
 pub use create::write_batches;
@@ -127,6 +128,7 @@ pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
         conn.execute_batch(&format!("ALTER TABLE {} ADD COLUMN deleted_by TEXT", t.tombstone_table()))?;
     }
     conn.execute_batch(&records::ddl())?;
+    policies::ddl(conn)?;
     Ok(())
 }
 

@@ -12,8 +12,8 @@ use uuid::Uuid;
 
 use super::SqliteBackend;
 use crate::backend::{
-    BackendError, DEAD_LETTER_TABLE, DeletePage, OPERATION_TABLE, OperationStart, REPLY_TABLE, RecordState,
-    RollbackCounts, RollbackScope, RowUpdate, update_columns,
+    BackendError, DEAD_LETTER_TABLE, DeletePage, OPERATION_TABLE, OperationCounter, OperationStart, REPLY_TABLE,
+    RecordState, RollbackCounts, RollbackScope, RowUpdate, update_columns,
 };
 use crate::query::fetchxml::{Criteria, Dialect, Param};
 use crate::query::page::PageQuery;
@@ -59,9 +59,15 @@ fn next_version(tx: &Transaction<'_>) -> rusqlite::Result<i64> {
 
 /// Adds a page's count to its operation's total and commits: the change and
 /// its count land together or not at all.
-fn commit_page(tx: Transaction<'_>, operation_id: Uuid, n: i64) -> Result<i64, BackendError> {
+fn commit_page(
+    tx: Transaction<'_>,
+    operation_id: Uuid,
+    counter: OperationCounter,
+    n: i64,
+) -> Result<i64, BackendError> {
+    let column = counter.column();
     tx.execute(
-        &format!("UPDATE {OPERATION_TABLE} SET total = total + ?2 WHERE operationid = ?1"),
+        &format!("UPDATE {OPERATION_TABLE} SET {column} = {column} + ?2 WHERE operationid = ?1"),
         rusqlite::params![text(operation_id), n],
     )?;
     tx.commit()?;
@@ -156,10 +162,17 @@ impl SqliteBackend {
             let op = text(start.operation_id);
             conn.execute(
                 &format!(
-                    "INSERT INTO {OPERATION_TABLE} (operationid, command_id, message, criteria, status, started_on)
-                     VALUES (?1, ?2, ?3, ?4, 'Marking', ?5) ON CONFLICT (operationid) DO NOTHING"
+                    "INSERT INTO {OPERATION_TABLE} (operationid, command_id, message, criteria, status, started_on, policy)
+                     VALUES (?1, ?2, ?3, ?4, 'Marking', ?5, ?6) ON CONFLICT (operationid) DO NOTHING"
                 ),
-                rusqlite::params![op, start.command_id, start.message, start.criteria, format_datetime(&Utc::now())],
+                rusqlite::params![
+                    op,
+                    start.command_id,
+                    start.message,
+                    start.criteria,
+                    format_datetime(&Utc::now()),
+                    start.policy
+                ],
             )?;
             Ok(conn.query_row(&format!("SELECT total FROM {OPERATION_TABLE} WHERE operationid = ?1"), [op], |r| {
                 r.get(0)
@@ -220,7 +233,7 @@ impl SqliteBackend {
             let mut params: Vec<SqlValue> = vec![version.into(), text(operation_id).into(), limit.into()];
             params.extend(predicate.params.iter().map(param));
             let n = tx.execute(&sql, rusqlite::params_from_iter(params))? as i64;
-            commit_page(tx, operation_id, n)
+            commit_page(tx, operation_id, OperationCounter::Total, n)
         })
         .await
     }
@@ -256,16 +269,21 @@ impl SqliteBackend {
     ) -> Result<i64, BackendError> {
         let t = table();
         let (name, id) = (&t.logical_name, &t.primary_id_attribute);
-        let predicate = page.criteria.compile(Dialect::Sqlite, 4);
+        let predicate = page.criteria.compile(Dialect::Sqlite, 5);
         let select = format!(
-            "SELECT {id} FROM {name} WHERE msft_datastate = ?3 AND (?1 IS NULL OR versionnumber <= ?1) AND ({}) LIMIT ?2",
+            "SELECT {id} FROM {name} WHERE msft_datastate = ?3 AND (?1 IS NULL OR versionnumber <= ?1)
+             AND (?4 IS NULL OR msft_retention_operationid IN
+                  (SELECT operationid FROM {OPERATION_TABLE} WHERE ended_on IS NOT NULL AND ended_on <= ?4))
+             AND ({}) LIMIT ?2",
             predicate.sql
         );
         let (max_version, retained, deleted_by) = (page.max_version, i64::from(page.retained), page.deleted_by);
+        let (retained_before, counter) = (page.retained_before.as_ref().map(format_datetime), page.counter);
         self.run(move |conn| {
             let tx = immediate(conn)?;
             let ids: Vec<String> = {
-                let mut params: Vec<SqlValue> = vec![max_version.into(), limit.into(), retained.into()];
+                let mut params: Vec<SqlValue> =
+                    vec![max_version.into(), limit.into(), retained.into(), retained_before.into()];
                 params.extend(predicate.params.iter().map(param));
                 let mut stmt = tx.prepare(&select)?;
                 stmt.query_map(rusqlite::params_from_iter(params), |r| r.get(0))?.collect::<Result<_, _>>()?
@@ -273,7 +291,7 @@ impl SqliteBackend {
             for record in &ids {
                 tombstone_and_delete(&tx, record, deleted_by)?;
             }
-            commit_page(tx, operation_id, ids.len() as i64)
+            commit_page(tx, operation_id, counter, ids.len() as i64)
         })
         .await
     }

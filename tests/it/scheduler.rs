@@ -1,0 +1,228 @@
+//! Scheduled retention policies on SQLite and PostgreSQL, driven by a test
+//! clock (each pass is given its time; nothing sleeps): runs on schedule,
+//! paused runs nothing, a missed run runs once, two instances on one
+//! database run each due run exactly once, and a run killed halfway resumes
+//! with exact counts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use copilot_ingest::backend::Backend;
+use copilot_ingest::config::SinkUrl;
+use copilot_ingest::metrics::Metrics;
+use copilot_ingest::normalize::Normalizer;
+use copilot_ingest::operations::policy::{self, PolicySource, PolicyStatus, RetentionPolicy};
+use copilot_ingest::operations::scheduler::{LEASE, RUN_MESSAGE, Scheduler};
+use serde_json::json;
+
+use crate::common::*;
+use crate::control::{query_i64, sink_urls};
+
+const OLD_RECORDS_CRITERIA: &str = "<fetch><entity name='msdyn_copilotinteraction'><filter>\
+    <condition attribute='createdon' operator='olderthan-x-days' value='365'/></filter></entity></fetch>";
+
+fn sink(url: &str) -> SinkUrl {
+    match url.strip_prefix("sqlite://") {
+        Some(path) => SinkUrl::Sqlite(path.into()),
+        None => SinkUrl::Postgres(url.to_owned()),
+    }
+}
+
+async fn open(url: &str) -> Arc<Backend> {
+    Arc::new(Backend::open(&sink(url), "t", 2, &Arc::new(Metrics::new())).await.expect("open the sink"))
+}
+
+/// `old` records created in 2020 (the criteria's) and `recent` ones created now.
+async fn seed(backend: &Backend, first: usize, old: usize, recent: usize) {
+    let normalizer = Normalizer::default();
+    let metrics = Metrics::new();
+    let mut records = Vec::new();
+    for i in first..first + old + recent {
+        let mut e = json!({"msdyn_name": format!("event {i}"), "msdyn_scenariorequestid": format!("req-{i}"),
+                           "msdyn_interactiontype": "ThumbsUp", "msdyn_scenariotype": "Copilot",
+                           "msdyn_copilotinteractionid": uuid::Uuid::new_v4().to_string()});
+        if i < first + old {
+            e["overriddencreatedon"] = json!("2020-01-01T00:00:00Z");
+        }
+        records.push(normalizer.normalize_json(e.to_string().as_bytes(), None, Utc::now()).expect("a valid event"));
+        if records.len() == 1000 {
+            copilot_ingest::operations::create_multiple::create_records(
+                backend,
+                std::mem::take(&mut records),
+                &metrics,
+            )
+            .await
+            .expect("seed");
+        }
+    }
+    if !records.is_empty() {
+        copilot_ingest::operations::create_multiple::create_records(backend, records, &metrics).await.expect("seed");
+    }
+}
+
+fn daily(uniquename: &str, start: DateTime<Utc>, page_size: i64) -> RetentionPolicy {
+    RetentionPolicy {
+        uniquename: uniquename.into(),
+        name: format!("policy {uniquename}"),
+        entitylogicalname: "msdyn_copilotinteraction".into(),
+        criteria: OLD_RECORDS_CRITERIA.into(),
+        starttime: start,
+        recurrence: "FREQ=DAILY;INTERVAL=1".into(),
+        status: PolicyStatus::Scheduled,
+        purge_after_seconds: None,
+        page_size,
+        source: PolicySource::Runtime,
+    }
+}
+
+/// The test clock's origin: now, to the second (operation rows carry real
+/// end times, which a policy's `purge_after` compares with the clock).
+fn origin() -> DateTime<Utc> {
+    Utc::now().duration_trunc(TimeDelta::seconds(1)).unwrap_or_else(|_| Utc::now())
+}
+
+fn hours(h: i64) -> TimeDelta {
+    TimeDelta::hours(h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daily_policy_runs_on_schedule_pauses_and_catches_up_once_on_both_sinks() {
+    let (urls, _db, _dir) = sink_urls().await;
+    for url in urls {
+        let backend = open(&url).await;
+        seed(&backend, 0, 30, 20).await;
+        let metrics = Arc::new(Metrics::new());
+        let scheduler = Scheduler::new(Arc::clone(&backend), Arc::clone(&metrics));
+        let t0 = origin();
+        let start = t0 + hours(1);
+        policy::save(&backend, &daily("old-feedback", start, 7), t0).await.unwrap();
+
+        assert!(scheduler.run_due(t0).await.unwrap().is_empty(), "{url}: not due before its start time");
+        let first = scheduler.run_due(start).await.unwrap();
+        assert_eq!(first.len(), 1, "{url}");
+        assert_eq!((first[0].outcome, first[0].retained), ("Succeeded", 30), "{url}: {first:?}");
+        assert!(scheduler.run_due(start + TimeDelta::seconds(1)).await.unwrap().is_empty(), "{url}: ran once");
+        let second = scheduler.run_due(start + TimeDelta::days(1)).await.unwrap();
+        assert_eq!((second.len(), second[0].retained), (1, 0), "{url}: the next day's run finds nothing new");
+        assert_ne!(first[0].operation_id, second[0].operation_id, "each run is its own operation");
+
+        // Down for nine days: one run at start-up, then the next is tomorrow's.
+        let late = start + TimeDelta::days(10) + hours(2);
+        assert_eq!(scheduler.run_due(late).await.unwrap().len(), 1, "{url}: a missed run runs once");
+        assert!(scheduler.run_due(late + hours(1)).await.unwrap().is_empty(), "{url}: not once per missed day");
+        let stored = backend.policies().await.unwrap();
+        assert_eq!(stored[0].next_run, Some(start + TimeDelta::days(11)), "{url}");
+        assert_eq!(stored[0].last_outcome.as_deref(), Some("Succeeded"));
+        assert_eq!(stored[0].last_run, Some(late));
+
+        // Paused: nothing runs, however long; resumed: the missed run once.
+        let paused = RetentionPolicy { status: PolicyStatus::Unscheduled, ..daily("old-feedback", start, 7) };
+        policy::save(&backend, &paused, late).await.unwrap();
+        for day in 11..15 {
+            assert!(scheduler.run_due(start + TimeDelta::days(day)).await.unwrap().is_empty(), "{url}: paused ran");
+        }
+        let resumed_at = start + TimeDelta::days(15) + hours(3);
+        policy::save(&backend, &daily("old-feedback", start, 7), resumed_at).await.unwrap();
+        assert_eq!(scheduler.run_due(resumed_at).await.unwrap().len(), 1, "{url}: resumed runs the missed one");
+        assert!(scheduler.run_due(resumed_at + hours(1)).await.unwrap().is_empty(), "{url}");
+
+        // purge_after: what was retained (by the first run, ended before
+        // the cutoff) is purged in the run; live records are never touched.
+        let purging = RetentionPolicy { purge_after_seconds: Some(3600), ..daily("old-feedback", start, 7) };
+        policy::save(&backend, &purging, resumed_at).await.unwrap();
+        let purge_run = scheduler.run_due(start + TimeDelta::days(16)).await.unwrap();
+        assert_eq!((purge_run[0].retained, purge_run[0].purged), (0, 30), "{url}: {purge_run:?}");
+        let tombstones = query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction_tombstone").await;
+        let live = query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 0").await;
+        assert_eq!((tombstones, live), (30, 20), "{url}");
+        let operation = backend.operation(purge_run[0].operation_id).await.unwrap().unwrap();
+        assert_eq!((operation.status.as_str(), operation.total, operation.purged), ("Succeeded", 0, 30));
+        assert_eq!(operation.message, RUN_MESSAGE);
+        assert_eq!(operation.policy.as_deref(), Some("old-feedback"));
+
+        let runs = metrics.retention_runs_total.with_label_values(&["old-feedback", "Succeeded"]).get();
+        assert_eq!(runs, 5, "{url}: the runs counter counts every run");
+        let rendered = metrics.render();
+        assert!(rendered.contains("copilot_ingest_retention_last_success_timestamp_seconds{policy=\"old-feedback\"}"));
+        assert!(rendered.contains("copilot_ingest_retention_policy_interval_seconds{policy=\"old-feedback\"} 86400"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_one_postgres_database_run_each_due_run_exactly_once() {
+    let Some(db) = PgDb::create().await else {
+        assert!(std::env::var("CI").is_err(), "PostgreSQL is required under CI=true");
+        println!("SKIPPED: PostgreSQL is not reachable on 127.0.0.1:5432");
+        return;
+    };
+    let (a, b) = (open(&db.url).await, open(&db.url).await);
+    seed(&a, 0, 40, 10).await;
+    let t0 = origin();
+    let names = ["p1", "p2", "p3"];
+    for name in names {
+        policy::save(&a, &daily(name, t0 + hours(1), 3), t0).await.unwrap();
+    }
+    let (first, second) =
+        (Scheduler::new(Arc::clone(&a), Arc::new(Metrics::new())), Scheduler::new(b, Arc::new(Metrics::new())));
+    let mut runs = std::collections::HashMap::<String, usize>::new();
+    for day in 0..20 {
+        let now = t0 + hours(1) + TimeDelta::days(day) + TimeDelta::minutes(1);
+        let (x, y) = tokio::join!(first.run_due(now), second.run_due(now));
+        for outcome in x.unwrap().into_iter().chain(y.unwrap()) {
+            assert_eq!(outcome.outcome, "Succeeded");
+            *runs.entry(outcome.policy).or_default() += 1;
+        }
+    }
+    for name in names {
+        assert_eq!(runs.get(name), Some(&20), "{name}: {runs:?}");
+        let sql = format!(
+            "SELECT count(*) FROM copilot_ingest_retention_operation WHERE policy = '{name}' AND status = 'Succeeded'"
+        );
+        assert_eq!(query_i64(&db.url, &sql).await, 20, "{name}: one operation row per run");
+    }
+    let retained = query_i64(&db.url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1").await;
+    let counted = query_i64(&db.url, "SELECT sum(total)::bigint FROM copilot_ingest_retention_operation").await;
+    assert_eq!((retained, counted), (40, 40), "every record retained once, by exactly one run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_killed_halfway_is_resumed_with_exact_counts_on_both_sinks() {
+    let (urls, _db, _dir) = sink_urls().await;
+    for url in urls {
+        let backend = open(&url).await;
+        seed(&backend, 0, 6000, 50).await;
+        let t0 = origin();
+        policy::save(&backend, &daily("big", t0, 10), t0).await.unwrap();
+        let scheduler = Arc::new(Scheduler::new(Arc::clone(&backend), Arc::new(Metrics::new())));
+        let run = {
+            let scheduler = Arc::clone(&scheduler);
+            tokio::spawn(async move { scheduler.run_due(t0).await })
+        };
+        // Killed once some pages are committed.
+        let mut halfway = 0;
+        for _ in 0..20_000 {
+            let operations = backend.operations(10).await.unwrap();
+            if let Some(op) = operations.first().filter(|op| op.total > 0) {
+                halfway = op.total;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        run.abort();
+        let _ = run.await;
+        assert!(halfway > 0 && halfway < 6000, "{url}: the run was stopped halfway ({halfway})");
+        let marked = query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1").await;
+        assert!(marked < 6000, "{url}: {marked}");
+
+        // Its lease runs out; the next pass takes the run over and finishes it.
+        let resumed = scheduler.run_due(t0 + LEASE + TimeDelta::minutes(5)).await.unwrap();
+        assert_eq!(resumed.len(), 1, "{url}");
+        assert_eq!((resumed[0].outcome, resumed[0].retained), ("Succeeded", 6000), "{url}: {resumed:?}");
+        let operations = backend.operations(10).await.unwrap();
+        assert_eq!(operations.len(), 1, "{url}: the same operation, resumed, not a second one");
+        assert_eq!((operations[0].total, operations[0].status.as_str()), (6000, "Succeeded"), "{url}");
+        let marked = query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1").await;
+        assert_eq!(marked, 6000, "{url}");
+    }
+}
