@@ -150,6 +150,7 @@ pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
         Arc::clone(&backend),
         shutdown.clone(),
     ));
+    start_retention(&config, &backend, &metrics, &shutdown).await?;
     pipeline::run_on(config, &brokers, backend, metrics, readiness, shutdown).await?;
     let _ = control.await;
     // The pipeline has drained; requests the Web API is still answering finish too.
@@ -157,6 +158,35 @@ pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
         let _ = api.await;
     }
     Ok(EXIT_OK)
+}
+
+/// Reconciles the policies the file declares into the store, then runs the
+/// retention scheduler until shutdown.
+async fn start_retention(
+    config: &Config,
+    backend: &Arc<crate::backend::Backend>,
+    metrics: &Arc<Metrics>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    use crate::operations::{policy, scheduler::Scheduler};
+    let declared = config.retention.declared();
+    if backend.kind() == "dataverse" {
+        if !declared.is_empty() {
+            tracing::warn!(
+                policies = declared.len(),
+                "retention.policies are not run with the dataverse:// sink: create them as retentionconfig rows in the Dataverse environment"
+            );
+        }
+        return Ok(());
+    }
+    let (saved, removed) = policy::reconcile(backend, &declared, chrono::Utc::now())
+        .await
+        .map_err(|e| anyhow::anyhow!("retention.policies: {e}"))?;
+    if saved + removed > 0 {
+        tracing::info!(declared = saved, removed, "retention policies reconciled with the configuration");
+    }
+    tokio::spawn(Scheduler::new(Arc::clone(backend), Arc::clone(metrics)).run(shutdown.clone()));
+    Ok(())
 }
 
 pub(crate) async fn migrate(config: Config) -> anyhow::Result<i32> {

@@ -51,6 +51,11 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("kafka.options", "librdkafka properties passed through, e.g. \"security.protocol\" = \"SASL_SSL\""),
     ("kafka.topic", "events to ingest"),
     ("metrics.listen", "/metrics, /healthz, /readyz (run and demo on the embedded broker use 127.0.0.1)"),
+    (
+        "retention.policies",
+        "[[retention.policies]] uniquename, criteria (FetchXML), starttime (RFC 3339), recurrence = \"FREQ=DAILY;INTERVAL=1\", \
+         status = \"Scheduled\" | \"Unscheduled\" | \"Cancelled\", purge_after = \"30d\", page_size",
+    ),
     ("shutdown.drain_timeout_ms", "how long SIGTERM may take to flush and commit"),
     ("sink.dataverse.api_url", "overrides https://<org host> (e.g. a local emulator)"),
     ("sink.dataverse.api_version", "Web API version"),

@@ -13,9 +13,11 @@ use crate::normalize::UnknownFields;
 
 mod api;
 mod example;
+mod retention;
 mod sources;
 pub use api::{ApiConfig, ApiToken, AuthMode, JwtConfig, Role};
 pub use example::{example, show};
+pub use retention::{PolicyConfig, RetentionConfig};
 use sources::{apply_env, check_kafka_options, load_section};
 
 pub const ENV_PREFIX: &str = "COPILOT_INGEST__";
@@ -252,6 +254,7 @@ pub struct Config {
     pub metrics: MetricsConfig,
     pub control: ControlConfig,
     pub api: ApiConfig,
+    pub retention: RetentionConfig,
     pub shutdown: ShutdownConfig,
 }
 
@@ -339,6 +342,7 @@ impl Config {
                 "control" => config.control = load_section(&section, table, default_section, &mut errors),
                 "api" => config.api = load_section(&section, table, default_section, &mut errors),
                 "shutdown" => config.shutdown = load_section(&section, table, default_section, &mut errors),
+                "retention" => config.retention = load_section(&section, table, default_section, &mut errors),
                 _ => errors.push(format!("{section}: unknown section")),
             }
         }
@@ -417,6 +421,7 @@ impl Config {
             errors.push("control.hmac_key_previous: set only beside control.hmac_key (the new key)".into());
         }
         self.api.check(errors);
+        self.retention.check(errors);
         if self.shutdown.drain_timeout_ms == 0 {
             errors.push("shutdown.drain_timeout_ms: must be positive".into());
         }

@@ -32,11 +32,19 @@ pub struct ProgressReport {
 
 /// Where reports go: called on the operation's task, so it must not block.
 #[derive(Clone)]
-pub struct ProgressSink(Arc<dyn Fn(&ProgressReport) + Send + Sync>);
+pub struct ProgressSink {
+    report: Arc<dyn Fn(&ProgressReport) + Send + Sync>,
+    /// The shortest time between two reports ([`REPORT_EVERY`] but in tests).
+    every: Duration,
+}
 
 impl ProgressSink {
     pub fn new(f: impl Fn(&ProgressReport) + Send + Sync + 'static) -> ProgressSink {
-        ProgressSink(Arc::new(f))
+        ProgressSink::every(REPORT_EVERY, f)
+    }
+
+    pub fn every(every: Duration, f: impl Fn(&ProgressReport) + Send + Sync + 'static) -> ProgressSink {
+        ProgressSink { report: Arc::new(f), every }
     }
 }
 
@@ -91,14 +99,14 @@ impl Tracker {
         // The first report waits a full interval too: a short operation
         // sends its final reply only.
         let since = self.last_report.unwrap_or(self.started);
-        if now.duration_since(since) < REPORT_EVERY {
+        if now.duration_since(since) < sink.every {
             return;
         }
         self.last_report = Some(now);
         let seconds = now.duration_since(self.started).as_secs_f64();
         self.report.rows_per_second =
             if seconds > 0.0 { (self.report.count - self.resumed_from) as f64 / seconds } else { 0.0 };
-        (sink.0)(&self.report);
+        (sink.report)(&self.report);
     }
 
     pub fn count(&self) -> i64 {

@@ -19,6 +19,7 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::kafka_log::QuietContext;
 use crate::metrics::Metrics;
+use crate::operations::report::ProgressSink;
 use crate::operations::{self, OperationError};
 
 /// Runs until `shutdown` turns true, executing commands on `backend`.
@@ -76,28 +77,36 @@ pub async fn run(
         };
         let value = message.payload().unwrap_or_default();
         let headers = super::signature_headers_of(&message);
-        let Some(reply) = handle(&backend, &auth, value, headers, &mut shutdown, &metrics, reply_limit).await else {
+        // Progress replies go out in order, from their own task, while the
+        // command runs; the final reply waits for them, so it is the last.
+        let (progress_tx, mut progress_rx) = tokio::sync::mpsc::unbounded_channel::<Reply>();
+        let progress_publisher = {
+            let (producer, topic, auth) = (producer.clone(), config.kafka.control_reply_topic.clone(), auth.clone());
+            tokio::spawn(async move {
+                while let Some(reply) = progress_rx.recv().await {
+                    publish(&producer, &topic, &auth, &reply).await;
+                }
+            })
+        };
+        let progress = ProgressReplies { replies: progress_tx, every: crate::operations::report::REPORT_EVERY };
+        let handled = handle(
+            &backend,
+            &auth,
+            value,
+            headers,
+            &mut shutdown,
+            &metrics,
+            Replies { limit: reply_limit, progress: Some(progress) },
+        )
+        .await;
+        let _ = progress_publisher.await;
+        let Some(reply) = handled else {
             // Shutting down in the middle of a command: left uncommitted, it
             // resumes after the restart.
             break;
         };
         let key = reply.command_id.clone().unwrap_or_default();
-        let body = serde_json::to_vec(&reply).unwrap_or_default();
-        let mut backoff = Backoff::default();
-        loop {
-            let mut record = FutureRecord::to(&config.kafka.control_reply_topic).key(&key).payload(&body);
-            // Signed, so that a client holding the key can tell our replies from forged ones.
-            if let Some(signing_key) = auth.signing_key() {
-                record = record.headers(signature_headers(signing_key, &body));
-            }
-            match producer.send(record, Timeout::After(Duration::from_secs(30))).await {
-                Ok(_) => break,
-                Err((e, _)) => {
-                    tracing::warn!(error = %e, "publishing a control reply failed; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
-                }
-            }
-        }
+        publish(&producer, &config.kafka.control_reply_topic, &auth, &reply).await;
         if let Err(e) = consumer.commit_message(&message, CommitMode::Sync) {
             tracing::warn!(error = %e, "committing a control command failed; a redelivery will get the stored reply");
         }
@@ -115,6 +124,32 @@ pub async fn run(
         );
     }
     Ok(())
+}
+
+/// Publishes one reply, signed when a key is set, retrying until the broker takes it.
+async fn publish(
+    producer: &rdkafka::producer::FutureProducer<QuietContext>,
+    topic: &str,
+    auth: &Authenticator,
+    reply: &Reply,
+) {
+    let key = reply.command_id.clone().unwrap_or_default();
+    let body = serde_json::to_vec(reply).unwrap_or_default();
+    let mut backoff = Backoff::default();
+    loop {
+        let mut record = FutureRecord::to(topic).key(&key).payload(&body);
+        // Signed, so that a client holding the key can tell our replies from forged ones.
+        if let Some(signing_key) = auth.signing_key() {
+            record = record.headers(signature_headers(signing_key, &body));
+        }
+        match producer.send(record, Timeout::After(Duration::from_secs(30))).await {
+            Ok(_) => return,
+            Err((e, _)) => {
+                tracing::warn!(error = %e, "publishing a control reply failed; retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
 }
 
 /// Runs the control consumer. Ingestion goes on without it, but never
@@ -171,7 +206,7 @@ async fn handle(
     (timestamp, signature): (Option<&[u8]>, Option<&[u8]>),
     shutdown: &mut watch::Receiver<bool>,
     metrics: &Metrics,
-    reply_limit: usize,
+    Replies { limit: reply_limit, progress }: Replies,
 ) -> Option<Reply> {
     if let Err(failure) = auth.check(value, timestamp, signature, chrono::Utc::now().timestamp()) {
         tracing::warn!(problem = failure.message(), "control command refused");
@@ -202,11 +237,12 @@ async fn handle(
              PurgeRetainedContent, BulkDelete): configure a long-term retention policy in the Dataverse environment instead",
         ));
     }
+    let sink = progress_sink(&command, progress, metrics);
     let mut backoff = Backoff::default();
     loop {
         let attempt = async {
             if !ledger {
-                return Ok::<_, BackendError>(Some(execute(store, &command).await?));
+                return Ok::<_, BackendError>(Some(execute(store, &command, sink.clone()).await?));
             }
             // Claimed in the database first: another instance handed the same
             // command (a rebalance, a second consumer group) waits here until
@@ -222,7 +258,7 @@ async fn handle(
                 );
                 return Ok(Some(stored));
             }
-            let reply = execute(store, &command).await?;
+            let reply = execute(store, &command, sink.clone()).await?;
             if reply.status != Status::Rejected {
                 let text = serde_json::to_string(&reply).map_err(|e| BackendError::Permanent(e.to_string()))?;
                 store.store_reply(&command.command_id, reply.message.as_deref(), &text).await?;
@@ -231,6 +267,10 @@ async fn handle(
         };
         match attempt.await {
             Ok(Some(reply)) => {
+                if crate::metrics::OPERATION_KINDS.contains(&command.message.name()) {
+                    // The progress gauge shows running operations only.
+                    metrics.retention_operation_records.with_label_values(&[command.message.name()]).set(0);
+                }
                 record_counts(metrics, &reply);
                 return Some(reply);
             }
@@ -260,12 +300,46 @@ async fn handle(
 /// Runs the command's operation. A failure of the request becomes a Failed
 /// reply; a backend failure is returned for the caller to retry (transient)
 /// or to report as failed (permanent).
-async fn execute(backend: &Backend, command: &super::Command) -> Result<Reply, BackendError> {
-    match operations::execute(backend, &command.context(), &command.request).await {
+async fn execute(
+    backend: &Backend,
+    command: &super::Command,
+    progress: Option<ProgressSink>,
+) -> Result<Reply, BackendError> {
+    let context = operations::Context { progress, ..command.context() };
+    match operations::execute(backend, &context, &command.request).await {
         Ok(response) => Ok(Reply::succeeded(command, response)),
         Err(OperationError::Failed { code, message }) => Ok(Reply::failed(command, &code, message)),
         Err(OperationError::Backend(e)) => Err(e),
     }
+}
+
+/// What the replies to one command may be: the size limit of a
+/// RetrieveMultiple page, and where progress replies go.
+struct Replies {
+    limit: usize,
+    progress: Option<ProgressReplies>,
+}
+
+/// Where a command's progress replies go, and how often at most.
+struct ProgressReplies {
+    replies: tokio::sync::mpsc::UnboundedSender<Reply>,
+    every: Duration,
+}
+
+/// Sends each progress report of the command's operation as an InProgress
+/// reply and into the progress gauge.
+fn progress_sink(
+    command: &super::Command,
+    progress: Option<ProgressReplies>,
+    metrics: &Metrics,
+) -> Option<ProgressSink> {
+    let ProgressReplies { replies, every } = progress?;
+    let command = command.clone();
+    let gauge = metrics.retention_operation_records.clone();
+    Some(ProgressSink::every(every, move |report| {
+        gauge.with_label_values(&[command.message.name()]).set(report.count);
+        let _ = replies.send(Reply::in_progress(&command, report));
+    }))
 }
 
 fn record_counts(metrics: &Metrics, reply: &Reply) {
@@ -303,6 +377,55 @@ mod tests {
         assert!(!readiness.is_ready());
     }
 
+    /// A long command's progress replies count up, page by page, and the
+    /// final reply carries the whole count.
+    #[tokio::test]
+    async fn progress_replies_count_up_to_the_final_reply() {
+        let auth = Authenticator::new(&crate::config::ControlConfig { allow_unsigned: true, ..Default::default() });
+        let (_tx, mut shutdown) = watch::channel(false);
+        let metrics = Metrics::new();
+        let dir = std::env::temp_dir().join(format!("copilot-ingest-progress-{}", uuid::Uuid::new_v4().simple()));
+        let url = crate::config::SinkUrl::Sqlite(dir.join("t.db"));
+        let backend = Backend::open(&url, "t", 1, &Arc::new(Metrics::new())).await.unwrap();
+        let normalizer = crate::normalize::Normalizer::default();
+        let records = (0..50)
+            .map(|i| {
+                let event = serde_json::json!({"msdyn_name": format!("e{i}"), "msdyn_interactiontype": "Copy", "msdyn_scenariorequestid": "r",
+                    "msdyn_scenariotype": "Copilot", "msdyn_copilotinteractionid": uuid::Uuid::new_v4().to_string()});
+                normalizer.normalize_json(event.to_string().as_bytes(), None, chrono::Utc::now()).unwrap()
+            })
+            .collect();
+        operations::create_multiple::create_records(&backend, records, &metrics).await.unwrap();
+        let (replies, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let command = serde_json::json!({"command_id": "bulk-1", "message": "BulkRetain", "parameters": {
+            "EntityName": "msdyn_copilotinteraction", "PageSize": 5,
+            "FetchXml": "<fetch><entity name='msdyn_copilotinteraction'><filter><condition attribute='msdyn_name' operator='like' value='e%'/></filter></entity></fetch>"}});
+        let progress = ProgressReplies { replies, every: Duration::ZERO };
+        let value = command.to_string();
+        let last = handle(
+            &backend,
+            &auth,
+            value.as_bytes(),
+            (None, None),
+            &mut shutdown,
+            &metrics,
+            Replies { limit: 1 << 20, progress: Some(progress) },
+        )
+        .await
+        .unwrap();
+        let mut counts = Vec::new();
+        while let Ok(reply) = received.try_recv() {
+            assert_eq!((reply.status, reply.command_id.as_deref()), (Status::InProgress, Some("bulk-1")));
+            let response = reply.response.unwrap();
+            assert_eq!(response["Step"], "Marking");
+            counts.push(response["EntityCountCollection"]["msdyn_copilotinteraction"].as_i64().unwrap());
+        }
+        assert_eq!(counts, (1..=11).map(|page| (page * 5).min(50)).collect::<Vec<_>>(), "one reply per page, in order");
+        assert_eq!(last.status, Status::Succeeded);
+        assert_eq!(last.response.unwrap()["EntityCountCollection"]["msdyn_copilotinteraction"], 50);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// A refused command's reply never echoes an oversized or multi-line id
     /// (it would become the reply's key and reach logs).
     #[tokio::test]
@@ -316,9 +439,17 @@ mod tests {
         let huge = "x".repeat(200_000);
         for (id, echoed) in [("ok-id", true), (huge.as_str(), false), ("forged\nERROR line", false)] {
             let value = serde_json::json!({"command_id": id, "message": "BulkRetain"}).to_string();
-            let reply = handle(&backend, &auth, value.as_bytes(), (None, None), &mut shutdown, &metrics, 1 << 20)
-                .await
-                .unwrap();
+            let reply = handle(
+                &backend,
+                &auth,
+                value.as_bytes(),
+                (None, None),
+                &mut shutdown,
+                &metrics,
+                Replies { limit: 1 << 20, progress: None },
+            )
+            .await
+            .unwrap();
             assert_eq!(reply.status, Status::Rejected);
             assert_eq!(reply.error.as_ref().map(|e| e.code.as_str()), Some("Unauthorized"));
             assert_eq!(reply.command_id.as_deref(), echoed.then_some(id), "{}", loggable(id));

@@ -29,6 +29,8 @@ pub enum Status {
     Succeeded,
     Failed,
     Rejected,
+    /// A long operation's progress, before its final reply.
+    InProgress,
 }
 
 impl Status {
@@ -37,6 +39,7 @@ impl Status {
             Status::Succeeded => "Succeeded",
             Status::Failed => "Failed",
             Status::Rejected => "Rejected",
+            Status::InProgress => "InProgress",
         }
     }
 }
@@ -75,6 +78,24 @@ impl Reply {
             status: Status::Failed,
             response: None,
             error: Some(ReplyError { code: code.into(), message: message.into() }),
+        }
+    }
+
+    /// A progress reply: the counts so far of the command's operation.
+    pub fn in_progress(command: &Command, report: &crate::operations::report::ProgressReport) -> Reply {
+        let counts = crate::operations::EntityCountCollection(report.count);
+        Reply {
+            command_id: Some(command.command_id.clone()),
+            message: Some(command.message.name().to_owned()),
+            status: Status::InProgress,
+            response: Some(serde_json::json!({
+                "OperationId": report.operation_id,
+                "EntityCountCollection": counts,
+                "Step": report.step,
+                "PagesDone": report.pages_done,
+                "RowsPerSecond": (report.rows_per_second * 10.0).round() / 10.0,
+            })),
+            error: None,
         }
     }
 
@@ -328,7 +349,10 @@ mod schema_tests {
         let reply: Json = serde_json::from_str(include_str!("../../../schemas/control_reply.schema.json")).unwrap();
         let statuses: Vec<&str> =
             reply["properties"]["status"]["enum"].as_array().unwrap().iter().filter_map(Json::as_str).collect();
-        assert_eq!(statuses, [Status::Succeeded, Status::Failed, Status::Rejected].map(Status::name));
+        assert_eq!(
+            statuses,
+            [Status::Succeeded, Status::Failed, Status::Rejected, Status::InProgress].map(Status::name)
+        );
         let codes: Vec<&str> = reply["properties"]["error"]["properties"]["code"]["anyOf"][0]["enum"]
             .as_array()
             .unwrap()
