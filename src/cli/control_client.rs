@@ -1,6 +1,8 @@
 //! The control request/reply client (`copilot-ingest control …`): builds a
 //! command, signs it, publishes it and waits for the instance's signed reply.
 
+use std::sync::{Arc, Mutex};
+
 use super::*;
 
 /// The command JSON for a CLI control action.
@@ -71,6 +73,20 @@ pub(crate) fn control_command(
             }
             ("BulkDelete", p)
         }
+        ControlAction::Policies => {
+            ("RetrieveMultiple", json!({"Query": "<fetch><entity name='retentionconfig'/></fetch>"}))
+        }
+        ControlAction::Operation { operation_id, .. } => {
+            let id = uuid::Uuid::parse_str(&operation_id)
+                .map_err(|_| format!("--operation-id '{operation_id}' is not a GUID"))?;
+            ("RetrieveMultiple", json!({"Query": operation_query(id)}))
+        }
+        ControlAction::PausePolicy { uniquename } => {
+            policy_status(uniquename, crate::operations::policy::PolicyStatus::Unscheduled)
+        }
+        ControlAction::ResumePolicy { uniquename } => {
+            policy_status(uniquename, crate::operations::policy::PolicyStatus::Scheduled)
+        }
         ControlAction::PurgeRetainedContent { max_version, fetchxml, page_size } => {
             let mut p = json!({"EntityName": entity});
             if let Some(v) = max_version {
@@ -86,6 +102,20 @@ pub(crate) fn control_command(
         }
     };
     Ok(json!({"command_id": command_id, "message": message, "parameters": parameters}))
+}
+
+fn policy_status(
+    uniquename: String,
+    status: crate::operations::policy::PolicyStatus,
+) -> (&'static str, serde_json::Value) {
+    let target = serde_json::json!({"uniquename": uniquename, "statuscode": status.statuscode()});
+    ("Update", serde_json::json!({"EntityName": "retentionconfig", "Target": target}))
+}
+
+fn operation_query(id: uuid::Uuid) -> String {
+    format!(
+        "<fetch><entity name='retentionoperation'><filter><condition attribute='retentionoperationid' operator='eq' value='{id}'/></filter></entity></fetch>"
+    )
 }
 
 /// `column=value` of `update --set`: a number for numeric and option-set
@@ -142,13 +172,16 @@ pub(crate) fn older_than_fetchxml(entity: &str, age: &str) -> Result<String, Str
     ))
 }
 
-pub(crate) async fn control_cmd(
-    config: Config,
-    action: ControlAction,
-    brokers: Option<String>,
-    timeout: Duration,
-    command_id: Option<String>,
-) -> anyhow::Result<i32> {
+/// The options every `control` action shares.
+pub(crate) struct ControlOptions {
+    pub brokers: Option<String>,
+    pub timeout: Duration,
+    pub command_id: Option<String>,
+    pub no_wait: bool,
+}
+
+pub(crate) async fn control_cmd(config: Config, action: ControlAction, options: ControlOptions) -> anyhow::Result<i32> {
+    let ControlOptions { brokers, timeout, command_id, no_wait } = options;
     let brokers = brokers.unwrap_or_else(|| config.kafka.brokers.clone());
     if brokers.trim() == "embedded" {
         eprintln!("control needs the service's broker: pass --brokers host:port or set kafka.brokers");
@@ -158,6 +191,12 @@ pub(crate) async fn control_cmd(
         ControlAction::RetrieveMultiple { fetchxml, all_pages } => (Some(fetchxml.clone()), *all_pages),
         _ => (None, false),
     };
+    let view = match &action {
+        ControlAction::Policies => View::PolicyTable,
+        ControlAction::Operation { operation_id, watch: true } => View::Watch(operation_id.clone()),
+        ControlAction::Operation { .. } => View::Operation,
+        _ => View::Reply,
+    };
     let first_id = command_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let command = match control_command(action, &first_id, &crate::table::table().logical_name) {
         Ok(c) => c,
@@ -166,17 +205,46 @@ pub(crate) async fn control_cmd(
             return Ok(EXIT_CONFIG);
         }
     };
+    if no_wait {
+        publish_only(&config, &brokers, &first_id, &command).await?;
+        let operation_id = crate::operations::Context::for_request(&first_id).operation_id;
+        println!("{}", serde_json::json!({"command_id": first_id, "OperationId": operation_id}));
+        return Ok(EXIT_OK);
+    }
+    if let View::Watch(id) = view {
+        return watch_operation(&config, &brokers, &id, timeout).await;
+    }
     let mut command = command;
     let mut command_id = first_id;
+    let shown = Arc::new(Mutex::new(ProgressView::new()));
     loop {
-        let reply = exchange(&config, &brokers, &command_id, &command, timeout).await?;
+        let view_of = Arc::clone(&shown);
+        let on_progress = Box::new(move |r: &serde_json::Value| lock(&view_of).show(r));
+        let reply = exchange(&config, &brokers, &command_id, &command, timeout, on_progress).await?;
+        lock(&shown).finish();
         let Some(reply) = reply else {
             eprintln!("no reply within {}s (is copilot-ingest running against this broker?)", timeout.as_secs());
             return Ok(EXIT_REJECTED);
         };
-        let Some(fetchxml) = pages.as_ref().filter(|_| reply["status"] == "Succeeded") else {
-            println!("{}", serde_json::to_string_pretty(&reply)?);
-            return Ok(if reply["status"] == "Succeeded" { EXIT_OK } else { EXIT_REJECTED });
+        let succeeded = reply["status"] == "Succeeded";
+        match view {
+            View::PolicyTable if succeeded => {
+                print!("{}", policy_table(&reply["response"]["EntityCollection"]["Entities"]));
+                return Ok(EXIT_OK);
+            }
+            View::Operation if succeeded => {
+                let Some(entity) = reply["response"]["EntityCollection"]["Entities"].get(0) else {
+                    eprintln!("no such operation");
+                    return Ok(EXIT_REJECTED);
+                };
+                println!("{}", serde_json::to_string_pretty(entity)?);
+                return Ok(EXIT_OK);
+            }
+            _ => {}
+        }
+        let Some(fetchxml) = pages.as_ref().filter(|_| succeeded) else {
+            print_reply(&reply)?;
+            return Ok(if succeeded { EXIT_OK } else { EXIT_REJECTED });
         };
         // RetrieveMultiple: JSON Lines, one record per line.
         for entity in reply["response"]["EntityCollection"]["Entities"].as_array().into_iter().flatten() {
@@ -194,6 +262,149 @@ pub(crate) async fn control_cmd(
     }
 }
 
+fn lock(view: &Mutex<ProgressView>) -> std::sync::MutexGuard<'_, ProgressView> {
+    view.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How a reply is shown.
+enum View {
+    Reply,
+    PolicyTable,
+    Operation,
+    Watch(String),
+}
+
+/// The final reply: indented on a terminal, one JSON line otherwise (so a
+/// pipe reads progress and final replies alike as JSON Lines).
+fn print_reply(reply: &serde_json::Value) -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        println!("{}", serde_json::to_string_pretty(reply)?);
+    } else {
+        println!("{reply}");
+    }
+    Ok(())
+}
+
+/// Progress replies: a bar with the count, rate and ETA on a terminal; JSON
+/// lines on stdout otherwise.
+struct ProgressView {
+    bar: Option<crate::progress::Progress>,
+    terminal: bool,
+}
+
+impl ProgressView {
+    fn new() -> ProgressView {
+        use std::io::IsTerminal;
+        ProgressView { bar: None, terminal: std::io::stdout().is_terminal() }
+    }
+
+    fn show(&mut self, reply: &serde_json::Value) {
+        if !self.terminal {
+            println!("{reply}");
+            return;
+        }
+        let response = &reply["response"];
+        let count =
+            response["EntityCountCollection"].as_object().map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum());
+        let rate = response["RowsPerSecond"].as_f64().unwrap_or(0.0);
+        let step = response["Step"].as_str().unwrap_or("").to_owned();
+        let bar = self.bar.get_or_insert_with(|| crate::progress::Progress::start(false, None));
+        bar.update(count, || format!("{step}: {count} records, {rate:.0}/s"));
+    }
+
+    fn finish(&mut self) {
+        if let Some(bar) = &mut self.bar {
+            bar.finish();
+        }
+        self.bar = None;
+    }
+}
+
+/// `control policies`: one line per policy.
+fn policy_table(entities: &serde_json::Value) -> String {
+    let text = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or("-").to_owned();
+    let mut rows = vec![["UNIQUENAME", "STATUS", "RECURRENCE", "NEXT RUN", "LAST RUN", "OUTCOME"].map(str::to_owned)];
+    for e in entities.as_array().into_iter().flatten() {
+        let recurrence = e["recurrence"].as_str().filter(|r| !r.is_empty()).unwrap_or("once").to_owned();
+        rows.push([
+            text(e, "uniquename"),
+            text(e, "statuscode@OData.Community.Display.V1.FormattedValue"),
+            recurrence,
+            text(e, "nextrun"),
+            text(e, "lastrun"),
+            text(e, "lastoutcome"),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6).map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `control operation --watch`: polls the operation every 2 s until it
+/// completes; JSON lines on a pipe, a progress line on a terminal.
+async fn watch_operation(config: &Config, brokers: &str, operation_id: &str, timeout: Duration) -> anyhow::Result<i32> {
+    let Ok(id) = uuid::Uuid::parse_str(operation_id) else {
+        eprintln!("--operation-id '{operation_id}' is not a GUID");
+        return Ok(EXIT_CONFIG);
+    };
+    let mut shown = ProgressView::new();
+    loop {
+        let command_id = uuid::Uuid::new_v4().to_string();
+        let command = serde_json::json!({"command_id": command_id, "message": "RetrieveMultiple",
+                                         "parameters": {"Query": operation_query(id)}});
+        let Some(reply) = exchange(config, brokers, &command_id, &command, timeout, Box::new(|_| {})).await? else {
+            shown.finish();
+            eprintln!("no reply within {}s", timeout.as_secs());
+            return Ok(EXIT_REJECTED);
+        };
+        let Some(entity) = reply["response"]["EntityCollection"]["Entities"].get(0).cloned() else {
+            shown.finish();
+            eprintln!("no such operation (yet): {id}");
+            return Ok(EXIT_REJECTED);
+        };
+        if entity["statecode"] == 2 {
+            shown.finish();
+            print_reply(&entity)?;
+            return Ok(if entity["statuscode"] == 5 { EXIT_OK } else { EXIT_REJECTED });
+        }
+        let as_progress = serde_json::json!({"status": "InProgress", "response": {
+            "OperationId": id, "Step": entity["statuscode@OData.Community.Display.V1.FormattedValue"],
+            "EntityCountCollection": {"records": entity["recordcount"]}, "operation": entity}});
+        shown.show(&as_progress);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
+/// Publishes a command without waiting for its reply (`--no-wait`).
+async fn publish_only(
+    config: &Config,
+    brokers: &str,
+    command_id: &str,
+    command: &serde_json::Value,
+) -> anyhow::Result<()> {
+    let value = serde_json::to_vec(command)?;
+    let options = pipeline::kafka_options(config);
+    let (brokers, command_id, topic) = (brokers.to_owned(), command_id.to_owned(), config.kafka.control_topic.clone());
+    let auth = crate::transport::control::Authenticator::new(&config.control);
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let producer: BaseProducer = crate::transport::ingest::dlq::producer_config(&brokers, &options).create()?;
+        let mut record = BaseRecord::to(&topic).key(&command_id).payload(&value);
+        if let Some(key) = auth.signing_key() {
+            record = record.headers(crate::transport::control::signature_headers(key, &value));
+        }
+        producer.send(record).map_err(|(e, _)| e)?;
+        producer.flush(Duration::from_secs(30))?;
+        Ok(())
+    })
+    .await?
+}
+
 /// Publishes one command and waits for its reply (`None`: none in time).
 async fn exchange(
     config: &Config,
@@ -201,6 +412,7 @@ async fn exchange(
     command_id: &str,
     command: &serde_json::Value,
     timeout: Duration,
+    mut on_progress: Box<dyn FnMut(&serde_json::Value) + Send>,
 ) -> anyhow::Result<Option<serde_json::Value>> {
     use rdkafka::Message as _;
     use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -241,13 +453,18 @@ async fn exchange(
         producer.send(record).map_err(|(e, _)| e)?;
         producer.flush(Duration::from_secs(30))?;
 
-        let deadline = Instant::now() + timeout;
+        let mut deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else { continue };
             if m.key() != Some(command_id.as_bytes()) {
                 continue;
             }
             match accept_reply(&auth, &command_id, &m) {
+                // A long operation is alive while its progress arrives.
+                Ok(reply) if reply["status"] == "InProgress" => {
+                    on_progress(&reply);
+                    deadline = Instant::now() + timeout;
+                }
                 Ok(reply) => return Ok(Some(reply)),
                 Err(problem) => eprintln!("ignored a reply to {command_id}: {problem}"),
             }

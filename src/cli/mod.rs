@@ -115,6 +115,10 @@ pub enum Command {
         /// The command id (default: a new UUID). Re-sending an id returns the stored reply.
         #[arg(long, global = true)]
         command_id: Option<String>,
+        /// Publish the command, print its OperationId and exit without waiting
+        /// (follow it with `control operation --operation-id ID --watch`).
+        #[arg(long, global = true)]
+        no_wait: bool,
     },
     /// End-to-end benchmark: raw consume and raw sink limits, then copilot-ingest, on one data set.
     Bench(crate::bench::BenchArgs),
@@ -248,6 +252,26 @@ pub enum ControlAction {
         #[arg(long)]
         page_size: Option<i64>,
     },
+    /// The retention policies: status, recurrence, next run, last run and outcome, as a table.
+    Policies,
+    /// One operation (a long command or a scheduled run) as JSON; --watch follows it until it completes.
+    Operation {
+        #[arg(long)]
+        operation_id: String,
+        /// Poll every 2 s (a progress bar on a terminal, JSON lines otherwise) until it completes.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Pause a retention policy: it keeps its schedule and runs nothing.
+    PausePolicy {
+        #[arg(long)]
+        uniquename: String,
+    },
+    /// Resume a paused retention policy (a run it missed while paused runs once).
+    ResumePolicy {
+        #[arg(long)]
+        uniquename: String,
+    },
     /// Permanently delete retained records (tombstoning their ids).
     #[command(alias = "PurgeRetainedContent")]
     PurgeRetainedContent {
@@ -359,8 +383,9 @@ pub fn main() -> i32 {
             }
             Command::Broker { partitions } => broker(config, partitions).await,
             Command::Bench(args) => crate::bench::run(config, args, quiet).await,
-            Command::Control { action, brokers, timeout, command_id } => {
-                control_cmd(config, action, brokers, Duration::from_secs(timeout), command_id).await
+            Command::Control { action, brokers, timeout, command_id, no_wait } => {
+                let options = ControlOptions { brokers, timeout: Duration::from_secs(timeout), command_id, no_wait };
+                control_cmd(config, action, options).await
             }
             Command::Validate { .. } | Command::Config { .. } | Command::Completions { .. } | Command::Man => {
                 Ok(EXIT_OK)

@@ -8,8 +8,11 @@
 //! - Retrieve in [`retrieve`], RetrieveMultiple in [`retrieve_multiple`];
 //! - Update and UpdateMultiple in [`update`]; Delete and BulkDelete in [`delete`];
 //! - SetState and IsValidStateTransition in [`state`];
-//! - ValidateRetentionConfig, Retain, BulkRetain, RollbackRetain, PurgeRetainedContent in [`retention`].
+//! - ValidateRetentionConfig, Retain, BulkRetain, RollbackRetain, PurgeRetainedContent in [`retention`];
+//! - retention policies ([`policy`]), run by the [`scheduler`], read and managed as the
+//!   `retentionconfig` and `retentionoperation` entities in [`bookkeeping`]; progress in [`report`].
 
+pub mod bookkeeping;
 pub mod create_multiple;
 pub mod delete;
 pub mod parameters;
@@ -94,6 +97,8 @@ pub enum Request {
     BulkDelete(delete::BulkDelete),
     SetState(state::SetState),
     IsValidStateTransition(state::IsValidStateTransition),
+    /// The retention policies and operations as entities.
+    Bookkeeping(bookkeeping::Request),
 }
 
 /// Runs one request and returns its response in Dataverse's shape. With
@@ -118,6 +123,7 @@ pub async fn execute(backend: &Backend, context: &Context, request: &Request) ->
         Request::BulkDelete(r) => respond(delete::bulk_delete(backend, context, r).await?),
         Request::SetState(r) => respond(state::set_state(backend, r).await?),
         Request::IsValidStateTransition(r) => respond(state::is_valid_state_transition(backend, r).await?),
+        Request::Bookkeeping(r) => bookkeeping::execute(backend, r, chrono::Utc::now()).await,
     }
 }
 

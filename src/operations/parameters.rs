@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value as Json};
 use uuid::Uuid;
 
-use super::{Request, delete, retention, retrieve, retrieve_multiple, state, update};
+use super::{Request, bookkeeping, delete, retention, retrieve, retrieve_multiple, state, update};
 use crate::backend::RollbackScope;
 use crate::query::fetchxml;
 use crate::table::table;
@@ -32,10 +32,12 @@ pub enum Message {
     SetState,
     IsValidStateTransition,
     BulkDelete,
+    /// Creates a `retentionconfig` (the only entity created by message).
+    Create,
 }
 
 impl Message {
-    pub const ALL: [Message; 13] = [
+    pub const ALL: [Message; 14] = [
         Message::ValidateRetentionConfig,
         Message::Retain,
         Message::BulkRetain,
@@ -49,6 +51,7 @@ impl Message {
         Message::SetState,
         Message::IsValidStateTransition,
         Message::BulkDelete,
+        Message::Create,
     ];
 
     pub fn name(self) -> &'static str {
@@ -66,12 +69,70 @@ impl Message {
             Message::SetState => "SetState",
             Message::IsValidStateTransition => "IsValidStateTransition",
             Message::BulkDelete => "BulkDelete",
+            Message::Create => "Create",
         }
     }
 
     pub fn parse(s: &str) -> Option<Message> {
         Message::ALL.into_iter().find(|m| m.name() == s)
     }
+}
+
+/// The requests about the retention bookkeeping entities: RetrieveMultiple
+/// of `retentionconfig` or `retentionoperation`, and Create, Update and
+/// Delete with `EntityName` `retentionconfig`. `None` for the table's own.
+fn bookkeeping_request(
+    message: Message,
+    params: &Map<String, Json>,
+) -> Result<Option<bookkeeping::Request>, ParameterError> {
+    let reject = |message: String| ParameterError { code: "InvalidParameters", message };
+    let policy_entity = params.get("EntityName").and_then(Json::as_str) == Some(bookkeeping::POLICY_ENTITY);
+    let target_object = || match params.get("Target") {
+        Some(Json::Object(map)) => Ok(map.clone()),
+        _ => Err(reject("Target must be an object of retentionconfig columns".into())),
+    };
+    Ok(Some(match message {
+        Message::RetrieveMultiple => {
+            let Some(query) = params.get("Query").and_then(Json::as_str) else { return Ok(None) };
+            let parsed = fetchxml::bookkeeping_query(query, &bookkeeping::filterable)
+                .map_err(|e| ParameterError { code: "InvalidFetchXml", message: e })?;
+            let Some(q) = parsed else { return Ok(None) };
+            if q.entity == bookkeeping::POLICY_ENTITY {
+                bookkeeping::Request::RetrievePolicies { conditions: q.conditions, count: q.count }
+            } else {
+                bookkeeping::Request::RetrieveOperations { conditions: q.conditions, count: q.count }
+            }
+        }
+        Message::Create if policy_entity => bookkeeping::Request::CreatePolicy { entity: target_object()? },
+        Message::Update if policy_entity => {
+            let changes = target_object()?;
+            let key = changes
+                .get("uniquename")
+                .and_then(Json::as_str)
+                .ok_or_else(|| reject("Target needs the uniquename of the retentionconfig".into()))?;
+            bookkeeping::Request::UpdatePolicy { key: bookkeeping::PolicyKey::UniqueName(key.to_owned()), changes }
+        }
+        Message::Delete if policy_entity => {
+            let key = params
+                .get("Target")
+                .and_then(Json::as_str)
+                .ok_or_else(|| reject("Target must be the uniquename of the retentionconfig".into()))?;
+            bookkeeping::Request::DeletePolicy { key: bookkeeping::PolicyKey::UniqueName(key.to_owned()) }
+        }
+        _ if params.contains_key("EntityName") && matches!(message, Message::Update | Message::Delete) => {
+            let named = params.get("EntityName").and_then(Json::as_str).unwrap_or_default();
+            if named != table().logical_name {
+                return Err(reject(format!(
+                    "EntityName '{}' is not {} or {}",
+                    truncate(named),
+                    table().logical_name,
+                    bookkeeping::POLICY_ENTITY
+                )));
+            }
+            return Ok(None);
+        }
+        _ => return Ok(None),
+    }))
 }
 
 /// Why parameters were refused: a stable code and a message for people.
@@ -95,9 +156,10 @@ pub fn request(message: Message, params: &Map<String, Json>) -> Result<Request, 
         }
         Message::Retrieve => &["Target", "ColumnSet"],
         Message::RetrieveMultiple => &["Query"],
-        Message::Update => &["Target", "ConcurrencyBehavior", "RowVersion"],
+        Message::Update => &["Target", "ConcurrencyBehavior", "RowVersion", "EntityName"],
         Message::UpdateMultiple => &["Targets"],
-        Message::Delete => &["Target"],
+        Message::Delete => &["Target", "EntityName"],
+        Message::Create => &["EntityName", "Target"],
         Message::SetState => &["EntityMoniker", "State", "Status"],
         Message::IsValidStateTransition => &["Entity", "NewState", "NewStatus"],
         Message::BulkDelete => &["EntityName", "FetchXml", "PageSize", "DataSource", "AllowAll"],
@@ -159,7 +221,16 @@ pub fn request(message: Message, params: &Map<String, Json>) -> Result<Request, 
         }
         Ok(criteria)
     };
+    if let Some(request) = bookkeeping_request(message, params)? {
+        return Ok(Request::Bookkeeping(request));
+    }
     let request = match message {
+        Message::Create => {
+            return Err(reject(
+                "InvalidParameters",
+                format!("Create takes EntityName '{}' (records arrive by ingestion)", bookkeeping::POLICY_ENTITY),
+            ));
+        }
         Message::ValidateRetentionConfig => {
             let fetch_xml =
                 text("FetchXml").ok_or_else(|| reject("InvalidParameters", "FetchXml is required".into()))?;

@@ -226,3 +226,113 @@ async fn a_run_killed_halfway_is_resumed_with_exact_counts_on_both_sinks() {
         assert_eq!(marked, 6000, "{url}");
     }
 }
+
+/// `copilot-ingest control …` against the test broker; (exit code, stdout).
+async fn cli(kafka: &TestKafka, args: &[&str]) -> (Option<i32>, String) {
+    let mut command = binary();
+    command
+        .args(["control", "--brokers", &kafka.bootstrap, "--timeout", "30"])
+        .args(args)
+        .env("COPILOT_INGEST__CONTROL__HMAC_KEY", TEST_HMAC_KEY)
+        .env("COPILOT_INGEST__KAFKA__CONTROL_TOPIC", &kafka.config.kafka.control_topic)
+        .env("COPILOT_INGEST__KAFKA__CONTROL_REPLY_TOPIC", &kafka.config.kafka.control_reply_topic);
+    let output = tokio::task::spawn_blocking(move || command.output().expect("run the CLI")).await.unwrap();
+    (output.status.code(), String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// Every line of the CLI's output on a pipe is one JSON document.
+fn json_lines(stdout: &str) -> Vec<serde_json::Value> {
+    stdout.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_and_operations_are_managed_and_read_over_the_control_topic_and_the_cli() {
+    use crate::control::{ControlClient, ControlService};
+    let (urls, _db, _dir) = sink_urls().await;
+    for url in urls {
+        let kafka = TestKafka::new(1);
+        let config = kafka.config_with_sink(&url);
+        seed(&*open(&url).await, 0, 12, 3).await;
+        let control = ControlService::start(config.clone()).await;
+        let client = ControlClient::new(&kafka);
+
+        let created = client
+            .call(
+                "Create",
+                json!({"EntityName": "retentionconfig", "Target": {"uniquename": "yearly-cleanup",
+                    "criteria": OLD_RECORDS_CRITERIA, "starttime": "2030-01-01T00:00:00Z", "recurrence": "FREQ=YEARLY"}}),
+            )
+            .await;
+        assert_eq!(created["status"], "Succeeded", "{url}: {created}");
+        let again = client
+            .call(
+                "Create",
+                json!({"EntityName": "retentionconfig", "Target": {"uniquename": "yearly-cleanup",
+                "criteria": OLD_RECORDS_CRITERIA, "starttime": "2030-01-01T00:00:00Z"}}),
+            )
+            .await;
+        assert_eq!(again["error"]["code"], "0x80040237", "{url}: a second policy of the same name is refused");
+        let invalid = client
+            .call(
+                "Create",
+                json!({"EntityName": "retentionconfig", "Target": {"uniquename": "bad",
+                "criteria": "<fetch/>", "starttime": "2030-01-01T00:00:00Z"}}),
+            )
+            .await;
+        assert_eq!(invalid["error"]["code"], "InvalidRetentionConfig", "{url}: {invalid}");
+
+        let (code, table) = cli(&kafka, &["policies"]).await;
+        assert_eq!(code, Some(0), "{url}: {table}");
+        let row = table.lines().find(|l| l.starts_with("yearly-cleanup")).unwrap_or_else(|| panic!("{table}"));
+        assert!(row.contains("Scheduled") && row.contains("FREQ=YEARLY") && row.contains("2030-01-01"), "{row}");
+
+        let (code, out) = cli(&kafka, &["pause-policy", "--uniquename", "yearly-cleanup"]).await;
+        assert_eq!(code, Some(0), "{url}: {out}");
+        let policies = client.call("RetrieveMultiple", json!({"Query":
+            "<fetch><entity name='retentionconfig'><filter><condition attribute='uniquename' operator='eq' value='yearly-cleanup'/></filter></entity></fetch>"})).await;
+        let entity = &policies["response"]["EntityCollection"]["Entities"][0];
+        assert_eq!(
+            (entity["statecode"].as_i64(), entity["statuscode"].as_i64()),
+            (Some(0), Some(2)),
+            "{url}: {entity}"
+        );
+
+        // A long command on a pipe: JSON lines, the final reply last.
+        let fetch = OLD_RECORDS_CRITERIA;
+        let (code, out) = cli(&kafka, &["bulk-retain", "--fetchxml", fetch, "--page-size", "5"]).await;
+        assert_eq!(code, Some(0), "{url}: {out}");
+        let lines = json_lines(&out);
+        let last = lines.last().unwrap();
+        assert_eq!(last["status"], "Succeeded", "{url}: {out}");
+        assert!(lines[..lines.len() - 1].iter().all(|l| l["status"] == "InProgress"), "{out}");
+        let operation_id = last["response"]["OperationId"].as_str().unwrap().to_owned();
+        let (code, out) = cli(&kafka, &["operation", "--operation-id", &operation_id]).await;
+        assert_eq!(code, Some(0), "{url}: {out}");
+        let operation: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!((operation["statuscode"].as_i64(), operation["retainedcount"].as_i64()), (Some(5), Some(12)));
+        assert_eq!(operation["operationtype"], "BulkRetain");
+
+        // --no-wait prints the operation id at once; --watch follows it to the end.
+        let (code, out) = cli(&kafka, &["--no-wait", "purge-retained-content", "--page-size", "5"]).await;
+        assert_eq!(code, Some(0), "{url}: {out}");
+        let queued = &json_lines(&out)[0];
+        let purge_id = queued["OperationId"].as_str().unwrap().to_owned();
+        let (code, out) = cli(&kafka, &["operation", "--operation-id", &purge_id, "--watch"]).await;
+        assert_eq!(code, Some(0), "{url}: {out}");
+        let watched = json_lines(&out);
+        let done = watched.last().unwrap();
+        assert_eq!((done["statuscode"].as_i64(), done["purgedcount"].as_i64()), (Some(5), Some(12)), "{url}: {out}");
+
+        let operations = client
+            .call("RetrieveMultiple", json!({"Query": "<fetch><entity name='retentionoperation'/></fetch>"}))
+            .await;
+        let listed = operations["response"]["EntityCollection"]["Entities"].as_array().unwrap().len();
+        assert_eq!(listed, 2, "{url}: {operations}");
+
+        let deleted = client.call("Delete", json!({"EntityName": "retentionconfig", "Target": "yearly-cleanup"})).await;
+        assert_eq!(deleted["status"], "Succeeded", "{url}: {deleted}");
+        let gone = client.call("Delete", json!({"EntityName": "retentionconfig", "Target": "yearly-cleanup"})).await;
+        assert_eq!(gone["error"]["code"], "0x80040217", "{url}: {gone}");
+        control.stop().await;
+    }
+}

@@ -28,7 +28,8 @@ fn role_for(message: Message) -> Role {
         | Message::BulkRetain
         | Message::RollbackRetain
         | Message::PurgeRetainedContent
-        | Message::BulkDelete => Role::Retention,
+        | Message::BulkDelete
+        | Message::Create => Role::Retention,
     }
 }
 
