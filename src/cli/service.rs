@@ -185,7 +185,9 @@ async fn start_retention(
     if saved + removed > 0 {
         tracing::info!(declared = saved, removed, "retention policies reconciled with the configuration");
     }
-    tokio::spawn(Scheduler::new(Arc::clone(backend), Arc::clone(metrics)).run(shutdown.clone()));
+    let scheduler = Scheduler::new(Arc::clone(backend), Arc::clone(metrics));
+    scheduler.export_policies().await.map_err(|e| anyhow::anyhow!("retention policies: {e}"))?;
+    tokio::spawn(scheduler.run(shutdown.clone()));
     Ok(())
 }
 

@@ -115,10 +115,22 @@ impl Scheduler {
         Ok(outcomes)
     }
 
+    /// Exports every stored policy's series (at start, before the first pass).
+    pub async fn export_policies(&self) -> Result<(), BackendError> {
+        for record in self.backend.policies().await? {
+            self.export(&record);
+        }
+        Ok(())
+    }
+
     /// Keeps the policy's gauges current (the alert reads them).
     fn export(&self, record: &PolicyRecord) {
         let name = record.policy.uniquename.as_str();
-        let interval = record.policy.recurrence().map_or(0, |r| r.nominal_seconds());
+        // Only a scheduled, recurring policy can be late (the alert skips 0).
+        let interval = match record.policy.status {
+            PolicyStatus::Scheduled => record.policy.recurrence().map_or(0, |r| r.nominal_seconds()),
+            _ => 0,
+        };
         self.metrics.retention_policy_interval_seconds.with_label_values(&[name]).set(interval as f64);
         let since = record.last_success.unwrap_or(record.policy.starttime);
         self.metrics.retention_last_success_timestamp_seconds.with_label_values(&[name]).set(since.timestamp() as f64);

@@ -183,11 +183,26 @@ async fn every_documented_metric_is_exported_from_the_start() {
     assert!(documented.len() >= 12, "{documented:?}");
     let Some(db) = PgDb::create().await else { return };
     let (dir, sqlite) = temp_sqlite();
+    // One declared policy: the per-policy series exist from start-up too.
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_file = dir.join("policies.toml");
+    std::fs::write(
+        &config_file,
+        "[[retention.policies]]\nuniquename = \"nightly\"\nstarttime = \"2030-01-01T02:00:00Z\"\nrecurrence = \"FREQ=DAILY\"\n\
+         criteria = \"<fetch><entity name='msdyn_copilotinteraction'><filter><condition attribute='createdon' operator='olderthan-x-days' value='90'/></filter></entity></fetch>\"\n",
+    )
+    .unwrap();
     for url in [sqlite, db.url.clone()] {
         let kafka = TestKafka::new(2);
         let port = free_port();
         let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let service = Service::spawn(kafka.run_binary(&url).env("COPILOT_INGEST__METRICS__LISTEN", addr.to_string()));
+        let service = Service::spawn(
+            kafka
+                .run_binary(&url)
+                .arg("--config")
+                .arg(&config_file)
+                .env("COPILOT_INGEST__METRICS__LISTEN", addr.to_string()),
+        );
         // The first scrape that answers, as soon as the sink is open.
         let mut body = String::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -203,6 +218,12 @@ async fn every_documented_metric_is_exported_from_the_start() {
         }
         assert!(body.contains("copilot_ingest_control_commands_total{message=\"BulkRetain\",status=\"Succeeded\"} 0"));
         assert!(body.contains("copilot_ingest_events_rejected_total{reason=\"malformed_json\"} 0"));
+        assert!(
+            body.contains("copilot_ingest_retention_runs_total{outcome=\"Failed\",policy=\"nightly\"} 0"),
+            "{body}"
+        );
+        assert!(body.contains("copilot_ingest_retention_policy_interval_seconds{policy=\"nightly\"} 86400"), "{body}");
+        assert!(body.contains("copilot_ingest_retention_operation_records{operation_kind=\"BulkRetain\"} 0"));
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while http_get(addr, "/readyz").await.0 != 200 {
             assert!(std::time::Instant::now() < deadline, "{url}: never ready");
