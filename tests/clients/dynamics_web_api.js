@@ -139,6 +139,31 @@ async function main() {
   });
   assert.ok(validated, "ValidateRetentionConfig answers");
 
+  step("retention-policies");
+  const RC = "retentionconfigs";
+  const policy = {
+    uniquename: `${tag}-policy`,
+    criteria: `<fetch><entity name="${T}"><filter><condition attribute="createdon" operator="olderthan-x-days" value="365"/></filter></entity></fetch>`,
+    starttime: "2030-01-01T00:00:00Z",
+    recurrence: "FREQ=DAILY;INTERVAL=1",
+  };
+  await assert.rejects(api.create({ collection: RC, data: policy }), (e) => e.status === 403, "policies need the retention role");
+  const policyId = await retention.create({ collection: RC, data: policy });
+  assert.match(policyId, /^[0-9a-f-]{36}$/);
+  await assert.rejects(retention.create({ collection: RC, data: policy }), (e) => e.status === 412, "a uniquename is unique");
+  const listed = await api.retrieveMultiple({ collection: RC, filter: `uniquename eq '${tag}-policy'` });
+  assert.equal(listed.value.length, 1);
+  assert.equal(listed.value[0].statuscode, 1);
+  assert.equal(listed.value[0].nextrun, "2030-01-01T00:00:00.000Z");
+  assert.equal(await retention.update({ collection: RC, key: policyId, data: { statuscode: 2 } }), true);
+  const paused = await api.retrieve({ collection: RC, key: policyId });
+  assert.equal(paused.statuscode, 2, "paused");
+  const operations = await api.retrieveMultiple({ collection: "retentionoperations" });
+  assert.ok(operations.value.some((o) => o.operationtype === "Retain" && o.statuscode === 5), "the Retain above is an operation");
+  assert.equal(await retention.deleteRecord({ collection: RC, key: policyId }), true);
+  await assert.rejects(api.retrieve({ collection: RC, key: policyId }), (e) => e.status === 404);
+  summary.policy = policyId;
+
   step("delete");
   assert.equal(await api.deleteRecord({ collection: ES, key: created.Ids[2] }), true);
   await assert.rejects(api.retrieve({ collection: ES, key: created.Ids[2] }), (e) => e.status === 404 && e.code === "0x80040217");

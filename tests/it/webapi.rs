@@ -181,6 +181,8 @@ async fn the_python_sdk_and_dynamics_web_api_work_unmodified_on_both_sinks() {
             .env_remove("https_proxy");
         let js_summary = run_client(js, "the DynamicsWebApi script");
         producing.await.unwrap();
+        assert!(js_summary["policy"].is_string(), "the retentionconfigs steps ran: {js_summary}");
+        assert_eq!(query_i64(&url, "SELECT count(*) FROM copilot_ingest_retention_policy").await, 0, "deleted");
 
         // What the clients did is in the table.
         let value = |sql: String| {

@@ -9,6 +9,7 @@
 //! - [`entities`]: the entity set: Create, Retrieve, RetrieveMultiple, Update/Upsert, Delete, `$count`,
 //!   CreateMultiple, UpdateMultiple, UpsertMultiple.
 //! - [`actions`]: the table's other messages as OData actions and functions.
+//! - [`bookkeeping`]: `retentionconfigs` (the retention policies) and `retentionoperations`.
 //! - [`metadata`]: `EntityDefinitions`, `$metadata`, `WhoAmI`, generated from the table definition.
 //! - [`batch`]: `$batch` (multipart/mixed, change sets).
 //! - [`error`]: Dataverse's error shape and codes.
@@ -16,6 +17,7 @@
 pub mod actions;
 pub mod auth;
 pub mod batch;
+pub mod bookkeeping;
 pub mod encode;
 pub mod entities;
 pub mod error;
@@ -206,6 +208,7 @@ async fn route(api: &WebApi, call: &Call, resource: Resource) -> Result<Response
         (Method::GET, Resource::Attributes { logical_name, picklists_only }) => {
             metadata::attributes(call, &logical_name, picklists_only)
         }
+        (_, Resource::Bookkeeping { entity, key }) => bookkeeping::handle(api, call, entity, key).await,
         (Method::GET, Resource::EntitySet) => entities::retrieve_multiple(api, call).await,
         (Method::GET, Resource::Count) => entities::count(api, call).await,
         (Method::GET, Resource::Entity(id)) => entities::retrieve(api, call, id).await,

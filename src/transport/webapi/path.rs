@@ -32,6 +32,11 @@ pub enum Resource {
     SetAction(String),
     /// An action bound to one record (`…(<id>)/Microsoft.Dynamics.CRM.Retain`).
     EntityAction(Uuid, String),
+    /// `retentionconfigs[(<id>)]` or `retentionoperations[(<id>)]`: the retention bookkeeping.
+    Bookkeeping {
+        entity: &'static str,
+        key: Option<Uuid>,
+    },
     /// An unbound action or function: `Retain`, `IsValidStateTransition(Entity=@p1,…)`;
     /// the text between the parentheses is kept.
     Operation {
@@ -83,6 +88,21 @@ pub fn parse(rest: &str) -> Result<Resource, String> {
             }
             _ => Err(unknown()),
         };
+    }
+    let (set, key) = match rest.split_once('(') {
+        Some((set, key)) => (set, key.strip_suffix(')')),
+        None => (rest, None),
+    };
+    if let Some(entity) = super::bookkeeping::entity_of_set(set) {
+        let key = match key {
+            None if !rest.contains('(') => None,
+            Some(k) => Some(
+                parse_guid(k.trim_matches(|c| c == '{' || c == '}'))
+                    .ok_or_else(|| format!("'{}' is not a GUID", k.chars().take(64).collect::<String>()))?,
+            ),
+            None => return Err(unknown()),
+        };
+        return Ok(Resource::Bookkeeping { entity, key });
     }
     if let Some(after) = rest.strip_prefix(t.entity_set_name.as_str()) {
         if after.is_empty() {
