@@ -229,14 +229,22 @@ async fn killed_retention_commands_complete_after_a_restart() {
 
         child = spawn();
         let deadline = Instant::now() + Duration::from_secs(120);
+        // Progress replies (InProgress) come first, counting up; then the final one.
+        let mut progress = Vec::new();
         let reply = loop {
             assert!(Instant::now() < deadline, "no reply to {id} after the restart");
             if let Some(Ok(m)) = replies.poll(Duration::from_millis(200))
                 && m.key() == Some(id.as_bytes())
             {
-                break serde_json::from_slice::<serde_json::Value>(m.payload().unwrap()).unwrap();
+                let reply = serde_json::from_slice::<serde_json::Value>(m.payload().unwrap()).unwrap();
+                if reply["status"] != "InProgress" {
+                    break reply;
+                }
+                progress.push(reply["response"]["EntityCountCollection"]["msdyn_copilotinteraction"].as_i64().unwrap());
             }
         };
+        assert!(progress.windows(2).all(|w| w[0] <= w[1]), "{message}: progress counts go up: {progress:?}");
+        assert!(progress.iter().all(|&c| c <= EVENTS), "{progress:?}");
         assert_eq!(reply["status"], "Succeeded", "{reply}");
         assert_eq!(reply["response"]["EntityCountCollection"]["msdyn_copilotinteraction"], EVENTS, "{reply}");
         assert_eq!(query(op_table_row), EVENTS);

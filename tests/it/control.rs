@@ -105,7 +105,11 @@ impl ControlClient {
             if let Some(Ok(m)) = self.replies.poll(Duration::from_millis(100))
                 && m.key() == Some(command_id.as_bytes())
             {
-                return serde_json::from_slice(m.payload().unwrap()).unwrap();
+                let reply: Json = serde_json::from_slice(m.payload().unwrap()).unwrap();
+                // Progress of a long command; the final reply follows.
+                if reply["status"] != "InProgress" {
+                    return reply;
+                }
             }
         }
         panic!("no reply for {command_id}");
