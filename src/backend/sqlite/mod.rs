@@ -15,6 +15,7 @@ use crate::table::{ColumnType, EXTRA_COLUMNS, ExtraColumnKind, table};
 
 mod create;
 mod policies;
+mod readers;
 mod records;
 
 pub use create::write_batches;
@@ -43,6 +44,8 @@ pub(crate) enum Job {
 
 pub struct SqliteBackend {
     jobs: mpsc::SyncSender<Job>,
+    /// Reads that need not wait for the writer ([`readers`]).
+    reads: mpsc::SyncSender<readers::ReadJob>,
 }
 
 /// The one retry classification of SQLite errors, for ingestion and the
@@ -160,6 +163,7 @@ impl SqliteBackend {
     pub fn open(path: &Path, topic: &str) -> Result<SqliteBackend, BackendError> {
         let conn = open_connection(path).map_err(|e| BackendError::Transient(format!("{}: {e}", path.display())))?;
         migrate(&conn).map_err(|e| BackendError::Transient(format!("migrating {}: {e}", path.display())))?;
+        let reads = readers::start(path)?;
         let (jobs, rx) = mpsc::sync_channel::<Job>(16);
         let topic = topic.to_owned();
         let path: PathBuf = path.to_owned();
@@ -167,7 +171,7 @@ impl SqliteBackend {
             .name("sqlite-sink".into())
             .spawn(move || create::writer_thread(conn, rx, topic, path))
             .map_err(|e| BackendError::Transient(format!("starting the SQLite writer: {e}")))?;
-        Ok(SqliteBackend { jobs })
+        Ok(SqliteBackend { jobs, reads })
     }
 
     pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, BackendError> {
@@ -212,6 +216,24 @@ impl SqliteBackend {
         .await
     }
 
+    /// Runs `f` on a reader thread's read-only connection: it sees every
+    /// committed write and never waits for the writer.
+    pub(super) async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, BackendError> + Send + 'static,
+    ) -> Result<T, BackendError> {
+        let (reply, rx) = oneshot::channel();
+        let job: readers::ReadJob = Box::new(move |conn| {
+            let _ = reply.send(f(conn));
+        });
+        let reads = self.reads.clone();
+        tokio::task::spawn_blocking(move || reads.send(job))
+            .await
+            .map_err(|e| BackendError::Transient(e.to_string()))?
+            .map_err(|_| BackendError::Transient("SQLite readers stopped".into()))?;
+        rx.await.map_err(|_| BackendError::Transient("SQLite readers stopped".into()))?
+    }
+
     pub async fn ping(&self) -> bool {
         let (reply, rx) = oneshot::channel();
         if self.jobs.try_send(Job::Ping { reply }).is_err() {
@@ -237,5 +259,34 @@ mod tests {
         for (e, permanent) in [(constraint, true), (missing_table, false)] {
             assert_eq!(matches!(BackendError::from(e), BackendError::Permanent(_)), permanent);
         }
+    }
+
+    /// A read is answered while the writer is held up in the middle of a
+    /// job: reads never queue behind batch writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_do_not_wait_for_the_writer() {
+        let dir = std::env::temp_dir().join(format!("copilot-ingest-readers-{}", uuid::Uuid::new_v4().simple()));
+        let backend = Arc::new(SqliteBackend::open(&dir.join("t.db"), "t").unwrap());
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let (started, writer_started) = std::sync::mpsc::channel::<()>();
+        let writer_busy = {
+            let backend = Arc::clone(&backend);
+            tokio::spawn(async move {
+                backend
+                    .run(move |_conn| {
+                        let _ = started.send(());
+                        let _ = held.recv();
+                        Ok(())
+                    })
+                    .await
+            })
+        };
+        tokio::task::spawn_blocking(move || writer_started.recv()).await.unwrap().unwrap();
+        let criteria = crate::query::fetchxml::Criteria { filter: None, retained: false };
+        assert_eq!(backend.count(&criteria).await.unwrap(), 0, "answered while the writer is busy");
+        assert!(!writer_busy.is_finished());
+        release.send(()).unwrap();
+        writer_busy.await.unwrap().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

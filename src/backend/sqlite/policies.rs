@@ -100,7 +100,7 @@ fn operation_of(r: &Row<'_>) -> rusqlite::Result<OperationRecord> {
 
 impl SqliteBackend {
     pub(crate) async fn operation(&self, operation_id: Uuid) -> Result<Option<OperationRecord>, BackendError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             Ok(conn
                 .query_row(
                     &format!("SELECT {OPERATION_COLUMNS} FROM {OPERATION_TABLE} WHERE operationid = ?1"),
@@ -113,7 +113,7 @@ impl SqliteBackend {
     }
 
     pub(crate) async fn operations(&self, limit: i64) -> Result<Vec<OperationRecord>, BackendError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn.prepare(&format!(
                 "SELECT {OPERATION_COLUMNS} FROM {OPERATION_TABLE} ORDER BY started_on DESC, operationid LIMIT ?1"
             ))?;
@@ -135,7 +135,7 @@ impl SqliteBackend {
     }
 
     pub(crate) async fn policies(&self) -> Result<Vec<PolicyRecord>, BackendError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn.prepare(&format!("SELECT {POLICY_COLUMNS} FROM {POLICY_TABLE} ORDER BY uniquename"))?;
             Ok(stmt.query_map([], policy_of)?.collect::<Result<_, _>>()?)
         })

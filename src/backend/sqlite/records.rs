@@ -375,7 +375,7 @@ impl SqliteBackend {
             vec![i64::from(query.criteria.retained).into(), limit.into(), query.offset().into()];
         params.extend(predicate.params.iter().chain(&keyset.params).map(param));
         let count = names.len();
-        self.run(move |conn| {
+        self.read(move |conn| {
             let mut stmt = conn.prepare(&sql)?;
             let rows = stmt
                 .query_map(rusqlite::params_from_iter(params), |row| {
@@ -393,14 +393,14 @@ impl SqliteBackend {
         let sql = format!("SELECT count(*) FROM {} WHERE msft_datastate = ?1 AND ({})", t.logical_name, predicate.sql);
         let mut params: Vec<SqlValue> = vec![i64::from(criteria.retained).into()];
         params.extend(predicate.params.iter().map(param));
-        self.run(move |conn| Ok(conn.query_row(&sql, rusqlite::params_from_iter(params), |r| r.get(0))?)).await
+        self.read(move |conn| Ok(conn.query_row(&sql, rusqlite::params_from_iter(params), |r| r.get(0))?)).await
     }
 
     pub(crate) async fn record_state(&self, record: Uuid) -> Result<RecordState, BackendError> {
         let t = table();
         let state_sql = format!("SELECT msft_datastate FROM {} WHERE {} = ?1", t.logical_name, t.primary_id_attribute);
         let tombstone_sql = format!("SELECT 1 FROM {} WHERE {} = ?1", t.tombstone_table(), t.primary_id_attribute);
-        self.run(move |conn| {
+        self.read(move |conn| {
             let key = text(record);
             let state: Option<i64> = conn.query_row(&state_sql, [&key], |r| r.get(0)).optional()?;
             let purged = conn.prepare(&tombstone_sql)?.exists([&key])?;
@@ -414,7 +414,7 @@ impl SqliteBackend {
         let names: Vec<&str> = columns.iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
         let sql = format!("SELECT {} FROM {} WHERE {} = ?1", names.join(", "), t.logical_name, t.primary_id_attribute);
         let count = columns.len();
-        self.run(move |conn| {
+        self.read(move |conn| {
             Ok(conn
                 .query_row(&sql, [text(record)], |row| {
                     (0..count).map(|i| row.get::<_, SqlValue>(i).map(json_of)).collect::<Result<Vec<_>, _>>()
