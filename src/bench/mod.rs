@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+mod raw;
 mod webapi;
 
 use crate::cli::{Load, produce_events};
 use crate::config::Config;
 use crate::generator::Generator;
 use crate::normalize::Normalizer;
-use crate::record::{Record, Value, create_columns, format_datetime};
-use crate::table::table;
+use crate::record::Record;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -118,6 +118,8 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
     std::fs::create_dir_all(&dir)?;
     let mut e2e_rows = Vec::new();
     let mut api_lines = Vec::new();
+    let mut baselines: Vec<(&str, f64)> = Vec::new();
+    let mut bare_rate: Option<f64> = None;
     for sink in &args.sinks {
         let mut api_databases = Vec::new();
         let (url, raw_rate, cleanup) = match sink.as_str() {
@@ -125,7 +127,7 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
                 eprintln!("raw SQLite insert…");
                 let raw_path = dir.join("raw.db");
                 let recs = records.clone();
-                let rate = tokio::task::spawn_blocking(move || raw_sqlite(&raw_path, &recs)).await??;
+                let rate = tokio::task::spawn_blocking(move || raw::raw_sqlite(&raw_path, &recs)).await??;
                 (format!("sqlite://{}", dir.join("e2e.db").display()), rate, None)
             }
             "postgres" => {
@@ -136,16 +138,38 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
                 admin.batch_execute(&format!("CREATE DATABASE {raw_db}; ")).await?;
                 admin.batch_execute(&format!("CREATE DATABASE {e2e_db}")).await?;
                 let base = args.pg_admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or_default();
+                // The other COPY baselines, each into a fresh database: the
+                // bare table is the database's limit, the previous index set
+                // what this release's indexes are measured against.
+                let mut databases = vec![raw_db.clone(), e2e_db.clone()];
+                for variant in [raw::CopyTable::Bare, raw::CopyTable::PreviousIndexes] {
+                    let db = format!("copilot_bench_copy_{}", uuid::Uuid::new_v4().simple());
+                    admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
+                    databases.push(db.clone());
+                    eprintln!("{}…", variant.describe());
+                    let rate = raw::raw_copy(&format!("{base}/{db}"), &records, variant).await?;
+                    baselines.push((variant.describe(), rate));
+                }
                 eprintln!("raw PostgreSQL COPY…");
-                let rate = raw_copy(&format!("{base}/{raw_db}"), &records).await?;
-                (format!("{base}/{e2e_db}"), rate, Some((admin, vec![raw_db, e2e_db])))
+                let rate = raw::raw_copy(&format!("{base}/{raw_db}"), &records, raw::CopyTable::Product).await?;
+                (format!("{base}/{e2e_db}"), rate, Some((admin, databases)))
             }
             other => anyhow::bail!("unknown sink {other}"),
         };
+        for (name, rate) in baselines.drain(..) {
+            rows.push(Row {
+                name: name.into(),
+                events_per_s: rate,
+                cpu_s_per_million: None,
+                peak_rss_mb: None,
+                note: String::new(),
+            });
+            bare_rate = bare_rate.or((name == raw::CopyTable::Bare.describe()).then_some(rate));
+        }
         let raw_name = if sink == "sqlite" {
             "raw SQLite (prepared insert, one transaction)"
         } else {
-            "raw PostgreSQL COPY (text)"
+            raw::CopyTable::Product.describe()
         };
         rows.push(Row {
             name: raw_name.into(),
@@ -158,11 +182,11 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
         let e2e = end_to_end(&exe, &brokers, &topic, &url, n, quiet, None).await?;
         let limit = raw_consume.min(raw_rate);
         e2e_rows.push((sink.clone(), e2e.events_per_s));
-        rows.push(Row {
-            name: format!("copilot-ingest → {sink}"),
-            note: format!("{:.0}% of min(raw consume, raw sink)", 100.0 * e2e.events_per_s / limit),
-            ..e2e
-        });
+        let mut note = format!("{:.0}% of min(raw consume, raw sink)", 100.0 * e2e.events_per_s / limit);
+        if let Some(bare) = bare_rate.take() {
+            note.push_str(&format!("; {:.0}% of COPY into the bare table", 100.0 * e2e.events_per_s / bare));
+        }
+        rows.push(Row { name: format!("copilot-ingest → {sink}"), note, ..e2e });
         if args.api_seconds > 0 {
             let drain_url = match &cleanup {
                 None => format!("sqlite://{}", dir.join("api.db").display()),
@@ -282,118 +306,6 @@ async fn raw_consume(brokers: &str, topic: &str, n: u64) -> anyhow::Result<f64> 
         Ok(seen as f64 / secs)
     })
     .await?
-}
-
-fn raw_sqlite(path: &std::path::Path, records: &[Record]) -> anyhow::Result<f64> {
-    let mut conn = crate::backend::sqlite::open_connection(path)?;
-    crate::backend::sqlite::migrate(&conn)?;
-    let t = table();
-    let cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
-    let sql = format!(
-        "INSERT INTO {} ({}, statecode, createdon, versionnumber, ingest_topic, ingest_partition, ingest_offset, \
-         ingest_content_hash) VALUES ({})",
-        t.logical_name,
-        cols.join(", "),
-        (1..=cols.len() + 7).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", ")
-    );
-    let started = Instant::now();
-    let tx = conn.transaction()?;
-    {
-        let mut stmt = tx.prepare(&sql)?;
-        for (i, r) in records.iter().enumerate() {
-            let mut params: Vec<rusqlite::types::Value> = r
-                .values()
-                .iter()
-                .map(|v| match v {
-                    Value::Null => rusqlite::types::Value::Null,
-                    Value::Text(s) => s.clone().into(),
-                    Value::Int(i) => i64::from(*i).into(),
-                    Value::Guid(g) => g.hyphenated().to_string().into(),
-                    Value::DateTime(d) => format_datetime(d).into(),
-                })
-                .collect();
-            params.push(i64::from(r.state_code()).into());
-            params.push(format_datetime(&r.created_on()).into());
-            params.push((i as i64).into());
-            let (partition, offset) = source_position(i);
-            params.push(BENCH_TOPIC.to_owned().into());
-            params.push(partition.into());
-            params.push(offset.into());
-            params.push(r.content_hash().hyphenated().to_string().into());
-            stmt.execute(rusqlite::params_from_iter(params))?;
-        }
-    }
-    tx.commit()?;
-    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
-}
-
-/// Stands in for the topic in the raw baselines' source columns.
-const BENCH_TOPIC: &str = "copilot.interactions.bench";
-
-/// A plausible Kafka position for the raw baselines' i-th row.
-fn source_position(i: usize) -> (i64, i64) {
-    ((i % 64) as i64, (i / 64) as i64)
-}
-
-/// COPY text-format escaping.
-fn copy_text(out: &mut String, s: &str) {
-    for c in s.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
-    }
-}
-
-async fn raw_copy(url: &str, records: &[Record]) -> anyhow::Result<f64> {
-    use futures_util::SinkExt;
-    let client = crate::backend::postgres::connect(url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    crate::backend::postgres::migrate(&client).await?;
-    let t = table();
-    let cols: Vec<&str> = create_columns().iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
-    let started = Instant::now();
-    let sink = client
-        .copy_in(&format!(
-            "COPY {} ({}, statecode, createdon, ingest_topic, ingest_partition, ingest_offset, ingest_content_hash) \
-             FROM STDIN",
-            t.logical_name,
-            cols.join(", ")
-        ))
-        .await?;
-    let mut sink = std::pin::pin!(sink);
-    let mut buf = String::with_capacity(8 << 20);
-    for (i, r) in records.iter().enumerate() {
-        for v in r.values() {
-            match v {
-                Value::Null => buf.push_str("\\N"),
-                Value::Text(s) => copy_text(&mut buf, s),
-                Value::Int(i) => buf.push_str(&i.to_string()),
-                Value::Guid(g) => buf.push_str(&g.hyphenated().to_string()),
-                Value::DateTime(d) => buf.push_str(&format_datetime(d)),
-            }
-            buf.push('\t');
-        }
-        buf.push_str(&r.state_code().to_string());
-        buf.push('\t');
-        buf.push_str(&format_datetime(&r.created_on()));
-        let (partition, offset) = source_position(i);
-        buf.push_str(&format!("\t{BENCH_TOPIC}\t{partition}\t{offset}\t{}\n", r.content_hash().hyphenated()));
-        if buf.len() > (4 << 20) {
-            sink.send(bytes_of(&mut buf)).await?;
-        }
-    }
-    if !buf.is_empty() {
-        sink.send(bytes_of(&mut buf)).await?;
-    }
-    sink.as_mut().finish().await?;
-    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
-}
-
-fn bytes_of(buf: &mut String) -> std::io::Cursor<Vec<u8>> {
-    std::io::Cursor::new(std::mem::take(buf).into_bytes())
 }
 
 fn free_port() -> anyhow::Result<u16> {

