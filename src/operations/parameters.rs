@@ -94,7 +94,7 @@ fn bookkeeping_request(
     Ok(Some(match message {
         Message::RetrieveMultiple => {
             let Some(query) = params.get("Query").and_then(Json::as_str) else { return Ok(None) };
-            let parsed = fetchxml::bookkeeping_query(query, &bookkeeping::filterable)
+            let parsed = crate::query::bookkeeping::query(query, &bookkeeping::filterable)
                 .map_err(|e| ParameterError { code: "InvalidFetchXml", message: e })?;
             let Some(q) = parsed else { return Ok(None) };
             if q.entity == bookkeeping::POLICY_ENTITY {

@@ -2,6 +2,7 @@
 //! parsed and validated against the table definition, compiled to bound SQL
 //! in either dialect.
 
+pub mod bookkeeping;
 pub mod compile;
 pub mod fetchxml;
 pub mod odata;

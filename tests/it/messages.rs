@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value as Json, json};
 
 use crate::common::*;
-use crate::control::{ControlClient, ControlService, count, events, query_i64, sink_urls};
+use crate::control::{ControlClient, ControlService, count, events, query_i64, query_text, sink_urls};
 
 const ENTITY: &str = "msdyn_copilotinteraction";
 
@@ -247,6 +247,65 @@ async fn retrieve_multiple_pages_without_gaps_or_repeats_while_ingesting() {
         let unique: HashSet<&String> = seen.iter().collect();
         assert_eq!(unique.len(), seen.len(), "{url}: no record repeated");
         assert!(before.iter().all(|id| unique.contains(id)), "{url}: no record present at the start missed");
+        control.stop().await;
+        pipeline.stop().await;
+    }
+}
+
+/// Retrieve reads one record, live or retained, as Dataverse's Entity:
+/// asked columns by logical name, option sets with their labels; an unknown
+/// id fails with Dataverse's not-found code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retrieve_returns_one_record_with_formatted_values_on_both_sinks() {
+    let (urls, _db, _dir) = sink_urls().await;
+    let t = copilot_ingest::table::table();
+    for url in urls {
+        let kafka = TestKafka::new(1);
+        let config = kafka.config_with_sink(&url);
+        let pipeline = RunningPipeline::start(config.clone());
+        kafka.produce(&events(11, 2, 1).messages).await;
+        pipeline.wait_handled(3, Duration::from_secs(60)).await;
+        let control = ControlService::start(config).await;
+        let client = ControlClient::new(&kafka);
+        let id = query_text(
+            &url,
+            "SELECT msdyn_copilotinteractionid FROM msdyn_copilotinteraction ORDER BY msdyn_name LIMIT 1",
+        )
+        .await;
+
+        let r =
+            client.call("Retrieve", json!({"Target": id, "ColumnSet": ["msdyn_name", "msdyn_interactiontype"]})).await;
+        assert_eq!(r["status"], "Succeeded", "{url}: {r}");
+        let entity = r["response"]["Entity"].as_object().unwrap();
+        assert_eq!(entity["msdyn_copilotinteractionid"], id.as_str(), "{url}: the id is always returned");
+        assert_eq!(entity["msdyn_name"], "event 11-0");
+        let value = entity["msdyn_interactiontype"].as_i64().unwrap() as i32;
+        let label = &t.column("msdyn_interactiontype").unwrap().option(value).unwrap().label;
+        assert_eq!(entity["msdyn_interactiontype@OData.Community.Display.V1.FormattedValue"], label.as_str());
+        assert_eq!(entity.len(), 4, "{url}: only the asked columns: {entity:?}");
+
+        // All columns, and a retained record is still readable.
+        let retained = client.call("Retain", json!({"Target": id})).await;
+        assert_eq!(retained["status"], "Succeeded");
+        let all = client.call("Retrieve", json!({"Target": id})).await;
+        let entity = all["response"]["Entity"].as_object().unwrap();
+        assert_eq!(entity["statecode"], 0, "{url}: {entity:?}");
+        assert_eq!(entity["statecode@OData.Community.Display.V1.FormattedValue"], "Active");
+        assert!(entity["versionnumber"].as_i64().unwrap() > 0);
+        assert!(entity["createdon"].as_str().unwrap().starts_with("2020-01-01T00:00:00"), "{entity:?}");
+        assert_eq!(entity["msdyn_scenariorequestid"], "req-0");
+
+        let missing = client.call("Retrieve", json!({"Target": uuid::Uuid::new_v4().to_string()})).await;
+        assert_eq!(
+            (missing["status"].as_str(), missing["error"]["code"].as_str()),
+            (Some("Failed"), Some("0x80040217")),
+            "{missing}"
+        );
+        let bad = client.call("Retrieve", json!({"Target": id, "ColumnSet": ["msdyn_name", "nope"]})).await;
+        assert_eq!(
+            (bad["status"].as_str(), bad["error"]["code"].as_str()),
+            (Some("Rejected"), Some("InvalidParameters"))
+        );
         control.stop().await;
         pipeline.stop().await;
     }

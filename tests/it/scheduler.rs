@@ -336,3 +336,29 @@ async fn policies_and_operations_are_managed_and_read_over_the_control_topic_and
         control.stop().await;
     }
 }
+
+/// Finding a retention operation's records (RollbackRetain, a policy's purge)
+/// uses the partial index on the operation column, on both sinks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_an_operation_are_found_by_the_partial_index_on_both_sinks() {
+    let (urls, _db, _dir) = sink_urls().await;
+    for url in urls {
+        let _backend = open(&url).await;
+        let lookup = "FROM msdyn_copilotinteraction WHERE msdyn_copilotinteraction.msft_retention_operationid = \
+                      '0b5c6a3e-1d2f-4a5b-8c7d-9e0f1a2b3c4d'";
+        let plan = if let Some(path) = url.strip_prefix("sqlite://") {
+            let conn = rusqlite::Connection::open(path).unwrap();
+            let mut stmt =
+                conn.prepare(&format!("EXPLAIN QUERY PLAN SELECT msdyn_copilotinteractionid {lookup}")).unwrap();
+            let rows: Vec<String> =
+                stmt.query_map([], |r| r.get::<_, String>(3)).unwrap().map(Result::unwrap).collect();
+            rows.join("\n")
+        } else {
+            let client = copilot_ingest::backend::postgres::connect(&url).await.unwrap();
+            client.batch_execute("SET enable_seqscan = off").await.unwrap();
+            let rows = client.query(&format!("EXPLAIN SELECT msdyn_copilotinteractionid {lookup}"), &[]).await.unwrap();
+            rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n")
+        };
+        assert!(plan.contains("msdyn_copilotinteraction_retention_op_partial_idx"), "{url}: {plan}");
+    }
+}
