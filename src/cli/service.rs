@@ -150,7 +150,7 @@ pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
         Arc::clone(&backend),
         shutdown.clone(),
     ));
-    start_retention(&config, &backend, &metrics, &shutdown).await?;
+    start_retention(&config, &brokers, &backend, &metrics, &shutdown).await?;
     pipeline::run_on(config, &brokers, backend, metrics, readiness, shutdown).await?;
     let _ = control.await;
     // The pipeline has drained; requests the Web API is still answering finish too.
@@ -164,6 +164,7 @@ pub(crate) async fn run(mut config: Config) -> anyhow::Result<i32> {
 /// retention scheduler until shutdown.
 async fn start_retention(
     config: &Config,
+    brokers: &str,
     backend: &Arc<crate::backend::Backend>,
     metrics: &Arc<Metrics>,
     shutdown: &watch::Receiver<bool>,
@@ -185,7 +186,23 @@ async fn start_retention(
     if saved + removed > 0 {
         tracing::info!(declared = saved, removed, "retention policies reconciled with the configuration");
     }
-    let scheduler = Scheduler::new(Arc::clone(backend), Arc::clone(metrics));
+    // Each run's progress and outcome go out as replies, as a command's do.
+    let (sender, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let options = pipeline::kafka_options(config);
+    let producer = crate::transport::ingest::dlq::create_producer(
+        &crate::transport::ingest::dlq::producer_config(brokers, &options),
+        "retention replies",
+    )?;
+    let (topic, auth) =
+        (config.kafka.control_reply_topic.clone(), crate::transport::control::Authenticator::new(&config.control));
+    tokio::spawn(async move {
+        while let Some(report) = reports.recv().await {
+            let reply = crate::transport::control::Reply::of_run(&report);
+            crate::transport::control::consumer::publish(&producer, &topic, &auth, &reply).await;
+        }
+    });
+    let replies = crate::operations::scheduler::RunReplies { sender, every: crate::operations::report::REPORT_EVERY };
+    let scheduler = Scheduler::new(Arc::clone(backend), Arc::clone(metrics)).with_replies(replies);
     scheduler.export_policies().await.map_err(|e| anyhow::anyhow!("retention policies: {e}"))?;
     tokio::spawn(scheduler.run(shutdown.clone()));
     Ok(())

@@ -48,13 +48,33 @@ pub struct RunOutcome {
     pub outcome: &'static str,
     pub retained: i64,
     pub purged: i64,
+    /// Why a Failed run failed.
+    pub error: Option<String>,
 }
 
 pub struct Scheduler {
     backend: Arc<Backend>,
     metrics: Arc<Metrics>,
-    /// Where runs report progress (the service: a metric).
-    progress: Option<ProgressSink>,
+    /// Where runs publish their replies (the service: the reply topic).
+    replies: Option<RunReplies>,
+}
+
+/// What a run tells whoever follows it (the service publishes these as
+/// replies on the reply topic): progress at most every `every`, then the end.
+pub struct RunReplies {
+    pub sender: tokio::sync::mpsc::UnboundedSender<RunReport>,
+    pub every: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum RunReport {
+    Progress { reply_id: String, report: super::report::ProgressReport },
+    Finished { reply_id: String, outcome: RunOutcome },
+}
+
+/// The reply id of a scheduled run.
+pub fn reply_id(uniquename: &str, operation_id: Uuid) -> String {
+    format!("policy:{uniquename}:{operation_id}")
 }
 
 /// The operation id of a policy's run due at `due`: the same on every
@@ -66,11 +86,34 @@ pub fn run_id(uniquename: &str, due: DateTime<Utc>) -> Uuid {
 
 impl Scheduler {
     pub fn new(backend: Arc<Backend>, metrics: Arc<Metrics>) -> Scheduler {
-        let gauge = metrics.retention_operation_records.clone();
-        let progress = ProgressSink::new(move |report| {
+        Scheduler { backend, metrics, replies: None }
+    }
+
+    /// Publishes each run's progress and outcome as replies.
+    pub fn with_replies(self, replies: RunReplies) -> Scheduler {
+        Scheduler { replies: Some(replies), ..self }
+    }
+
+    /// Where one run's progress goes: the progress gauge, and its replies.
+    fn progress_of(&self, uniquename: &str, operation_id: Uuid) -> ProgressSink {
+        let gauge = self.metrics.retention_operation_records.clone();
+        let every = self.replies.as_ref().map_or(super::report::REPORT_EVERY, |r| r.every);
+        let sender = self.replies.as_ref().map(|r| r.sender.clone());
+        let id = reply_id(uniquename, operation_id);
+        ProgressSink::every(every, move |report| {
             gauge.with_label_values(&[report.message]).set(report.count);
-        });
-        Scheduler { backend, metrics, progress: Some(progress) }
+            if let Some(sender) = &sender {
+                let _ = sender.send(RunReport::Progress { reply_id: id.clone(), report: report.clone() });
+            }
+        })
+    }
+
+    /// The end of a run, to whoever follows it.
+    fn publish_outcome(&self, outcome: &RunOutcome) {
+        if let Some(replies) = &self.replies {
+            let reply_id = reply_id(&outcome.policy, outcome.operation_id);
+            let _ = replies.sender.send(RunReport::Finished { reply_id, outcome: outcome.clone() });
+        }
     }
 
     /// Runs, one after another, every policy due at `now` that this instance
@@ -95,6 +138,7 @@ impl Scheduler {
             tracing::info!(policy = %policy.uniquename, %operation_id, due = %due, "retention policy run: starting");
             let outcome = self.run_claimed(policy, operation_id, now).await?;
             self.backend.finish_policy_run(&policy.uniquename, operation_id, outcome.outcome, now).await?;
+            self.publish_outcome(&outcome);
             self.metrics.retention_runs_total.with_label_values(&[&policy.uniquename, outcome.outcome]).inc();
             if outcome.outcome == "Succeeded" {
                 self.metrics
@@ -152,6 +196,7 @@ impl Scheduler {
             outcome: "Succeeded",
             retained: 0,
             purged: 0,
+            error: None,
         };
         let result = self.run_steps(policy, operation_id, now, &mut outcome).await;
         let failure = match result {
@@ -165,6 +210,7 @@ impl Scheduler {
             self.backend.set_operation_error(operation_id, &problem).await?;
             self.backend.set_operation_status(operation_id, "Failed", true).await?;
             outcome.outcome = "Failed";
+            outcome.error = Some(problem);
         }
         Ok(outcome)
     }
@@ -197,8 +243,8 @@ impl Scheduler {
         let criteria =
             fetchxml::parse(&policy.criteria, now).map_err(|e| OperationError::failed("InvalidFetchXml", e))?;
         let renew = || backend.renew_policy_lease(&policy.uniquename, operation_id, Utc::now().max(now) + LEASE);
-        let mut tracker =
-            Tracker::new(self.progress.clone(), operation_id, RUN_MESSAGE, "Marking", retained_before_resume);
+        let progress = self.progress_of(&policy.uniquename, operation_id);
+        let mut tracker = Tracker::new(Some(progress), operation_id, RUN_MESSAGE, "Marking", retained_before_resume);
         if status != "Deleting" {
             retain_pages(backend, operation_id, &criteria, policy.page_size, &mut tracker, renew).await?;
         }

@@ -13,7 +13,8 @@ use copilot_ingest::config::SinkUrl;
 use copilot_ingest::metrics::Metrics;
 use copilot_ingest::normalize::Normalizer;
 use copilot_ingest::operations::policy::{self, PolicySource, PolicyStatus, RetentionPolicy};
-use copilot_ingest::operations::scheduler::{LEASE, RUN_MESSAGE, Scheduler};
+use copilot_ingest::operations::scheduler::{LEASE, RUN_MESSAGE, RunReplies, Scheduler};
+use copilot_ingest::transport::control::{Reply, Status};
 use serde_json::json;
 
 use crate::common::*;
@@ -93,7 +94,9 @@ async fn a_daily_policy_runs_on_schedule_pauses_and_catches_up_once_on_both_sink
         let backend = open(&url).await;
         seed(&backend, 0, 30, 20).await;
         let metrics = Arc::new(Metrics::new());
-        let scheduler = Scheduler::new(Arc::clone(&backend), Arc::clone(&metrics));
+        let (sender, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let scheduler = Scheduler::new(Arc::clone(&backend), Arc::clone(&metrics))
+            .with_replies(RunReplies { sender, every: Duration::ZERO });
         let t0 = origin();
         let start = t0 + hours(1);
         policy::save(&backend, &daily("old-feedback", start, 7), t0).await.unwrap();
@@ -102,6 +105,21 @@ async fn a_daily_policy_runs_on_schedule_pauses_and_catches_up_once_on_both_sink
         let first = scheduler.run_due(start).await.unwrap();
         assert_eq!(first.len(), 1, "{url}");
         assert_eq!((first[0].outcome, first[0].retained), ("Succeeded", 30), "{url}: {first:?}");
+        // The run's replies: progress page by page (7 a page), then the end.
+        let replies: Vec<Reply> = std::iter::from_fn(|| reports.try_recv().ok()).map(|r| Reply::of_run(&r)).collect();
+        let id = format!("policy:old-feedback:{}", first[0].operation_id);
+        assert!(replies.iter().all(|r| r.command_id.as_deref() == Some(id.as_str())), "{replies:?}");
+        let counts: Vec<i64> = replies
+            .iter()
+            .filter(|r| r.status == Status::InProgress)
+            .map(|r| {
+                r.response.as_ref().unwrap()["EntityCountCollection"]["msdyn_copilotinteraction"].as_i64().unwrap()
+            })
+            .collect();
+        assert_eq!(counts, [7, 14, 21, 28, 30], "{url}");
+        let last = replies.last().unwrap();
+        assert_eq!(last.status, Status::Succeeded, "{url}: {last:?}");
+        assert_eq!(last.response.as_ref().unwrap()["EntityCountCollection"]["msdyn_copilotinteraction"], 30);
         assert!(scheduler.run_due(start + TimeDelta::seconds(1)).await.unwrap().is_empty(), "{url}: ran once");
         let second = scheduler.run_due(start + TimeDelta::days(1)).await.unwrap();
         assert_eq!((second.len(), second[0].retained), (1, 0), "{url}: the next day's run finds nothing new");

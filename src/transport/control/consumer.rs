@@ -127,7 +127,7 @@ pub async fn run(
 }
 
 /// Publishes one reply, signed when a key is set, retrying until the broker takes it.
-async fn publish(
+pub(crate) async fn publish(
     producer: &rdkafka::producer::FutureProducer<QuietContext>,
     topic: &str,
     auth: &Authenticator,

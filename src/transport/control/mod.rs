@@ -83,10 +83,15 @@ impl Reply {
 
     /// A progress reply: the counts so far of the command's operation.
     pub fn in_progress(command: &Command, report: &crate::operations::report::ProgressReport) -> Reply {
+        Reply::progress(&command.command_id, command.message.name(), report)
+    }
+
+    /// A progress reply under `command_id` (a command's, or a scheduled run's).
+    pub fn progress(command_id: &str, message: &str, report: &crate::operations::report::ProgressReport) -> Reply {
         let counts = crate::operations::EntityCountCollection(report.count);
         Reply {
-            command_id: Some(command.command_id.clone()),
-            message: Some(command.message.name().to_owned()),
+            command_id: Some(command_id.to_owned()),
+            message: Some(message.to_owned()),
             status: Status::InProgress,
             response: Some(serde_json::json!({
                 "OperationId": report.operation_id,
@@ -96,6 +101,31 @@ impl Reply {
                 "RowsPerSecond": (report.rows_per_second * 10.0).round() / 10.0,
             })),
             error: None,
+        }
+    }
+
+    /// The reply of a scheduled retention run's report, under its reply id.
+    pub fn of_run(report: &crate::operations::scheduler::RunReport) -> Reply {
+        use crate::operations::scheduler::{RUN_MESSAGE, RunReport};
+        match report {
+            RunReport::Progress { reply_id, report } => Reply::progress(reply_id, RUN_MESSAGE, report),
+            RunReport::Finished { reply_id, outcome } => {
+                let succeeded = outcome.outcome == "Succeeded";
+                Reply {
+                    command_id: Some(reply_id.clone()),
+                    message: Some(RUN_MESSAGE.to_owned()),
+                    status: if succeeded { Status::Succeeded } else { Status::Failed },
+                    response: Some(serde_json::json!({
+                        "OperationId": outcome.operation_id,
+                        "EntityCountCollection": crate::operations::EntityCountCollection(outcome.retained),
+                        "PurgedCount": outcome.purged,
+                    })),
+                    error: (!succeeded).then(|| ReplyError {
+                        code: "RetentionRunFailed".into(),
+                        message: outcome.error.clone().unwrap_or_default(),
+                    }),
+                }
+            }
         }
     }
 
@@ -368,6 +398,8 @@ mod schema_tests {
             include_str!("../../operations/retrieve_multiple.rs"),
             include_str!("../../operations/update.rs"),
             include_str!("../../operations/state.rs"),
+            include_str!("../../operations/policy.rs"),
+            include_str!("../../operations/bookkeeping.rs"),
         ]
         .concat();
         for code in codes {
