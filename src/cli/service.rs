@@ -202,7 +202,8 @@ async fn start_retention(
         }
     });
     let replies = crate::operations::scheduler::RunReplies { sender, every: crate::operations::report::REPORT_EVERY };
-    let scheduler = Scheduler::new(Arc::clone(backend), Arc::clone(metrics)).with_replies(replies);
+    let lease = chrono::TimeDelta::seconds(i64::try_from(config.retention.lease_seconds).unwrap_or(120));
+    let scheduler = Scheduler::new(Arc::clone(backend), Arc::clone(metrics)).with_replies(replies).with_lease(lease);
     scheduler.export_policies().await.map_err(|e| anyhow::anyhow!("retention policies: {e}"))?;
     tokio::spawn(scheduler.run(shutdown.clone()));
     Ok(())

@@ -52,6 +52,10 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("kafka.topic", "events to ingest"),
     ("metrics.listen", "/metrics, /healthz, /readyz (run and demo on the embedded broker use 127.0.0.1)"),
     (
+        "retention.lease_seconds",
+        "a run's claim without renewal (one per page); a killed instance's run resumes elsewhere after this",
+    ),
+    (
         "retention.policies",
         "[[retention.policies]] uniquename, criteria (FetchXML), starttime (RFC 3339), recurrence = \"FREQ=DAILY;INTERVAL=1\", \
          status = \"Scheduled\" | \"Unscheduled\" | \"Cancelled\", purge_after = \"30d\", page_size",

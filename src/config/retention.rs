@@ -8,10 +8,19 @@ use serde::{Deserialize, Serialize};
 use crate::operations::policy::{PolicySource, PolicyStatus, RetentionPolicy};
 use crate::table::table;
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetentionConfig {
     pub policies: Vec<PolicyConfig>,
+    /// How long a claimed run stays an instance's without a renewal (one per
+    /// page): a run whose instance died resumes elsewhere after this long.
+    pub lease_seconds: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { policies: Vec::new(), lease_seconds: 120 }
+    }
 }
 
 /// One `[[retention.policies]]`: Dataverse's `retentionconfig` fields.
@@ -95,6 +104,9 @@ impl PolicyConfig {
 
 impl RetentionConfig {
     pub(super) fn check(&self, errors: &mut Vec<String>) {
+        if !(5..=3600).contains(&self.lease_seconds) {
+            errors.push("retention.lease_seconds: must be between 5 and 3600".into());
+        }
         let mut seen = std::collections::HashSet::new();
         for (i, entry) in self.policies.iter().enumerate() {
             if let Err(e) = entry.policy() {

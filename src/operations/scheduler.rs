@@ -31,8 +31,9 @@ use crate::query::fetchxml::{self, Criteria};
 /// The message name of a scheduled run's operation row.
 pub const RUN_MESSAGE: &str = "RetentionPolicy";
 
-/// How long a claimed run is this instance's without a renewal: longer than
-/// any one page takes, short enough that a killed instance's run resumes soon.
+/// How long a claimed run is this instance's without a renewal, by default:
+/// longer than any one page takes, short enough that a killed instance's run
+/// resumes soon.
 pub const LEASE: TimeDelta = TimeDelta::seconds(120);
 
 /// The longest the service waits between two passes (a policy saved at run
@@ -55,6 +56,8 @@ pub struct RunOutcome {
 pub struct Scheduler {
     backend: Arc<Backend>,
     metrics: Arc<Metrics>,
+    /// How long a claim lasts without a renewal ([`LEASE`] unless configured).
+    lease: TimeDelta,
     /// Where runs publish their replies (the service: the reply topic).
     replies: Option<RunReplies>,
 }
@@ -86,7 +89,12 @@ pub fn run_id(uniquename: &str, due: DateTime<Utc>) -> Uuid {
 
 impl Scheduler {
     pub fn new(backend: Arc<Backend>, metrics: Arc<Metrics>) -> Scheduler {
-        Scheduler { backend, metrics, replies: None }
+        Scheduler { backend, metrics, lease: LEASE, replies: None }
+    }
+
+    /// Claims last `lease` without a renewal (`retention.lease_seconds`).
+    pub fn with_lease(self, lease: TimeDelta) -> Scheduler {
+        Scheduler { lease, ..self }
     }
 
     /// Publishes each run's progress and outcome as replies.
@@ -132,7 +140,7 @@ impl Scheduler {
                 operation_id: run_id(&policy.uniquename, record.next_run.unwrap_or(now)),
                 now,
                 next_run: policy.next_run_after(now),
-                lease_until: now + LEASE,
+                lease_until: now + self.lease,
             };
             let Some((operation_id, due)) = self.backend.claim_policy_run(&claim).await? else { continue };
             tracing::info!(policy = %policy.uniquename, %operation_id, due = %due, "retention policy run: starting");
@@ -242,7 +250,8 @@ impl Scheduler {
         // Relative criteria (olderthan-x-days) are read at the run's time.
         let criteria =
             fetchxml::parse(&policy.criteria, now).map_err(|e| OperationError::failed("InvalidFetchXml", e))?;
-        let renew = || backend.renew_policy_lease(&policy.uniquename, operation_id, Utc::now().max(now) + LEASE);
+        let lease = self.lease;
+        let renew = || backend.renew_policy_lease(&policy.uniquename, operation_id, Utc::now().max(now) + lease);
         let progress = self.progress_of(&policy.uniquename, operation_id);
         let mut tracker = Tracker::new(Some(progress), operation_id, RUN_MESSAGE, "Marking", retained_before_resume);
         if status != "Deleting" {

@@ -380,3 +380,55 @@ async fn records_of_an_operation_are_found_by_the_partial_index_on_both_sinks() 
         assert!(plan.contains("msdyn_copilotinteraction_retention_op_partial_idx"), "{url}: {plan}");
     }
 }
+
+/// `kill -9` of the service in the middle of a scheduled run, on both sinks:
+/// what the run counted is what it applied, and after a restart (the lease
+/// of the dead instance's claim runs out) the same run completes with the
+/// exact total, one operation, nothing retained twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduled_run_killed_with_sigkill_completes_after_a_restart_on_both_sinks() {
+    const OLD: i64 = 20_000;
+    let (urls, _db, dir) = sink_urls().await;
+    std::fs::create_dir_all(&dir).unwrap();
+    let config_file = dir.join("kill.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[retention]\nlease_seconds = 5\n\n[[retention.policies]]\nuniquename = \"nightly\"\n\
+             starttime = \"2020-01-01T00:00:00Z\"\nrecurrence = \"FREQ=DAILY\"\npage_size = 10\ncriteria = \"{}\"\n",
+            OLD_RECORDS_CRITERIA.replace('"', "\\\"")
+        ),
+    )
+    .unwrap();
+    for url in urls {
+        seed(&*open(&url).await, 0, OLD as usize, 25).await;
+        let kafka = TestKafka::new(1);
+        let spawn = || Service::spawn(kafka.run_binary(&url).arg("--config").arg(&config_file));
+        let total = "SELECT COALESCE(max(total), 0) FROM copilot_ingest_retention_operation";
+        let marked = "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1";
+        let service = spawn();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while query_i64(&url, total).await == 0 {
+            assert!(std::time::Instant::now() < deadline, "{url}: the due run never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        std::process::Command::new("kill").args(["-KILL", &service.id().to_string()]).status().unwrap();
+        drop(service);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let counted = query_i64(&url, total).await;
+        assert!(counted < OLD, "{url}: the run ended before the kill ({counted}); the test proves nothing");
+        assert_eq!(query_i64(&url, marked).await, counted, "{url}: counted and applied differ after the kill");
+
+        let service = spawn();
+        let done = "SELECT count(*) FROM copilot_ingest_retention_policy WHERE last_outcome = 'Succeeded'";
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while query_i64(&url, done).await == 0 {
+            assert!(std::time::Instant::now() < deadline, "{url}: the killed run was never resumed");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(query_i64(&url, "SELECT count(*) FROM copilot_ingest_retention_operation").await, 1, "{url}");
+        assert_eq!(query_i64(&url, total).await, OLD, "{url}: the resumed run's total is exact");
+        assert_eq!(query_i64(&url, marked).await, OLD, "{url}");
+        service.terminate();
+    }
+}
