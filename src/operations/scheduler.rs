@@ -58,6 +58,8 @@ pub struct Scheduler {
     metrics: Arc<Metrics>,
     /// How long a claim lasts without a renewal ([`LEASE`] unless configured).
     lease: TimeDelta,
+    /// The policies whose series are exported.
+    exported: std::sync::Mutex<std::collections::BTreeSet<String>>,
     /// Where runs publish their replies (the service: the reply topic).
     replies: Option<RunReplies>,
 }
@@ -89,7 +91,7 @@ pub fn run_id(uniquename: &str, due: DateTime<Utc>) -> Uuid {
 
 impl Scheduler {
     pub fn new(backend: Arc<Backend>, metrics: Arc<Metrics>) -> Scheduler {
-        Scheduler { backend, metrics, lease: LEASE, replies: None }
+        Scheduler { backend, metrics, lease: LEASE, exported: Default::default(), replies: None }
     }
 
     /// Claims last `lease` without a renewal (`retention.lease_seconds`).
@@ -129,7 +131,9 @@ impl Scheduler {
     /// claimed: its lease expires and a later pass resumes it.
     pub async fn run_due(&self, now: DateTime<Utc>) -> Result<Vec<RunOutcome>, BackendError> {
         let mut outcomes = Vec::new();
-        for record in self.backend.policies().await? {
+        let records = self.backend.policies().await?;
+        self.forget_deleted(&records);
+        for record in records {
             self.export(&record);
             if record.policy.status != PolicyStatus::Scheduled {
                 continue;
@@ -169,10 +173,31 @@ impl Scheduler {
 
     /// Exports every stored policy's series (at start, before the first pass).
     pub async fn export_policies(&self) -> Result<(), BackendError> {
-        for record in self.backend.policies().await? {
-            self.export(&record);
+        let records = self.backend.policies().await?;
+        self.forget_deleted(&records);
+        for record in &records {
+            self.export(record);
         }
         Ok(())
+    }
+
+    /// Drops the series of policies deleted since the last pass, so that a
+    /// deleted policy never looks stale to the alert.
+    fn forget_deleted(&self, records: &[PolicyRecord]) {
+        let mut exported = self.exported.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        exported.retain(|name| {
+            let kept = records.iter().any(|r| &r.policy.uniquename == name);
+            if !kept {
+                let m = &self.metrics;
+                let _ = m.retention_policy_interval_seconds.remove_label_values(&[name]);
+                let _ = m.retention_last_success_timestamp_seconds.remove_label_values(&[name]);
+                for outcome in ["Succeeded", "Failed"] {
+                    let _ = m.retention_runs_total.remove_label_values(&[name, outcome]);
+                }
+            }
+            kept
+        });
+        exported.extend(records.iter().map(|r| r.policy.uniquename.clone()));
     }
 
     /// Keeps the policy's gauges current (the alert reads them).

@@ -164,6 +164,10 @@ async fn a_daily_policy_runs_on_schedule_pauses_and_catches_up_once_on_both_sink
         let rendered = metrics.render();
         assert!(rendered.contains("copilot_ingest_retention_last_success_timestamp_seconds{policy=\"old-feedback\"}"));
         assert!(rendered.contains("copilot_ingest_retention_policy_interval_seconds{policy=\"old-feedback\"} 86400"));
+        // A deleted policy's series go with it (the stale alert must not fire for it).
+        policy::delete(&backend, "old-feedback").await.unwrap();
+        scheduler.run_due(start + TimeDelta::days(17)).await.unwrap();
+        assert!(!metrics.render().contains("policy=\"old-feedback\""), "{url}: series of a deleted policy remain");
     }
 }
 
