@@ -290,13 +290,15 @@ fn print_reply(reply: &serde_json::Value) -> anyhow::Result<()> {
 /// lines on stdout otherwise.
 struct ProgressView {
     bar: Option<crate::progress::Progress>,
+    /// The step the bar shows (a new step, a new bar: its total differs).
+    step: String,
     terminal: bool,
 }
 
 impl ProgressView {
     fn new() -> ProgressView {
         use std::io::IsTerminal;
-        ProgressView { bar: None, terminal: std::io::stdout().is_terminal() }
+        ProgressView { bar: None, step: String::new(), terminal: std::io::stdout().is_terminal() }
     }
 
     fn show(&mut self, reply: &serde_json::Value) {
@@ -309,8 +311,19 @@ impl ProgressView {
             response["EntityCountCollection"].as_object().map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum());
         let rate = response["RowsPerSecond"].as_f64().unwrap_or(0.0);
         let step = response["Step"].as_str().unwrap_or("").to_owned();
-        let bar = self.bar.get_or_insert_with(|| crate::progress::Progress::start(false, None));
-        bar.update(count, || format!("{step}: {count} records, {rate:.0}/s"));
+        let expected = response["Expected"].as_u64().filter(|e| *e > 0);
+        if step != self.step {
+            self.finish();
+            self.step = step.clone();
+        }
+        let bar = self.bar.get_or_insert_with(|| crate::progress::Progress::start(false, expected));
+        let eta = match expected {
+            Some(total) if rate > 0.0 && total > count => {
+                format!(", ETA {}s", ((total - count) as f64 / rate).ceil() as u64)
+            }
+            _ => String::new(),
+        };
+        bar.update(count, || format!("{step}: {count} records, {rate:.0}/s{eta}"));
     }
 
     fn finish(&mut self) {

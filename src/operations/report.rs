@@ -28,6 +28,9 @@ pub struct ProgressReport {
     pub pages_done: u64,
     /// Records per second over this run.
     pub rows_per_second: f64,
+    /// The count this step should end at, estimated when it started (what
+    /// matched then), when anyone listens; `None` when not estimated.
+    pub expected: Option<i64>,
 }
 
 /// Where reports go: called on the operation's task, so it must not block.
@@ -74,16 +77,35 @@ impl Tracker {
     ) -> Tracker {
         Tracker {
             sink,
-            report: ProgressReport { operation_id, message, step, count, pages_done: 0, rows_per_second: 0.0 },
+            report: ProgressReport {
+                operation_id,
+                message,
+                step,
+                count,
+                pages_done: 0,
+                rows_per_second: 0.0,
+                expected: None,
+            },
             resumed_from: count,
             started: Instant::now(),
             last_report: None,
         }
     }
 
+    /// Whether anyone follows the progress (an estimate is worth a count query).
+    pub fn listening(&self) -> bool {
+        self.sink.is_some()
+    }
+
+    /// Sets what the step should end at: the count so far plus `remaining`.
+    pub fn expect(&mut self, remaining: i64) {
+        self.report.expected = Some(self.report.count + remaining);
+    }
+
     /// Moves to the next step, its count starting at `count`.
     pub fn step(&mut self, step: &'static str, count: i64) {
         self.report.step = step;
+        self.report.expected = None;
         self.report.count = count;
         self.resumed_from = count;
         self.report.pages_done = 0;

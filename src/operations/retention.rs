@@ -96,6 +96,9 @@ pub async fn bulk_retain(
     let op = context.operation_id;
     let total = backend.begin_operation(&start(context, "BulkRetain", Some(&request.fetch_xml))).await?;
     let mut tracker = Tracker::new(context.progress.clone(), op, "BulkRetain", "Marking", total);
+    if tracker.listening() {
+        tracker.expect(backend.count(&request.criteria).await?);
+    }
     retain_pages(backend, op, &request.criteria, request.page_size, &mut tracker, || async { Ok(()) }).await?;
     backend.set_operation_status(op, "Succeeded", true).await?;
     Ok(BulkRetainResponse {
@@ -223,6 +226,9 @@ pub(super) async fn delete_pages(
     let total = backend.begin_operation(operation).await?;
     backend.set_operation_status(op, "Deleting", false).await?;
     let mut tracker = Tracker::new(context.progress.clone(), op, operation.message, "Deleting", total);
+    if tracker.listening() {
+        tracker.expect(backend.count(&page.criteria).await?);
+    }
     delete_page_loop(backend, op, page, page_size, &mut tracker, || async { Ok(()) }).await?;
     backend.set_operation_status(op, "Succeeded", true).await?;
     Ok(tracker.count())

@@ -280,6 +280,7 @@ impl Scheduler {
         let progress = self.progress_of(&policy.uniquename, operation_id);
         let mut tracker = Tracker::new(Some(progress), operation_id, RUN_MESSAGE, "Marking", retained_before_resume);
         if status != "Deleting" {
+            tracker.expect(backend.count(&criteria).await?);
             retain_pages(backend, operation_id, &criteria, policy.page_size, &mut tracker, renew).await?;
         }
         outcome.retained = if status == "Deleting" { retained_before_resume } else { tracker.count() };
@@ -294,6 +295,8 @@ impl Scheduler {
                 counter: OperationCounter::Purged,
             };
             tracker.step("Deleting", purged_before_resume);
+            // An upper bound: records retained too recently to purge are counted.
+            tracker.expect(backend.count(&page.criteria).await?);
             delete_page_loop(backend, operation_id, &page, policy.page_size, &mut tracker, renew).await?;
             outcome.purged = tracker.count();
         }

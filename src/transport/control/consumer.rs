@@ -418,6 +418,7 @@ mod tests {
             assert_eq!((reply.status, reply.command_id.as_deref()), (Status::InProgress, Some("bulk-1")));
             let response = reply.response.unwrap();
             assert_eq!(response["Step"], "Marking");
+            assert_eq!(response["Expected"], 50, "what matched when the run started");
             counts.push(response["EntityCountCollection"]["msdyn_copilotinteraction"].as_i64().unwrap());
         }
         assert_eq!(counts, (1..=11).map(|page| (page * 5).min(50)).collect::<Vec<_>>(), "one reply per page, in order");

@@ -99,6 +99,7 @@ impl Reply {
                 "Step": report.step,
                 "PagesDone": report.pages_done,
                 "RowsPerSecond": (report.rows_per_second * 10.0).round() / 10.0,
+                "Expected": report.expected,
             })),
             error: None,
         }
