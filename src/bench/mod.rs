@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+mod plots;
 mod raw;
 mod webapi;
 
@@ -42,9 +43,16 @@ pub struct BenchArgs {
     /// Seconds of the fixed-rate latency phase per sink (0 skips it).
     #[arg(long, default_value_t = 20)]
     latency_seconds: u64,
-    /// Event rate of the latency phase (0: half the sink's measured throughput).
+    /// Event rate of the latency phase (0: the loads below, as fractions of the sink's measured throughput).
     #[arg(long, default_value_t = 0)]
     latency_rate: u64,
+    /// Offered loads of the latency phase, as fractions of the drain rate.
+    #[arg(long, value_delimiter = ',', default_value = "0.5")]
+    latency_loads: Vec<f64>,
+    /// Write the measurements as CSV here (drain progress over time, the raw
+    /// limits, latency against load) for `scripts/plot_bench.py`.
+    #[arg(long)]
+    plots: Option<std::path::PathBuf>,
     /// Seconds of the Web API's idle read phase per sink (0 skips the Web API phases).
     #[arg(long, default_value_t = 10)]
     api_seconds: u64,
@@ -62,12 +70,15 @@ impl Drop for KillOnDrop {
     }
 }
 
+#[derive(Default)]
 struct Row {
     name: String,
     events_per_s: f64,
     cpu_s_per_million: Option<f64>,
     peak_rss_mb: Option<f64>,
     note: String,
+    /// A drain's progress: (seconds since the first event, records written).
+    drain: Vec<(f64, f64)>,
 }
 
 pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Result<i32> {
@@ -105,13 +116,11 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
     let mut rows = Vec::new();
     eprintln!("raw consume…");
     let raw_consume = raw_consume(&brokers, &topic, n).await?;
-    rows.push(Row {
-        name: "raw consume (rdkafka, same config)".into(),
-        events_per_s: raw_consume,
-        cpu_s_per_million: None,
-        peak_rss_mb: None,
-        note: String::new(),
-    });
+    rows.push(Row { name: "raw consume (rdkafka, same config)".into(), events_per_s: raw_consume, ..Row::default() });
+    let mut plots = args.plots.as_deref().map(plots::Plots::new).transpose()?;
+    if let Some(p) = &mut plots {
+        p.limit("all", "raw consume", raw_consume);
+    }
 
     let records = tokio::task::spawn_blocking(move || normalized(n)).await?;
     let dir = std::env::temp_dir().join(format!("copilot-ingest-bench-{}", uuid::Uuid::new_v4().simple()));
@@ -157,13 +166,7 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
             other => anyhow::bail!("unknown sink {other}"),
         };
         for (name, rate) in baselines.drain(..) {
-            rows.push(Row {
-                name: name.into(),
-                events_per_s: rate,
-                cpu_s_per_million: None,
-                peak_rss_mb: None,
-                note: String::new(),
-            });
+            rows.push(Row { name: name.into(), events_per_s: rate, ..Row::default() });
             bare_rate = bare_rate.or((name == raw::CopyTable::Bare.describe()).then_some(rate));
         }
         let raw_name = if sink == "sqlite" {
@@ -171,13 +174,13 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
         } else {
             raw::CopyTable::Product.describe()
         };
-        rows.push(Row {
-            name: raw_name.into(),
-            events_per_s: raw_rate,
-            cpu_s_per_million: None,
-            peak_rss_mb: None,
-            note: String::new(),
-        });
+        rows.push(Row { name: raw_name.into(), events_per_s: raw_rate, ..Row::default() });
+        if let Some(p) = &mut plots {
+            p.limit(sink, raw_name, raw_rate);
+            if let Some(bare) = bare_rate {
+                p.limit(sink, raw::CopyTable::Bare.describe(), bare);
+            }
+        }
         eprintln!("copilot-ingest end to end into {sink}…");
         let e2e = end_to_end(&exe, &brokers, &topic, &url, n, quiet, None).await?;
         let limit = raw_consume.min(raw_rate);
@@ -185,6 +188,9 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
         let mut note = format!("{:.0}% of min(raw consume, raw sink)", 100.0 * e2e.events_per_s / limit);
         if let Some(bare) = bare_rate.take() {
             note.push_str(&format!("; {:.0}% of COPY into the bare table", 100.0 * e2e.events_per_s / bare));
+        }
+        if let Some(p) = &plots {
+            p.drain(sink, &e2e.drain)?;
         }
         rows.push(Row { name: format!("copilot-ingest → {sink}"), note, ..e2e });
         if args.api_seconds > 0 {
@@ -218,8 +224,19 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
 
     let mut latency_lines = Vec::new();
     if args.latency_seconds > 0 {
-        for (sink, rate) in &e2e_rows {
-            let half = if args.latency_rate > 0 { args.latency_rate } else { (rate / 2.0).max(100.0) as u64 };
+        let loads: Vec<(String, u64)> = e2e_rows
+            .iter()
+            .flat_map(|(sink, rate)| {
+                let rates: Vec<u64> = if args.latency_rate > 0 {
+                    vec![args.latency_rate]
+                } else {
+                    args.latency_loads.iter().map(|f| (rate * f).max(100.0) as u64).collect()
+                };
+                rates.into_iter().map(move |r| (sink.clone(), r))
+            })
+            .collect();
+        for (sink, half) in &loads {
+            let (sink, half) = (sink, *half);
             let url = if sink == "sqlite" {
                 format!("sqlite://{}", dir.join("latency.db").display())
             } else {
@@ -233,9 +250,15 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
             eprintln!("latency at {half} events/s into {sink} for {}s…", args.latency_seconds);
             let (p50, p99) = latency(&exe, &brokers, &topic, &url, half, args.latency_seconds).await?;
             latency_lines.push(format!("| {sink} | {half} | {:.0} ms | {:.0} ms |", p50 * 1000.0, p99 * 1000.0));
+            if let Some(p) = &mut plots {
+                p.latency(sink, half, p50, p99);
+            }
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+    if let Some(p) = &plots {
+        p.finish()?;
+    }
 
     println!("\n{n} events of ~{} bytes, {} partitions, default batch settings\n", typical_size(), args.partitions);
     println!("| measurement | events/s | CPU s per 1M events | peak RSS | ratio |");
@@ -382,17 +405,21 @@ async fn end_to_end(
     }
     let child = KillOnDrop(command.spawn()?);
     let pid = child.0.id();
-    let mut started = None;
+    let mut started: Option<Instant> = None;
     let mut finished = None;
     let mut cpu_at_start = None;
     let mut written: f64;
     let mut last_progress = (Instant::now(), 0.0);
     let mut display = crate::progress::Progress::start(quiet, Some(n));
+    let mut drain = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let text = scrape(port).await;
         let received = metric(&text, "copilot_ingest_events_received_total");
         written = metric(&text, "copilot_ingest_records_written_total");
+        if let Some(s) = started {
+            drain.push((s.elapsed().as_secs_f64(), written));
+        }
         display.update(written as u64, || {
             let rate = started.map(|s: Instant| written / s.elapsed().as_secs_f64().max(1e-3)).unwrap_or(0.0);
             format!(
@@ -423,11 +450,11 @@ async fn end_to_end(
     let cpu_per_million = cpu.zip(cpu_at_start).map(|(end, start)| (end - start) * 1_000_000.0 / written.max(1.0));
     drop(child);
     Ok(Row {
-        name: String::new(),
         events_per_s: written / secs,
         cpu_s_per_million: cpu_per_million,
         peak_rss_mb: rss,
-        note: String::new(),
+        drain,
+        ..Row::default()
     })
 }
 
