@@ -302,9 +302,9 @@ pub struct PolicyRecord {
 }
 
 /// Saves a policy's definition, validated. Its next run is kept when the
-/// schedule (start, recurrence, status) did not change, so re-declaring the
-/// same TOML at every start never moves or repeats a run; otherwise it is
-/// the new schedule's first run.
+/// schedule (start, recurrence) did not change, so re-declaring the same TOML
+/// at every start never moves or repeats a run; otherwise it is the new
+/// schedule's first run.
 pub async fn save(backend: &Backend, policy: &RetentionPolicy, now: DateTime<Utc>) -> Result<(), OperationError> {
     policy.validate().map_err(|e| OperationError::failed(INVALID_POLICY, e))?;
     let stored = backend.policies().await?;
@@ -312,22 +312,18 @@ pub async fn save(backend: &Backend, policy: &RetentionPolicy, now: DateTime<Utc
     if existing.is_none() && stored.len() >= MAX_POLICIES {
         return Err(OperationError::failed(INVALID_POLICY, format!("at most {MAX_POLICIES} policies are kept")));
     }
+    // The same schedule (a re-declared file, a new name, a pause, a resume):
+    // the next run stays, and one that passed while paused is due at once,
+    // so it runs once. A new schedule starts over; a retired policy has none.
+    let active = |status: PolicyStatus| status != PolicyStatus::Cancelled;
     let next_run = match existing {
         Some(r)
             if r.policy.starttime == policy.starttime
                 && r.policy.recurrence == policy.recurrence
-                && r.policy.status == policy.status =>
+                && active(r.policy.status)
+                && active(policy.status) =>
         {
             r.next_run
-        }
-        // Resumed from paused: the next occurrence from now, not a catch-up.
-        Some(r)
-            if r.policy.status == PolicyStatus::Unscheduled
-                && policy.status == PolicyStatus::Scheduled
-                && r.policy.starttime == policy.starttime
-                && r.policy.recurrence == policy.recurrence =>
-        {
-            r.next_run.filter(|at| *at > now).or_else(|| policy.first_run(now))
         }
         _ => policy.first_run(now),
     };

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::report::Tracker;
 use super::{Context, EntityCountCollection, OperationError};
-use crate::backend::{Backend, DeletePage, OperationCounter, OperationStart, RecordState, RollbackScope};
+use crate::backend::{Backend, BackendError, DeletePage, OperationCounter, OperationStart, RecordState, RollbackScope};
 use crate::query::fetchxml::{self, Condition, Criteria, Filter, Operator, Param};
 use crate::table::table;
 
@@ -99,7 +99,8 @@ pub async fn bulk_retain(
     if tracker.listening() {
         tracker.expect(backend.count(&request.criteria).await?);
     }
-    retain_pages(backend, op, &request.criteria, request.page_size, &mut tracker, || async { Ok(()) }).await?;
+    let size = request.page_size;
+    page_by_page(size, &mut tracker, || backend.retain_page(op, &request.criteria, size), nothing).await?;
     backend.set_operation_status(op, "Succeeded", true).await?;
     Ok(BulkRetainResponse {
         entity_count_collection: EntityCountCollection(tracker.count()),
@@ -229,27 +230,29 @@ pub(super) async fn delete_pages(
     if tracker.listening() {
         tracker.expect(backend.count(&page.criteria).await?);
     }
-    delete_page_loop(backend, op, page, page_size, &mut tracker, || async { Ok(()) }).await?;
+    page_by_page(page_size, &mut tracker, || backend.delete_page(op, page, page_size), nothing).await?;
     backend.set_operation_status(op, "Succeeded", true).await?;
     Ok(tracker.count())
 }
 
-/// Retains page by page until a page comes back short; `between` runs after
-/// each page (the scheduler renews its lease there).
-pub(crate) async fn retain_pages<F, Fut>(
-    backend: &Backend,
-    operation_id: Uuid,
-    criteria: &Criteria,
+/// Runs `page` until one comes back short of `page_size`, counting each into
+/// `tracker`; `between` runs after every full page (the scheduler renews its
+/// lease there). Each page is one transaction that also counts itself into
+/// the operation, so stopping anywhere leaves exact counts.
+pub(crate) async fn page_by_page<P, PageDone, B, BetweenDone>(
     page_size: i64,
     tracker: &mut Tracker,
-    between: F,
+    page: P,
+    between: B,
 ) -> Result<(), OperationError>
 where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<(), crate::backend::BackendError>>,
+    P: Fn() -> PageDone,
+    PageDone: std::future::Future<Output = Result<i64, BackendError>>,
+    B: Fn() -> BetweenDone,
+    BetweenDone: std::future::Future<Output = Result<(), BackendError>>,
 {
     loop {
-        let n = backend.retain_page(operation_id, criteria, page_size).await?;
+        let n = page().await?;
         tracker.page(n);
         if n < page_size {
             return Ok(());
@@ -258,27 +261,9 @@ where
     }
 }
 
-/// Deletes page by page until a page comes back short; `between` as for [`retain_pages`].
-pub(crate) async fn delete_page_loop<F, Fut>(
-    backend: &Backend,
-    operation_id: Uuid,
-    page: &DeletePage,
-    page_size: i64,
-    tracker: &mut Tracker,
-    between: F,
-) -> Result<(), OperationError>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<(), crate::backend::BackendError>>,
-{
-    loop {
-        let n = backend.delete_page(operation_id, page, page_size).await?;
-        tracker.page(n);
-        if n < page_size {
-            return Ok(());
-        }
-        between().await?;
-    }
+/// Nothing to do between pages.
+pub(crate) async fn nothing() -> Result<(), BackendError> {
+    Ok(())
 }
 
 pub(super) fn start(context: &Context, message: &'static str, criteria: Option<&str>) -> OperationStart {

@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::OperationError;
 use super::policy::{PolicyRecord, PolicyStatus, RetentionPolicy};
 use super::report::{ProgressSink, Tracker};
-use super::retention::{delete_page_loop, retain_pages};
+use super::retention::page_by_page;
 use crate::backend::{Backend, BackendError, DeletePage, OperationCounter, OperationStart, PolicyClaim};
 use crate::metrics::Metrics;
 use crate::query::fetchxml::{self, Criteria};
@@ -281,7 +281,8 @@ impl Scheduler {
         let mut tracker = Tracker::new(Some(progress), operation_id, RUN_MESSAGE, "Marking", retained_before_resume);
         if status != "Deleting" {
             tracker.expect(backend.count(&criteria).await?);
-            retain_pages(backend, operation_id, &criteria, policy.page_size, &mut tracker, renew).await?;
+            let size = policy.page_size;
+            page_by_page(size, &mut tracker, || backend.retain_page(operation_id, &criteria, size), renew).await?;
         }
         outcome.retained = if status == "Deleting" { retained_before_resume } else { tracker.count() };
         if let Some(seconds) = policy.purge_after_seconds {
@@ -297,7 +298,8 @@ impl Scheduler {
             tracker.step("Deleting", purged_before_resume);
             // An upper bound: records retained too recently to purge are counted.
             tracker.expect(backend.count(&page.criteria).await?);
-            delete_page_loop(backend, operation_id, &page, policy.page_size, &mut tracker, renew).await?;
+            let size = policy.page_size;
+            page_by_page(size, &mut tracker, || backend.delete_page(operation_id, &page, size), renew).await?;
             outcome.purged = tracker.count();
         }
         self.metrics.retention_operation_records.with_label_values(&[RUN_MESSAGE]).set(0);

@@ -199,6 +199,33 @@ impl PostgresBackend {
 
     /// A pooled connection within the connection budget, returned to the
     /// pool when the lease is dropped.
+    /// One statement on a pooled connection: the rows it changed.
+    pub(super) async fn execute(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, BackendError> {
+        Ok(self.lease().await?.client()?.execute(sql, params).await?)
+    }
+
+    /// One query on a pooled connection: its rows.
+    pub(super) async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, BackendError> {
+        Ok(self.lease().await?.client()?.query(sql, params).await?)
+    }
+
+    /// One query on a pooled connection: its row, if any.
+    pub(super) async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Option<tokio_postgres::Row>, BackendError> {
+        Ok(self.lease().await?.client()?.query_opt(sql, params).await?)
+    }
+
     async fn lease(&self) -> Result<Lease<'_>, BackendError> {
         let permit = self.permits.acquire().await.map_err(|e| BackendError::Transient(e.to_string()))?;
         let pooled = self.client().await?;

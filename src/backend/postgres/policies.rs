@@ -9,9 +9,11 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::PostgresBackend;
-use crate::backend::policy_sql::{CLAIM_SET, CLAIM_WHERE, FINISH_SET};
+use crate::backend::policy_sql::{
+    CLAIM_SET, CLAIM_WHERE, ColumnValues, FINISH_SET, OPERATION_COLUMNS, POLICY_COLUMNS, millis as ms, policy_of, uuid,
+};
 use crate::backend::{BackendError, OPERATION_TABLE, OperationRecord, POLICY_TABLE, PolicyClaim};
-use crate::operations::policy::{PolicyRecord, PolicySource, PolicyStatus, RetentionPolicy};
+use crate::operations::policy::{PolicyRecord, PolicyStatus, RetentionPolicy};
 
 /// The policy table, and the operation columns a policy run adds.
 pub(super) fn ddl() -> String {
@@ -29,49 +31,15 @@ pub(super) fn ddl() -> String {
     )
 }
 
-fn ms(at: DateTime<Utc>) -> i64 {
-    at.timestamp_millis()
+impl ColumnValues for Row {
+    type Error = tokio_postgres::Error;
+    fn text(&self, k: usize) -> Result<Option<String>, tokio_postgres::Error> {
+        self.try_get(k)
+    }
+    fn int(&self, k: usize) -> Result<Option<i64>, tokio_postgres::Error> {
+        self.try_get(k)
+    }
 }
-
-fn time(ms: Option<i64>) -> Option<DateTime<Utc>> {
-    ms.and_then(DateTime::from_timestamp_millis)
-}
-
-fn uuid(text: Option<String>) -> Option<Uuid> {
-    text.and_then(|t| Uuid::parse_str(&t).ok())
-}
-
-const POLICY_COLUMNS: &str = "uniquename, name, entitylogicalname, criteria, starttime_ms, recurrence, statuscode,
-    purge_after_seconds, page_size, source, nextrun_ms, lastrun_ms, last_outcome, last_success_ms, last_operationid,
-    run_operationid, createdon_ms, modifiedon_ms";
-
-fn policy_of(r: &Row) -> Result<PolicyRecord, tokio_postgres::Error> {
-    Ok(PolicyRecord {
-        policy: RetentionPolicy {
-            uniquename: r.try_get(0)?,
-            name: r.try_get(1)?,
-            entitylogicalname: r.try_get(2)?,
-            criteria: r.try_get(3)?,
-            starttime: time(r.try_get(4)?).unwrap_or_default(),
-            recurrence: r.try_get(5)?,
-            status: PolicyStatus::from_statuscode(r.try_get(6)?).unwrap_or(PolicyStatus::Unscheduled),
-            purge_after_seconds: r.try_get(7)?,
-            page_size: r.try_get(8)?,
-            source: PolicySource::parse(r.try_get(9)?),
-        },
-        next_run: time(r.try_get(10)?),
-        last_run: time(r.try_get(11)?),
-        last_outcome: r.try_get(12)?,
-        last_success: time(r.try_get(13)?),
-        last_operation_id: uuid(r.try_get(14)?),
-        running_operation_id: uuid(r.try_get(15)?),
-        created_on: time(r.try_get(16)?).unwrap_or_default(),
-        modified_on: time(r.try_get(17)?).unwrap_or_default(),
-    })
-}
-
-const OPERATION_COLUMNS: &str =
-    "operationid, command_id, message, policy, criteria, status, total, purged, started_on, ended_on, error";
 
 fn operation_of(r: &Row) -> Result<OperationRecord, tokio_postgres::Error> {
     Ok(OperationRecord {
@@ -91,9 +59,7 @@ fn operation_of(r: &Row) -> Result<OperationRecord, tokio_postgres::Error> {
 
 impl PostgresBackend {
     pub(crate) async fn operation(&self, operation_id: Uuid) -> Result<Option<OperationRecord>, BackendError> {
-        let mut lease = self.lease().await?;
-        let row = lease
-            .client()?
+        let row = self
             .query_opt(
                 &format!("SELECT {OPERATION_COLUMNS} FROM {OPERATION_TABLE} WHERE operationid = $1"),
                 &[&operation_id],
@@ -103,9 +69,7 @@ impl PostgresBackend {
     }
 
     pub(crate) async fn operations(&self, limit: i64) -> Result<Vec<OperationRecord>, BackendError> {
-        let mut lease = self.lease().await?;
-        let rows = lease
-            .client()?
+        let rows = self
             .query(
                 &format!(
                     "SELECT {OPERATION_COLUMNS} FROM {OPERATION_TABLE} ORDER BY started_on DESC, operationid LIMIT $1"
@@ -117,23 +81,16 @@ impl PostgresBackend {
     }
 
     pub(crate) async fn set_operation_error(&self, operation_id: Uuid, error: &str) -> Result<(), BackendError> {
-        let mut lease = self.lease().await?;
-        lease
-            .client()?
-            .execute(
-                &format!("UPDATE {OPERATION_TABLE} SET error = $2 WHERE operationid = $1"),
-                &[&operation_id, &error],
-            )
-            .await?;
+        self.execute(
+            &format!("UPDATE {OPERATION_TABLE} SET error = $2 WHERE operationid = $1"),
+            &[&operation_id, &error],
+        )
+        .await?;
         Ok(())
     }
 
     pub(crate) async fn policies(&self) -> Result<Vec<PolicyRecord>, BackendError> {
-        let mut lease = self.lease().await?;
-        let rows = lease
-            .client()?
-            .query(&format!("SELECT {POLICY_COLUMNS} FROM {POLICY_TABLE} ORDER BY uniquename"), &[])
-            .await?;
+        let rows = self.query(&format!("SELECT {POLICY_COLUMNS} FROM {POLICY_TABLE} ORDER BY uniquename"), &[]).await?;
         Ok(rows.iter().map(policy_of).collect::<Result<_, _>>()?)
     }
 
@@ -143,12 +100,9 @@ impl PostgresBackend {
         next_run: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<(), BackendError> {
-        let mut lease = self.lease().await?;
-        lease
-            .client()?
-            .execute(
-                &format!(
-                    "INSERT INTO {POLICY_TABLE} (uniquename, name, entitylogicalname, criteria, starttime_ms, recurrence,
+        self.execute(
+            &format!(
+                "INSERT INTO {POLICY_TABLE} (uniquename, name, entitylogicalname, criteria, starttime_ms, recurrence,
                         statuscode, purge_after_seconds, page_size, source, nextrun_ms, createdon_ms, modifiedon_ms)
                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)
                      ON CONFLICT (uniquename) DO UPDATE SET name = excluded.name,
@@ -157,32 +111,28 @@ impl PostgresBackend {
                         statuscode = excluded.statuscode, purge_after_seconds = excluded.purge_after_seconds,
                         page_size = excluded.page_size, source = excluded.source, nextrun_ms = excluded.nextrun_ms,
                         modifiedon_ms = excluded.modifiedon_ms"
-                ),
-                &[
-                    &p.uniquename,
-                    &p.name,
-                    &p.entitylogicalname,
-                    &p.criteria,
-                    &ms(p.starttime),
-                    &p.recurrence,
-                    &p.status.statuscode(),
-                    &p.purge_after_seconds,
-                    &p.page_size,
-                    &p.source.name(),
-                    &next_run.map(ms),
-                    &ms(now),
-                ],
-            )
-            .await?;
+            ),
+            &[
+                &p.uniquename,
+                &p.name,
+                &p.entitylogicalname,
+                &p.criteria,
+                &ms(p.starttime),
+                &p.recurrence,
+                &p.status.statuscode(),
+                &p.purge_after_seconds,
+                &p.page_size,
+                &p.source.name(),
+                &next_run.map(ms),
+                &ms(now),
+            ],
+        )
+        .await?;
         Ok(())
     }
 
     pub(crate) async fn delete_policy(&self, uniquename: &str) -> Result<bool, BackendError> {
-        let mut lease = self.lease().await?;
-        let n = lease
-            .client()?
-            .execute(&format!("DELETE FROM {POLICY_TABLE} WHERE uniquename = $1"), &[&uniquename])
-            .await?;
+        let n = self.execute(&format!("DELETE FROM {POLICY_TABLE} WHERE uniquename = $1"), &[&uniquename]).await?;
         Ok(n == 1)
     }
 
@@ -190,9 +140,7 @@ impl PostgresBackend {
         &self,
         claim: &PolicyClaim,
     ) -> Result<Option<(Uuid, DateTime<Utc>)>, BackendError> {
-        let mut lease = self.lease().await?;
-        let row = lease
-            .client()?
+        let row = self
             .query_opt(
                 &format!(
                     "UPDATE {POLICY_TABLE} SET {CLAIM_SET} WHERE uniquename = $1 AND {CLAIM_WHERE}
@@ -210,7 +158,7 @@ impl PostgresBackend {
             .await?;
         let Some(row) = row else { return Ok(None) };
         let (op, due): (Option<String>, Option<i64>) = (row.try_get(0)?, row.try_get(1)?);
-        Ok(uuid(op).zip(time(due)))
+        Ok(uuid(op).zip(due.and_then(DateTime::from_timestamp_millis)))
     }
 
     pub(crate) async fn renew_policy_lease(
@@ -219,16 +167,13 @@ impl PostgresBackend {
         operation_id: Uuid,
         lease_until: DateTime<Utc>,
     ) -> Result<(), BackendError> {
-        let mut lease = self.lease().await?;
-        lease
-            .client()?
-            .execute(
-                &format!(
-                    "UPDATE {POLICY_TABLE} SET run_lease_until_ms = $3 WHERE uniquename = $1 AND run_operationid = $2"
-                ),
-                &[&uniquename, &operation_id.hyphenated().to_string(), &ms(lease_until)],
-            )
-            .await?;
+        self.execute(
+            &format!(
+                "UPDATE {POLICY_TABLE} SET run_lease_until_ms = $3 WHERE uniquename = $1 AND run_operationid = $2"
+            ),
+            &[&uniquename, &operation_id.hyphenated().to_string(), &ms(lease_until)],
+        )
+        .await?;
         Ok(())
     }
 
@@ -239,14 +184,11 @@ impl PostgresBackend {
         outcome: &str,
         now: DateTime<Utc>,
     ) -> Result<(), BackendError> {
-        let mut lease = self.lease().await?;
-        lease
-            .client()?
-            .execute(
-                &format!("UPDATE {POLICY_TABLE} SET {FINISH_SET} WHERE uniquename = $1 AND run_operationid = $2"),
-                &[&uniquename, &operation_id.hyphenated().to_string(), &outcome, &ms(now)],
-            )
-            .await?;
+        self.execute(
+            &format!("UPDATE {POLICY_TABLE} SET {FINISH_SET} WHERE uniquename = $1 AND run_operationid = $2"),
+            &[&uniquename, &operation_id.hyphenated().to_string(), &outcome, &ms(now)],
+        )
+        .await?;
         Ok(())
     }
 }

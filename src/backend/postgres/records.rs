@@ -116,11 +116,8 @@ impl PostgresBackend {
     }
 
     pub(crate) async fn stored_reply(&self, command_id: &str) -> Result<Option<String>, BackendError> {
-        let mut lease = self.lease().await?;
-        let row = lease
-            .client()?
-            .query_opt(&format!("SELECT reply FROM {REPLY_TABLE} WHERE command_id = $1"), &[&command_id])
-            .await?;
+        let row =
+            self.query_opt(&format!("SELECT reply FROM {REPLY_TABLE} WHERE command_id = $1"), &[&command_id]).await?;
         Ok(row.map(|r| r.get(0)))
     }
 
@@ -130,17 +127,14 @@ impl PostgresBackend {
         message: Option<&str>,
         reply: &str,
     ) -> Result<(), BackendError> {
-        let mut lease = self.lease().await?;
-        lease
-            .client()?
-            .execute(
-                &format!(
-                    "INSERT INTO {REPLY_TABLE} (command_id, message, reply, created_on) VALUES ($1, $2, $3, now())
+        self.execute(
+            &format!(
+                "INSERT INTO {REPLY_TABLE} (command_id, message, reply, created_on) VALUES ($1, $2, $3, now())
                      ON CONFLICT (command_id) DO NOTHING"
-                ),
-                &[&command_id, &message, &reply],
-            )
-            .await?;
+            ),
+            &[&command_id, &message, &reply],
+        )
+        .await?;
         Ok(())
     }
 
@@ -163,9 +157,7 @@ impl PostgresBackend {
     }
 
     pub(crate) async fn operation_message(&self, operation_id: Uuid) -> Result<Option<String>, BackendError> {
-        let mut lease = self.lease().await?;
-        let row = lease
-            .client()?
+        let row = self
             .query_opt(&format!("SELECT message FROM {OPERATION_TABLE} WHERE operationid = $1"), &[&operation_id])
             .await?;
         Ok(row.map(|r| r.get(0)))

@@ -8,9 +8,12 @@ use rusqlite::{OptionalExtension, Row};
 use uuid::Uuid;
 
 use super::SqliteBackend;
-use crate::backend::policy_sql::{CLAIM_SET, CLAIM_WHERE, FINISH_SET, sqlite};
+use crate::backend::policy_sql::{
+    CLAIM_SET, CLAIM_WHERE, ColumnValues, FINISH_SET, OPERATION_COLUMNS, POLICY_COLUMNS, millis as ms, policy_of,
+    sqlite, uuid,
+};
 use crate::backend::{BackendError, OPERATION_TABLE, OperationRecord, POLICY_TABLE, PolicyClaim};
-use crate::operations::policy::{PolicyRecord, PolicySource, PolicyStatus, RetentionPolicy};
+use crate::operations::policy::{PolicyRecord, PolicyStatus, RetentionPolicy};
 
 /// The policy table, and the operation columns a policy run adds.
 pub(super) fn ddl(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
@@ -35,49 +38,15 @@ pub(super) fn ddl(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-fn ms(at: DateTime<Utc>) -> i64 {
-    at.timestamp_millis()
+impl ColumnValues for Row<'_> {
+    type Error = rusqlite::Error;
+    fn text(&self, k: usize) -> rusqlite::Result<Option<String>> {
+        self.get(k)
+    }
+    fn int(&self, k: usize) -> rusqlite::Result<Option<i64>> {
+        self.get(k)
+    }
 }
-
-fn time(ms: Option<i64>) -> Option<DateTime<Utc>> {
-    ms.and_then(DateTime::from_timestamp_millis)
-}
-
-fn uuid(text: Option<String>) -> Option<Uuid> {
-    text.and_then(|t| Uuid::parse_str(&t).ok())
-}
-
-const POLICY_COLUMNS: &str = "uniquename, name, entitylogicalname, criteria, starttime_ms, recurrence, statuscode,
-    purge_after_seconds, page_size, source, nextrun_ms, lastrun_ms, last_outcome, last_success_ms, last_operationid,
-    run_operationid, createdon_ms, modifiedon_ms";
-
-fn policy_of(r: &Row<'_>) -> rusqlite::Result<PolicyRecord> {
-    Ok(PolicyRecord {
-        policy: RetentionPolicy {
-            uniquename: r.get(0)?,
-            name: r.get(1)?,
-            entitylogicalname: r.get(2)?,
-            criteria: r.get(3)?,
-            starttime: time(r.get(4)?).unwrap_or_default(),
-            recurrence: r.get(5)?,
-            status: PolicyStatus::from_statuscode(r.get(6)?).unwrap_or(PolicyStatus::Unscheduled),
-            purge_after_seconds: r.get(7)?,
-            page_size: r.get(8)?,
-            source: PolicySource::parse(&r.get::<_, String>(9)?),
-        },
-        next_run: time(r.get(10)?),
-        last_run: time(r.get(11)?),
-        last_outcome: r.get(12)?,
-        last_success: time(r.get(13)?),
-        last_operation_id: uuid(r.get(14)?),
-        running_operation_id: uuid(r.get(15)?),
-        created_on: time(r.get(16)?).unwrap_or_default(),
-        modified_on: time(r.get(17)?).unwrap_or_default(),
-    })
-}
-
-const OPERATION_COLUMNS: &str =
-    "operationid, command_id, message, policy, criteria, status, total, purged, started_on, ended_on, error";
 
 fn operation_of(r: &Row<'_>) -> rusqlite::Result<OperationRecord> {
     let datetime = |k: usize| -> rusqlite::Result<Option<DateTime<Utc>>> {
@@ -137,7 +106,7 @@ impl SqliteBackend {
     pub(crate) async fn policies(&self) -> Result<Vec<PolicyRecord>, BackendError> {
         self.read(move |conn| {
             let mut stmt = conn.prepare(&format!("SELECT {POLICY_COLUMNS} FROM {POLICY_TABLE} ORDER BY uniquename"))?;
-            Ok(stmt.query_map([], policy_of)?.collect::<Result<_, _>>()?)
+            Ok(stmt.query_map([], |r| policy_of(r))?.collect::<Result<_, _>>()?)
         })
         .await
     }

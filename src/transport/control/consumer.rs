@@ -377,6 +377,13 @@ mod tests {
         assert!(!readiness.is_ready());
     }
 
+    /// A SQLite backend in a fresh directory (removed by the test).
+    async fn sqlite_backend(name: &str) -> (Backend, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("copilot-ingest-{name}-{}", uuid::Uuid::new_v4().simple()));
+        let url = crate::config::SinkUrl::Sqlite(dir.join("t.db"));
+        (Backend::open(&url, "t", 1, &Arc::new(Metrics::new())).await.unwrap(), dir)
+    }
+
     /// A long command's progress replies count up, page by page, and the
     /// final reply carries the whole count.
     #[tokio::test]
@@ -384,9 +391,7 @@ mod tests {
         let auth = Authenticator::new(&crate::config::ControlConfig { allow_unsigned: true, ..Default::default() });
         let (_tx, mut shutdown) = watch::channel(false);
         let metrics = Metrics::new();
-        let dir = std::env::temp_dir().join(format!("copilot-ingest-progress-{}", uuid::Uuid::new_v4().simple()));
-        let url = crate::config::SinkUrl::Sqlite(dir.join("t.db"));
-        let backend = Backend::open(&url, "t", 1, &Arc::new(Metrics::new())).await.unwrap();
+        let (backend, dir) = sqlite_backend("progress").await;
         let normalizer = crate::normalize::Normalizer::default();
         let records = (0..50)
             .map(|i| {
@@ -434,9 +439,7 @@ mod tests {
         let auth = Authenticator::new(&crate::config::ControlConfig::default());
         let (_tx, mut shutdown) = watch::channel(false);
         let metrics = Metrics::new();
-        let dir = std::env::temp_dir().join(format!("copilot-ingest-refused-{}", uuid::Uuid::new_v4().simple()));
-        let url = crate::config::SinkUrl::Sqlite(dir.join("t.db"));
-        let backend = Backend::open(&url, "t", 1, &Arc::new(Metrics::new())).await.unwrap();
+        let (backend, dir) = sqlite_backend("refused").await;
         let huge = "x".repeat(200_000);
         for (id, echoed) in [("ok-id", true), (huge.as_str(), false), ("forged\nERROR line", false)] {
             let value = serde_json::json!({"command_id": id, "message": "BulkRetain"}).to_string();
