@@ -216,7 +216,14 @@ async fn a_run_killed_halfway_is_resumed_with_exact_counts_on_both_sinks() {
         seed(&backend, 0, 6000, 50).await;
         let t0 = origin();
         policy::save(&backend, &daily("big", t0, 10), t0).await.unwrap();
-        let scheduler = Arc::new(Scheduler::new(Arc::clone(&backend), Arc::new(Metrics::new())));
+        let metrics = Arc::new(Metrics::new());
+        // Progress reported on every page: the gauge follows the run.
+        let (sender, _reports) = tokio::sync::mpsc::unbounded_channel();
+        let scheduler = Arc::new(
+            Scheduler::new(Arc::clone(&backend), Arc::clone(&metrics))
+                .with_replies(RunReplies { sender, every: Duration::ZERO }),
+        );
+        let gauge = || metrics.retention_operation_records.with_label_values(&[RUN_MESSAGE]).get();
         let run = {
             let scheduler = Arc::clone(&scheduler);
             tokio::spawn(async move { scheduler.run_due(t0).await })
@@ -234,6 +241,7 @@ async fn a_run_killed_halfway_is_resumed_with_exact_counts_on_both_sinks() {
         run.abort();
         let _ = run.await;
         assert!(halfway > 0 && halfway < 6000, "{url}: the run was stopped halfway ({halfway})");
+        assert!(gauge() > 0 && gauge() < 6000, "{url}: the progress gauge shows the stopped run ({})", gauge());
         let marked = query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1").await;
         assert!(marked < 6000, "{url}: {marked}");
 
@@ -244,6 +252,7 @@ async fn a_run_killed_halfway_is_resumed_with_exact_counts_on_both_sinks() {
         let operations = backend.operations(10).await.unwrap();
         assert_eq!(operations.len(), 1, "{url}: the same operation, resumed, not a second one");
         assert_eq!((operations[0].total, operations[0].status.as_str()), (6000, "Succeeded"), "{url}");
+        assert_eq!(gauge(), 0, "{url}: no run in progress");
         let marked = query_i64(&url, "SELECT count(*) FROM msdyn_copilotinteraction WHERE msft_datastate = 1").await;
         assert_eq!(marked, 6000, "{url}");
     }
