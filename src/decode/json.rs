@@ -235,7 +235,7 @@ pub(crate) fn compact_json(raw: &str) -> Result<String, CompactError> {
     let mut out = String::with_capacity(raw.len());
     let (mut start, mut i) = (0usize, 0usize);
     // Per open container: its keys so far when it is an object (`None`: an array).
-    let mut open: Vec<Option<std::collections::HashSet<&str>>> = Vec::new();
+    let mut open: Vec<Option<KeySet<'_>>> = Vec::new();
     let mut expect_key = false;
     // Copies runs between whitespace in one go; only structural bytes and
     // string boundaries are looked at one by one.
@@ -265,7 +265,7 @@ pub(crate) fn compact_json(raw: &str) -> Result<String, CompactError> {
                 if open.len() >= MAX_JSON_DEPTH {
                     return Err(CompactError::TooDeep);
                 }
-                open.push(Some(std::collections::HashSet::new()));
+                open.push(Some(KeySet::default()));
                 expect_key = true;
             }
             b'[' => {
@@ -287,4 +287,35 @@ pub(crate) fn compact_json(raw: &str) -> Result<String, CompactError> {
     }
     out.push_str(&raw[start..]);
     Ok(out)
+}
+
+/// The keys of one JSON object, to find a repeated one. Context objects have
+/// a handful of keys, where comparing with each is several times cheaper than
+/// hashing; past [`KeySet::LINEAR_KEYS`] a hash set keeps large objects linear.
+#[derive(Default)]
+struct KeySet<'a> {
+    few: Vec<&'a str>,
+    many: Option<std::collections::HashSet<&'a str>>,
+}
+
+impl<'a> KeySet<'a> {
+    const LINEAR_KEYS: usize = 16;
+
+    /// False if the key was there already.
+    fn insert(&mut self, key: &'a str) -> bool {
+        if let Some(many) = &mut self.many {
+            return many.insert(key);
+        }
+        if self.few.contains(&key) {
+            return false;
+        }
+        if self.few.len() < Self::LINEAR_KEYS {
+            self.few.push(key);
+        } else {
+            let mut many: std::collections::HashSet<&str> = self.few.drain(..).collect();
+            many.insert(key);
+            self.many = Some(many);
+        }
+        true
+    }
 }

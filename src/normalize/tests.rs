@@ -325,6 +325,15 @@ fn a_key_repeated_inside_the_interaction_context_is_malformed() {
     for good in [r#"{"a":1,"b":{"a":2},"c":[{"a":3},{"a":4}]}"#, r#"{"a":"a","b":"a"}"#, "{}"] {
         assert!(n.normalize_json(payload(good).as_bytes(), None, now()).is_ok(), "{good}");
     }
+    // Small objects are checked key by key, large ones by a hash set: a
+    // repeat is found on either side of the switch.
+    let members = |count: usize| (0..count).map(|i| format!("\"k{i}\":{i}")).collect::<Vec<_>>().join(",");
+    for count in [15, 16, 17, 400] {
+        assert!(n.normalize_json(payload(&format!("{{{}}}", members(count))).as_bytes(), None, now()).is_ok());
+        let repeated = format!("{{{},\"k0\":true}}", members(count));
+        let e = n.normalize_json(payload(&repeated).as_bytes(), None, now()).unwrap_err();
+        assert!(e.message.contains("repeats the key \"k0\""), "{count} keys: {}", e.message);
+    }
 }
 
 #[test]
