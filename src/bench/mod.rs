@@ -61,6 +61,14 @@ pub struct BenchArgs {
     api_rate: u64,
 }
 
+/// The SQLite writer alone, as a baseline row.
+const WRITER_ALONE: &str = "SQLite writer alone (the service's write path, no Kafka)";
+
+/// Batches per transaction for the writer-alone baseline: what the group
+/// commit gathered in drains with the default batches in flight (about 7,000
+/// rows per commit measured with 1,000-record batches).
+const WRITER_GROUP: usize = 8;
+
 struct KillOnDrop(Child);
 
 impl Drop for KillOnDrop {
@@ -81,7 +89,7 @@ struct Row {
     drain: Vec<(f64, f64)>,
 }
 
-pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Result<i32> {
+pub async fn run(config: Config, args: BenchArgs, quiet: bool) -> anyhow::Result<i32> {
     let exe = std::env::current_exe()?;
     let topic = format!("bench.{}", uuid::Uuid::new_v4().simple());
     let n = args.events;
@@ -137,6 +145,14 @@ pub async fn run(_config: Config, args: BenchArgs, quiet: bool) -> anyhow::Resul
                 let raw_path = dir.join("raw.db");
                 let recs = records.clone();
                 let rate = tokio::task::spawn_blocking(move || raw::raw_sqlite(&raw_path, &recs)).await??;
+                eprintln!("the SQLite writer alone…");
+                let (writer_path, recs) = (dir.join("writer.db"), records.clone());
+                let batch_rows = config.batch.max_records;
+                let writer = tokio::task::spawn_blocking(move || {
+                    raw::sqlite_writer_alone(&writer_path, &recs, batch_rows, WRITER_GROUP)
+                })
+                .await??;
+                baselines.push((WRITER_ALONE, writer));
                 (format!("sqlite://{}", dir.join("e2e.db").display()), rate, None)
             }
             "postgres" => {

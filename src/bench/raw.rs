@@ -47,7 +47,72 @@ pub(super) fn raw_sqlite(path: &std::path::Path, records: &[Record]) -> anyhow::
         }
     }
     tx.commit()?;
-    Ok(records.len() as f64 / started.elapsed().as_secs_f64())
+    let rate = records.len() as f64 / started.elapsed().as_secs_f64();
+    drop(conn);
+    remove_database(path);
+    Ok(rate)
+}
+
+/// Removes a measured SQLite database at once: its dirty pages are then
+/// dropped instead of written back by the kernel during the next
+/// measurement (which slowed the following drain by up to half).
+fn remove_database(path: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        let _ = std::fs::remove_file(file);
+    }
+}
+
+/// The service's SQLite write path alone, without Kafka: the same rows in
+/// batches of `batch_rows`, `group` batches per transaction (what the group
+/// commit gathers during a drain), through the writer's own `write_batches`.
+/// Against the raw insert it shows what the write path costs; against the
+/// end-to-end run, what the rest of the pipeline costs on shared cores.
+pub(super) fn sqlite_writer_alone(
+    path: &std::path::Path,
+    records: &[Record],
+    batch_rows: usize,
+    group: usize,
+) -> anyhow::Result<f64> {
+    use crate::batch::{Batch, Entry};
+    use crate::transport::ingest::source::Inbound;
+    let mut conn = crate::backend::sqlite::open_connection(path)?;
+    crate::backend::sqlite::migrate(&conn)?;
+    let batches: Vec<Batch> = records
+        .chunks(batch_rows.max(1))
+        .enumerate()
+        .map(|(b, chunk)| {
+            chunk
+                .iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    let (partition, offset) = source_position(b * batch_rows + i);
+                    let message = Inbound {
+                        partition: partition as i32,
+                        offset,
+                        timestamp_ms: None,
+                        key: None,
+                        payload: None,
+                        headers: Vec::new(),
+                    };
+                    Entry { record: r.clone(), message }
+                })
+                .collect()
+        })
+        .collect();
+    let indices: Vec<Vec<usize>> = batches.iter().map(|b| (0..b.len()).collect()).collect();
+    let started = Instant::now();
+    for (batches, indices) in batches.chunks(group.max(1)).zip(indices.chunks(group.max(1))) {
+        let writes: Vec<(&Batch, &[usize])> = batches.iter().zip(indices).map(|(b, i)| (b, i.as_slice())).collect();
+        for result in crate::backend::sqlite::write_batches(&mut conn, &writes, BENCH_TOPIC) {
+            result.map_err(|e| anyhow::anyhow!("{e}"))?;
+        }
+    }
+    let rate = records.len() as f64 / started.elapsed().as_secs_f64();
+    drop(conn);
+    remove_database(path);
+    Ok(rate)
 }
 
 /// Stands in for the topic in the raw baselines' source columns.

@@ -36,7 +36,7 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ),
     ("batch.linger_ms", "a batch is written at most this long after its first record"),
     ("batch.max_bytes", "bytes of records per batch"),
-    ("batch.max_in_flight", "batches written at once; 0 = the sink's default (PostgreSQL 4, SQLite 16)"),
+    ("batch.max_in_flight", "batches written at once; 0 = the sink's default (PostgreSQL 4, SQLite 32)"),
     ("batch.max_records", "records per batch (one atomic CreateMultiple write)"),
     ("control.allow_unsigned", "without a key, unsigned commands are refused unless this is true"),
     ("control.hmac_key", "at least 32 bytes (openssl rand -hex 32): verifies commands, signs replies"),

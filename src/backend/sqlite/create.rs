@@ -14,8 +14,9 @@ use crate::batch::Batch;
 use crate::record::{Value, create_columns, write_datetime};
 use crate::table::table;
 
-/// Most rows committed in one transaction when batches queue up.
-const GROUP_COMMIT_ROWS: usize = 20_000;
+/// Most rows committed in one transaction when batches queue up: room for
+/// every batch of the default 32 in flight.
+const GROUP_COMMIT_ROWS: usize = 32_000;
 
 pub(super) fn writer_thread(mut conn: Connection, rx: mpsc::Receiver<Job>, topic: String, path: PathBuf) {
     let mut deferred: std::collections::VecDeque<Job> = std::collections::VecDeque::new();
@@ -174,10 +175,6 @@ fn write_rows(
     // Nothing was ever purged (the usual case): no per-row tombstone probe.
     let any_tombstone: bool =
         tx.query_row(&format!("SELECT EXISTS (SELECT 1 FROM {})", t.tombstone_table()), [], |r| r.get(0))?;
-    // Per id seen in this batch: the content hash the table holds for it now,
-    // or the outcome of its tombstone.
-    let mut seen: std::collections::HashMap<Uuid, Result<Uuid, Outcome>> =
-        std::collections::HashMap::with_capacity(indices.len());
     // Text forms of ids and datetimes are written here and bound from here
     // (SQLite copies bound text), so a row costs no allocation.
     let mut scratch = String::with_capacity(64);
@@ -185,24 +182,15 @@ fn write_rows(
         let entry = &batch[i];
         let record = &entry.record;
         let id = record.id();
-        // Only the rare paths look the id up by its text.
+        // Only the rare paths look the id up by its text. A later occurrence
+        // of an id in the same batch needs no bookkeeping: the transaction
+        // reads its own writes, so it meets the first occurrence's row (or
+        // the tombstone) exactly as a replay in a later batch would.
         let id_text = || id.hyphenated().to_string();
-        // A later occurrence of an id in this batch is compared with what the
-        // table holds once the first occurrence was handled: the first one
-        // may be the conflicting record and this one the stored content.
-        if let Some(settled) = seen.get(&id) {
-            outcomes.push(match settled {
-                Ok(stored) => classify_existing(record.content_hash(), Some(*stored), id),
-                Err(tombstoned) => tombstoned.clone(),
-            });
-            continue;
-        }
         if any_tombstone
             && let Some(deleted) = tombstone_stmt.query_row([id_text()], |r| r.get::<_, bool>(0)).optional()?
         {
-            let outcome = if deleted { Outcome::DeletedReplay } else { Outcome::PurgedReplay };
-            seen.insert(id, Err(outcome.clone()));
-            outcomes.push(outcome);
+            outcomes.push(if deleted { Outcome::DeletedReplay } else { Outcome::PurgedReplay });
             continue;
         }
         *version += 1;
@@ -238,14 +226,10 @@ fn write_rows(
         insert_stmt.raw_bind_parameter(index + 1, topic)?;
         let inserted = insert_stmt.raw_execute()?;
         if inserted == 1 {
-            seen.insert(id, Ok(record.content_hash()));
             outcomes.push(Outcome::Written);
         } else {
             let stored: Option<String> = existing_stmt.query_row([id_text()], |r| r.get(0)).optional()?;
             let stored = stored.and_then(|s| Uuid::parse_str(&s).ok());
-            if let Some(hash) = stored {
-                seen.insert(id, Ok(hash));
-            }
             outcomes.push(classify_existing(record.content_hash(), stored, id));
         }
     }
@@ -271,6 +255,50 @@ mod tests {
                 Entry { record, message: Inbound::for_test(0, i as i64, payload.into_bytes()) }
             })
             .collect()
+    }
+
+    /// Events carrying one id: the same name is the same content, another name a conflict.
+    fn same_id(names: &[&str]) -> Batch {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| {
+                let payload = format!(
+                    r#"{{"msdyn_copilotinteractionid":"5d1c0c8e-7c55-4a8e-9d67-0a4c3e3b9f11","msdyn_name":"{name}","msdyn_scenariorequestid":"r","msdyn_interactiontype":"Copy","msdyn_scenariotype":"Copilot"}}"#
+                );
+                let record = Normalizer::default().normalize_json(payload.as_bytes(), None, chrono::Utc::now()).unwrap();
+                Entry { record, message: Inbound::for_test(0, i as i64, payload.into_bytes()) }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_id_repeated_in_one_batch_meets_its_first_occurrence() {
+        let dir = std::env::temp_dir().join(format!("sqlite-repeat-{}", Uuid::new_v4().simple()));
+        let mut conn = open_connection(&dir.join("t.db")).unwrap();
+        migrate(&conn).unwrap();
+        let id = Uuid::parse_str("5d1c0c8e-7c55-4a8e-9d67-0a4c3e3b9f11").unwrap();
+        let write = |conn: &mut Connection, batch: &Batch| {
+            let all: Vec<usize> = (0..batch.len()).collect();
+            write_batches(conn, &[(batch, &all)], "t").pop().unwrap().unwrap()
+        };
+        let conflict = crate::backend::classify_existing(Uuid::nil(), None, id);
+        assert_eq!(
+            write(&mut conn, &same_id(&["x", "y", "x", "y"])),
+            [Outcome::Written, conflict.clone(), Outcome::Replay, conflict.clone()]
+        );
+        // Stored content first: the later occurrences are compared with it, whatever came before them.
+        assert_eq!(write(&mut conn, &same_id(&["y", "x"])), [conflict, Outcome::Replay]);
+        conn.execute(
+            "INSERT INTO msdyn_copilotinteraction_tombstone (msdyn_copilotinteractionid, purgedon) VALUES (?1, 'now')",
+            [id.hyphenated().to_string()],
+        )
+        .unwrap();
+        conn.execute("DELETE FROM msdyn_copilotinteraction", []).unwrap();
+        assert_eq!(write(&mut conn, &same_id(&["x", "x"])), [Outcome::PurgedReplay, Outcome::PurgedReplay]);
+        assert!(names_in(&conn).is_empty(), "a purged id is never re-created, not even by its second occurrence");
+        drop(conn);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     fn names_in(conn: &Connection) -> Vec<String> {
