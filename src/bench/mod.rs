@@ -235,6 +235,10 @@ pub async fn run(config: Config, args: BenchArgs, quiet: bool) -> anyhow::Result
             for db in dbs {
                 let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
             }
+        } else {
+            for file in ["e2e.db", "api.db"] {
+                raw::remove_database(&dir.join(file));
+            }
         }
     }
 
@@ -254,7 +258,8 @@ pub async fn run(config: Config, args: BenchArgs, quiet: bool) -> anyhow::Result
         for (sink, half) in &loads {
             let (sink, half) = (sink, *half);
             let url = if sink == "sqlite" {
-                format!("sqlite://{}", dir.join("latency.db").display())
+                // A fresh file per load, as each PostgreSQL phase gets a fresh database.
+                format!("sqlite://{}", dir.join(format!("latency-{half}.db")).display())
             } else {
                 let admin =
                     crate::backend::postgres::connect(&args.pg_admin_url).await.map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -265,6 +270,9 @@ pub async fn run(config: Config, args: BenchArgs, quiet: bool) -> anyhow::Result
             };
             eprintln!("latency at {half} events/s into {sink} for {}s…", args.latency_seconds);
             let (p50, p99) = latency(&exe, &brokers, &topic, &url, half, args.latency_seconds).await?;
+            if let Some(path) = url.strip_prefix("sqlite://") {
+                raw::remove_database(std::path::Path::new(path));
+            }
             latency_lines.push(format!("| {sink} | {half} | {:.0} ms | {:.0} ms |", p50 * 1000.0, p99 * 1000.0));
             if let Some(p) = &mut plots {
                 p.latency(sink, half, p50, p99);

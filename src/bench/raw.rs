@@ -56,7 +56,7 @@ pub(super) fn raw_sqlite(path: &std::path::Path, records: &[Record]) -> anyhow::
 /// Removes a measured SQLite database at once: its dirty pages are then
 /// dropped instead of written back by the kernel during the next
 /// measurement (which slowed the following drain by up to half).
-fn remove_database(path: &std::path::Path) {
+pub(super) fn remove_database(path: &std::path::Path) {
     for suffix in ["", "-wal", "-shm"] {
         let mut file = path.as_os_str().to_owned();
         file.push(suffix);

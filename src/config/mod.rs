@@ -506,7 +506,7 @@ impl Config {
     /// commits what queued in one transaction; every commit rewrites the id
     /// index pages it touched, so fewer, larger commits are what makes the
     /// writer fast (measured: 4 → 16 took a drain from 51% to 75% of the raw
-    /// insert rate; 16 → 32 from 64–68% to 78–79%, with about 20 MB more RSS).
+    /// insert rate; 16 → 32 from 60–62% to 70–76%, with about 20 MB more RSS).
     pub fn batches_in_flight(&self) -> usize {
         let explicit = (self.batch.max_in_flight > 0).then_some(self.batch.max_in_flight);
         match self.sink_url() {
