@@ -30,12 +30,12 @@ fn sink(url: &str) -> SinkUrl {
     }
 }
 
-async fn open(url: &str) -> Arc<Backend> {
+pub(super) async fn open(url: &str) -> Arc<Backend> {
     Arc::new(Backend::open(&sink(url), "t", 2, &Arc::new(Metrics::new())).await.expect("open the sink"))
 }
 
 /// `old` records created in 2020 (the criteria's) and `recent` ones created now.
-async fn seed(backend: &Backend, first: usize, old: usize, recent: usize) {
+pub(super) async fn seed(backend: &Backend, first: usize, old: usize, recent: usize) {
     let normalizer = Normalizer::default();
     let metrics = Metrics::new();
     let mut records = Vec::new();

@@ -597,3 +597,35 @@ async fn hostile_requests_are_bounded_and_others_still_served() {
     service.terminate();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// With autovacuum off (as on this machine's server) nothing but the service
+/// analyzes the table: once the writer has inserted enough rows it runs
+/// `ANALYZE` itself, and a keyset page walks the primary key instead of
+/// scanning and sorting the whole table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyset_pages_on_postgres_walk_the_primary_key_once_the_writer_has_analyzed_the_table() {
+    let Some(db) = PgDb::create().await else { return };
+    let client = db.client().await;
+    let analyzed = "SELECT count(*) FROM pg_stat_user_tables WHERE relname = 'msdyn_copilotinteraction' \
+                    AND last_analyze IS NOT NULL";
+    let backend = super::scheduler::open(&db.url).await;
+    // The start-up analysis of the new, empty table.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while client.query_one(analyzed, &[]).await.unwrap().get::<_, i64>(0) == 0 {
+        assert!(std::time::Instant::now() < deadline, "the new table was never analyzed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let estimate = "SELECT reltuples::bigint FROM pg_class WHERE relname = 'msdyn_copilotinteraction'";
+    assert!(client.query_one(estimate, &[]).await.unwrap().get::<_, i64>(0) < 1_000);
+    super::scheduler::seed(&backend, 0, 0, 12_000).await;
+    // The writer analyzes once 10,000 rows are in (the threshold of a table estimated empty).
+    while client.query_one(estimate, &[]).await.unwrap().get::<_, i64>(0) < 10_000 {
+        assert!(std::time::Instant::now() < deadline, "12,000 inserted rows never led to a new ANALYZE");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let page = "EXPLAIN SELECT msdyn_copilotinteractionid, msdyn_name FROM msdyn_copilotinteraction \
+                WHERE msft_datastate = 0 AND msdyn_copilotinteractionid > '7f000000-0000-0000-0000-000000000000'::uuid \
+                ORDER BY msdyn_copilotinteractionid LIMIT 500";
+    let plan: Vec<String> = client.query(page, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+    assert!(plan.iter().any(|l| l.contains("Index Scan using msdyn_copilotinteraction_pkey")), "{plan:#?}");
+}

@@ -98,6 +98,10 @@ impl PostgresBackend {
         let result = self.write_tx(&mut pooled.client, &insert, batch, indices).await;
         let client = pooled;
         self.put_back(client);
+        if let Ok(outcomes) = &result {
+            let inserted = outcomes.iter().filter(|o| matches!(o, Outcome::Written)).count();
+            self.statistics.inserted(&self.url, inserted as u64);
+        }
         result
     }
 

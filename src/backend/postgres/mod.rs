@@ -13,6 +13,7 @@ pub mod connect;
 mod create;
 mod policies;
 mod records;
+mod statistics;
 
 pub use create::encode_copy_rows;
 
@@ -27,6 +28,7 @@ pub struct PostgresBackend {
     insert_sql: String,
     copy_cooldown: create::CopyCooldown,
     metrics: Arc<crate::metrics::Metrics>,
+    statistics: Arc<statistics::PlannerStatistics>,
 }
 
 /// SQLSTATE classes 22 (data exception) and 23 (integrity violation): the
@@ -158,6 +160,10 @@ impl PostgresBackend {
         migrate(&client).await.map_err(|e| BackendError::Transient(format!("migrating: {e}")))?;
         let insert_sql = create::insert_sql();
         let insert = client.prepare(&insert_sql).await?;
+        let statistics = Arc::new(statistics::PlannerStatistics::default());
+        if statistics::never_analyzed(&client).await? {
+            statistics.start(url);
+        }
         Ok(PostgresBackend {
             url: url.to_owned(),
             topic: topic.to_owned(),
@@ -166,6 +172,7 @@ impl PostgresBackend {
             insert_sql,
             copy_cooldown: create::CopyCooldown::default(),
             metrics,
+            statistics,
         })
     }
 
