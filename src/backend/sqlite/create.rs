@@ -243,13 +243,16 @@ mod tests {
     use crate::normalize::Normalizer;
     use crate::transport::ingest::source::Inbound;
 
-    fn batch(names: &[&str]) -> Batch {
+    /// One event per name; `id` (when given) is carried by every event, so
+    /// the same name is the same content and another name a conflict.
+    fn events(names: &[&str], id: Option<&str>) -> Batch {
+        let id_field = id.map(|id| format!(r#""msdyn_copilotinteractionid":"{id}","#)).unwrap_or_default();
         names
             .iter()
             .enumerate()
             .map(|(i, name)| {
                 let payload = format!(
-                    r#"{{"msdyn_name":"{name}","msdyn_scenariorequestid":"r","msdyn_interactiontype":"Copy","msdyn_scenariotype":"Copilot"}}"#
+                    r#"{{{id_field}"msdyn_name":"{name}","msdyn_scenariorequestid":"r","msdyn_interactiontype":"Copy","msdyn_scenariotype":"Copilot"}}"#
                 );
                 let record = Normalizer::default().normalize_json(payload.as_bytes(), None, chrono::Utc::now()).unwrap();
                 Entry { record, message: Inbound::for_test(0, i as i64, payload.into_bytes()) }
@@ -257,19 +260,14 @@ mod tests {
             .collect()
     }
 
-    /// Events carrying one id: the same name is the same content, another name a conflict.
+    fn batch(names: &[&str]) -> Batch {
+        events(names, None)
+    }
+
+    const REPEATED_ID: &str = "5d1c0c8e-7c55-4a8e-9d67-0a4c3e3b9f11";
+
     fn same_id(names: &[&str]) -> Batch {
-        names
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let payload = format!(
-                    r#"{{"msdyn_copilotinteractionid":"5d1c0c8e-7c55-4a8e-9d67-0a4c3e3b9f11","msdyn_name":"{name}","msdyn_scenariorequestid":"r","msdyn_interactiontype":"Copy","msdyn_scenariotype":"Copilot"}}"#
-                );
-                let record = Normalizer::default().normalize_json(payload.as_bytes(), None, chrono::Utc::now()).unwrap();
-                Entry { record, message: Inbound::for_test(0, i as i64, payload.into_bytes()) }
-            })
-            .collect()
+        events(names, Some(REPEATED_ID))
     }
 
     #[test]
@@ -277,7 +275,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sqlite-repeat-{}", Uuid::new_v4().simple()));
         let mut conn = open_connection(&dir.join("t.db")).unwrap();
         migrate(&conn).unwrap();
-        let id = Uuid::parse_str("5d1c0c8e-7c55-4a8e-9d67-0a4c3e3b9f11").unwrap();
+        let id = Uuid::parse_str(REPEATED_ID).unwrap();
         let write = |conn: &mut Connection, batch: &Batch| {
             let all: Vec<usize> = (0..batch.len()).collect();
             write_batches(conn, &[(batch, &all)], "t").pop().unwrap().unwrap()
