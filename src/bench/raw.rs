@@ -88,15 +88,7 @@ pub(super) fn sqlite_writer_alone(
                 .enumerate()
                 .map(|(i, r)| {
                     let (partition, offset) = source_position(b * batch_rows + i);
-                    let message = Inbound {
-                        partition: partition as i32,
-                        offset,
-                        timestamp_ms: None,
-                        key: None,
-                        payload: None,
-                        headers: Vec::new(),
-                    };
-                    Entry { record: r.clone(), message }
+                    Entry { record: r.clone(), message: Inbound::without_message(partition as i32, offset) }
                 })
                 .collect()
         })

@@ -78,20 +78,7 @@ pub async fn create_records(
     use crate::transport::ingest::source::Inbound;
     // Records that came from no Kafka message: partition and offset -1.
     let batch: Arc<Batch> = Arc::new(
-        records
-            .into_iter()
-            .map(|record| Entry {
-                record,
-                message: Inbound {
-                    partition: -1,
-                    offset: -1,
-                    timestamp_ms: None,
-                    key: None,
-                    payload: None,
-                    headers: Vec::new(),
-                },
-            })
-            .collect(),
+        records.into_iter().map(|record| Entry { record, message: Inbound::without_message(-1, -1) }).collect(),
     );
     let indices: Vec<usize> = (0..batch.len()).collect();
     let label = sink.kind();

@@ -5,10 +5,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use copilot_ingest::config::Config;
+use copilot_ingest::backend::Backend;
+use copilot_ingest::config::{Config, SinkUrl};
 use copilot_ingest::embedded::EmbeddedBroker;
 use copilot_ingest::generator::Generator;
 use copilot_ingest::metrics::Metrics;
+use copilot_ingest::normalize::Normalizer;
 use copilot_ingest::reason::Reason;
 use copilot_ingest::transport::http::Readiness;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -479,4 +481,47 @@ pub fn temp_sqlite() -> (std::path::PathBuf, String) {
     let dir = std::env::temp_dir().join(unique("copilot-ingest-test"));
     let path = dir.join("test.db");
     (dir, format!("sqlite://{}", path.display()))
+}
+
+/// A sink URL of a test (`sqlite://…` or `postgres://…`).
+fn sink_url_of(url: &str) -> SinkUrl {
+    match url.strip_prefix("sqlite://") {
+        Some(path) => SinkUrl::Sqlite(path.into()),
+        None => SinkUrl::Postgres(url.to_owned()),
+    }
+}
+
+/// The backend on a test sink URL, opened as the service opens it.
+pub async fn open_backend_at(url: &str) -> Arc<Backend> {
+    Arc::new(Backend::open(&sink_url_of(url), "t", 2, &Arc::new(Metrics::new())).await.expect("open the sink"))
+}
+
+/// `old` records created in 2020 (the criteria's) and `recent` ones created now.
+pub async fn seed(backend: &Backend, first: usize, old: usize, recent: usize) {
+    let normalizer = Normalizer::default();
+    let metrics = Metrics::new();
+    let mut records = Vec::new();
+    for i in first..first + old + recent {
+        let mut e = serde_json::json!({"msdyn_name": format!("event {i}"), "msdyn_scenariorequestid": format!("req-{i}"),
+                           "msdyn_interactiontype": "ThumbsUp", "msdyn_scenariotype": "Copilot",
+                           "msdyn_copilotinteractionid": uuid::Uuid::new_v4().to_string()});
+        if i < first + old {
+            e["overriddencreatedon"] = serde_json::json!("2020-01-01T00:00:00Z");
+        }
+        records.push(
+            normalizer.normalize_json(e.to_string().as_bytes(), None, chrono::Utc::now()).expect("a valid event"),
+        );
+        if records.len() == 1000 {
+            copilot_ingest::operations::create_multiple::create_records(
+                backend,
+                std::mem::take(&mut records),
+                &metrics,
+            )
+            .await
+            .expect("seed");
+        }
+    }
+    if !records.is_empty() {
+        copilot_ingest::operations::create_multiple::create_records(backend, records, &metrics).await.expect("seed");
+    }
 }

@@ -8,10 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
-use copilot_ingest::backend::Backend;
-use copilot_ingest::config::SinkUrl;
 use copilot_ingest::metrics::Metrics;
-use copilot_ingest::normalize::Normalizer;
 use copilot_ingest::operations::policy::{self, PolicySource, PolicyStatus, RetentionPolicy};
 use copilot_ingest::operations::scheduler::{LEASE, RUN_MESSAGE, RunReplies, Scheduler};
 use copilot_ingest::transport::control::{Reply, Status};
@@ -22,45 +19,6 @@ use crate::control::{query_i64, sink_urls};
 
 const OLD_RECORDS_CRITERIA: &str = "<fetch><entity name='msdyn_copilotinteraction'><filter>\
     <condition attribute='createdon' operator='olderthan-x-days' value='365'/></filter></entity></fetch>";
-
-fn sink(url: &str) -> SinkUrl {
-    match url.strip_prefix("sqlite://") {
-        Some(path) => SinkUrl::Sqlite(path.into()),
-        None => SinkUrl::Postgres(url.to_owned()),
-    }
-}
-
-pub(super) async fn open(url: &str) -> Arc<Backend> {
-    Arc::new(Backend::open(&sink(url), "t", 2, &Arc::new(Metrics::new())).await.expect("open the sink"))
-}
-
-/// `old` records created in 2020 (the criteria's) and `recent` ones created now.
-pub(super) async fn seed(backend: &Backend, first: usize, old: usize, recent: usize) {
-    let normalizer = Normalizer::default();
-    let metrics = Metrics::new();
-    let mut records = Vec::new();
-    for i in first..first + old + recent {
-        let mut e = json!({"msdyn_name": format!("event {i}"), "msdyn_scenariorequestid": format!("req-{i}"),
-                           "msdyn_interactiontype": "ThumbsUp", "msdyn_scenariotype": "Copilot",
-                           "msdyn_copilotinteractionid": uuid::Uuid::new_v4().to_string()});
-        if i < first + old {
-            e["overriddencreatedon"] = json!("2020-01-01T00:00:00Z");
-        }
-        records.push(normalizer.normalize_json(e.to_string().as_bytes(), None, Utc::now()).expect("a valid event"));
-        if records.len() == 1000 {
-            copilot_ingest::operations::create_multiple::create_records(
-                backend,
-                std::mem::take(&mut records),
-                &metrics,
-            )
-            .await
-            .expect("seed");
-        }
-    }
-    if !records.is_empty() {
-        copilot_ingest::operations::create_multiple::create_records(backend, records, &metrics).await.expect("seed");
-    }
-}
 
 fn daily(uniquename: &str, start: DateTime<Utc>, page_size: i64) -> RetentionPolicy {
     RetentionPolicy {
@@ -91,7 +49,7 @@ fn hours(h: i64) -> TimeDelta {
 async fn a_daily_policy_runs_on_schedule_pauses_and_catches_up_once_on_both_sinks() {
     let (urls, _db, _dir) = sink_urls().await;
     for url in urls {
-        let backend = open(&url).await;
+        let backend = open_backend_at(&url).await;
         seed(&backend, 0, 30, 20).await;
         let metrics = Arc::new(Metrics::new());
         let (sender, mut reports) = tokio::sync::mpsc::unbounded_channel();
@@ -178,7 +136,7 @@ async fn two_instances_on_one_postgres_database_run_each_due_run_exactly_once() 
         println!("SKIPPED: PostgreSQL is not reachable on 127.0.0.1:5432");
         return;
     };
-    let (a, b) = (open(&db.url).await, open(&db.url).await);
+    let (a, b) = (open_backend_at(&db.url).await, open_backend_at(&db.url).await);
     seed(&a, 0, 40, 10).await;
     let t0 = origin();
     let names = ["p1", "p2", "p3"];
@@ -212,7 +170,7 @@ async fn two_instances_on_one_postgres_database_run_each_due_run_exactly_once() 
 async fn a_run_killed_halfway_is_resumed_with_exact_counts_on_both_sinks() {
     let (urls, _db, _dir) = sink_urls().await;
     for url in urls {
-        let backend = open(&url).await;
+        let backend = open_backend_at(&url).await;
         seed(&backend, 0, 6000, 50).await;
         let t0 = origin();
         policy::save(&backend, &daily("big", t0, 10), t0).await.unwrap();
@@ -283,7 +241,7 @@ async fn policies_and_operations_are_managed_and_read_over_the_control_topic_and
     for url in urls {
         let kafka = TestKafka::new(1);
         let config = kafka.config_with_sink(&url);
-        seed(&*open(&url).await, 0, 12, 3).await;
+        seed(&*open_backend_at(&url).await, 0, 12, 3).await;
         let control = ControlService::start(config.clone()).await;
         let client = ControlClient::new(&kafka);
 
@@ -374,7 +332,7 @@ async fn policies_and_operations_are_managed_and_read_over_the_control_topic_and
 async fn records_of_an_operation_are_found_by_the_partial_index_on_both_sinks() {
     let (urls, _db, _dir) = sink_urls().await;
     for url in urls {
-        let _backend = open(&url).await;
+        let _backend = open_backend_at(&url).await;
         let lookup = "FROM msdyn_copilotinteraction WHERE msdyn_copilotinteraction.msft_retention_operationid = \
                       '0b5c6a3e-1d2f-4a5b-8c7d-9e0f1a2b3c4d'";
         let plan = if let Some(path) = url.strip_prefix("sqlite://") {
@@ -414,7 +372,7 @@ async fn a_scheduled_run_killed_with_sigkill_completes_after_a_restart_on_both_s
     )
     .unwrap();
     for url in urls {
-        seed(&*open(&url).await, 0, OLD as usize, 25).await;
+        seed(&*open_backend_at(&url).await, 0, OLD as usize, 25).await;
         let kafka = TestKafka::new(1);
         let spawn = || Service::spawn(kafka.run_binary(&url).arg("--config").arg(&config_file));
         let total = "SELECT COALESCE(max(total), 0) FROM copilot_ingest_retention_operation";

@@ -160,10 +160,10 @@ impl PostgresBackend {
         migrate(&client).await.map_err(|e| BackendError::Transient(format!("migrating: {e}")))?;
         let insert_sql = create::insert_sql();
         let insert = client.prepare(&insert_sql).await?;
+        // No ANALYZE at start: statistics of a still-empty table made the
+        // planner take it for empty after the first rows arrived (a retention
+        // page over 6,000 rows ran for minutes); the first one waits for rows.
         let statistics = Arc::new(statistics::PlannerStatistics::default());
-        if statistics::never_analyzed(&client).await? {
-            statistics.start(url);
-        }
         Ok(PostgresBackend {
             url: url.to_owned(),
             topic: topic.to_owned(),

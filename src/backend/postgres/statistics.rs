@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::table::table;
 
 /// Fewest inserted rows worth a new `ANALYZE`.
-pub(super) const MIN_ROWS_BETWEEN: u64 = 10_000;
+const MIN_ROWS_BETWEEN: u64 = 10_000;
 
 /// Least time between two `ANALYZE`s of a table that is no longer (nearly) empty.
 const MIN_INTERVAL: Duration = Duration::from_secs(60);
@@ -52,9 +52,8 @@ impl PlannerStatistics {
         }
     }
 
-    /// Starts an `ANALYZE` unless one is running (at start-up, for a table
-    /// that has never been analyzed).
-    pub(super) fn start(self: &Arc<Self>, url: &str) {
+    /// Starts an `ANALYZE` unless one is running.
+    fn start(self: &Arc<Self>, url: &str) {
         if self.running.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -86,21 +85,15 @@ fn due(since: u64, rows_at_last: u64, ago: Option<Duration>) -> bool {
 
 /// `ANALYZE` of the table, then its new row estimate.
 async fn analyze(url: &str) -> Result<u64, crate::backend::BackendError> {
-    let name = &table().logical_name;
     let client = super::connect(url).await?;
-    client.batch_execute(&format!("ANALYZE {name}")).await?;
-    let rows: f32 =
-        client.query_one("SELECT reltuples FROM pg_class WHERE oid = $1::text::regclass", &[name]).await?.get(0);
-    Ok(rows.max(0.0) as u64)
+    client.batch_execute(&format!("ANALYZE {}", table().logical_name)).await?;
+    Ok(row_estimate(&client).await?.max(0.0) as u64)
 }
 
-/// Whether the table was never analyzed (`reltuples` is -1 until then).
-pub(super) async fn never_analyzed(client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
-    let rows: f32 = client
-        .query_one("SELECT reltuples FROM pg_class WHERE oid = $1::text::regclass", &[&table().logical_name])
-        .await?
-        .get(0);
-    Ok(rows < 0.0)
+/// The planner's row estimate of the table (`pg_class.reltuples`).
+async fn row_estimate(client: &tokio_postgres::Client) -> Result<f32, tokio_postgres::Error> {
+    let sql = "SELECT reltuples FROM pg_class WHERE oid = $1::text::regclass";
+    Ok(client.query_one(sql, &[&table().logical_name]).await?.get(0))
 }
 
 #[cfg(test)]

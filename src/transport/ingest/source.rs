@@ -35,9 +35,16 @@ pub struct Inbound {
 }
 
 impl Inbound {
+    /// A position with no message behind it: records created by a message of
+    /// the table (CreateMultiple through the Web API or the control topic)
+    /// and the benchmark's writer-alone rows.
+    pub fn without_message(partition: i32, offset: i64) -> Inbound {
+        Inbound { partition, offset, timestamp_ms: None, key: None, payload: None, headers: Vec::new() }
+    }
+
     #[cfg(test)]
     pub fn for_test(partition: i32, offset: i64, payload: Vec<u8>) -> Inbound {
-        Inbound { partition, offset, timestamp_ms: None, key: None, payload: Some(payload), headers: Vec::new() }
+        Inbound { payload: Some(payload), ..Inbound::without_message(partition, offset) }
     }
 
     fn from_message<M: Message>(m: &M) -> Inbound {
