@@ -150,7 +150,7 @@ impl<'a> Reader<'a> {
 /// The lowest flagged byte is always a true match (the subtraction's borrow
 /// can only flag bytes above one), and words are read little-endian, so the
 /// lowest flagged byte comes first.
-fn string_end(bytes: &[u8]) -> Option<usize> {
+pub(crate) fn string_end(bytes: &[u8]) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let below = |word: u64, n: u8| word.wrapping_sub(ONES * u64::from(n)) & !word & HIGH;

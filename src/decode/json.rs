@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::de::{self, Deserializer, MapAccess, Visitor};
 
+use crate::decode::flat_json::string_end;
 use crate::normalize::FieldValue;
 use crate::reason::{Reason, Rejection};
 use crate::table::{ColumnType, table};
@@ -248,8 +249,22 @@ pub(crate) fn compact_json(raw: &str) -> Result<String, CompactError> {
             b'"' => {
                 let opening = i;
                 i += 1;
-                while i < bytes.len() && bytes[i] != b'"' {
-                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                // To the closing quote, a word at a time between escapes. The
+                // text is valid JSON, so no control byte stops the scan; one
+                // would only be stepped over.
+                loop {
+                    match bytes.get(i..).and_then(string_end) {
+                        Some(n) => i += n,
+                        None => {
+                            i = bytes.len();
+                            break;
+                        }
+                    }
+                    match bytes[i] {
+                        b'"' => break,
+                        b'\\' => i += 2,
+                        _ => i += 1,
+                    }
                 }
                 if expect_key {
                     expect_key = false;

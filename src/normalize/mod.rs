@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Utc};
+use chrono::{DateTime, NaiveDate, NaiveDateTime, TimeZone, Timelike, Utc};
 use uuid::Uuid;
 
 use crate::decode::json::{CompactError, MAX_JSON_DEPTH, compact_json};
@@ -150,40 +150,36 @@ impl Normalizer {
             values[pos] = parse_value(column, raw, now)?;
         }
 
-        for (pos, &index) in layout.iter().enumerate() {
-            let column = &t.columns[index];
+        let plan = create_plan();
+        for &pos in &plan.required {
             if matches!(values[pos], Value::Null) {
-                if column.is_required() {
-                    return Err(Rejection::new(
-                        Reason::MissingRequiredField,
-                        Some(&column.logical_name),
-                        format!("'{}' is required", column.logical_name),
-                    ));
-                }
-                if let Some(default) = column.default_value {
-                    values[pos] = Value::Int(default);
-                }
+                let column = &t.columns[layout[pos]];
+                return Err(Rejection::new(
+                    Reason::MissingRequiredField,
+                    Some(&column.logical_name),
+                    format!("'{}' is required", column.logical_name),
+                ));
+            }
+        }
+        for &(pos, default) in &plan.defaults {
+            if matches!(values[pos], Value::Null) {
+                values[pos] = Value::Int(default);
             }
         }
 
         // Records are created active: the state is the schema default, and a
         // status given by the event must belong to that state.
-        let state_column = t.columns.iter().find(|c| c.column_type == ColumnType::State);
-        let mut state_code = state_column.and_then(|c| c.default_value).unwrap_or(0);
+        let mut state_code = plan.default_state;
         if state_follows_status {
-            let status_state = layout.iter().zip(&values).find_map(|(&index, value)| match value {
-                Value::Int(v) if t.columns[index].column_type == ColumnType::Status => {
-                    t.columns[index].option(*v).and_then(|o| o.state)
-                }
+            let status_state = plan.statuses.iter().find_map(|&pos| match values[pos] {
+                Value::Int(v) => t.columns[layout[pos]].option(v).and_then(|o| o.state),
                 _ => None,
             });
             state_code = status_state.unwrap_or(state_code);
         }
-        for (pos, &index) in layout.iter().enumerate() {
-            let column = &t.columns[index];
-            if column.column_type == ColumnType::Status
-                && let Value::Int(v) = values[pos]
-            {
+        for &pos in &plan.statuses {
+            if let Value::Int(v) = values[pos] {
+                let column = &t.columns[layout[pos]];
                 let state = column.option(v).and_then(|o| o.state);
                 if state != Some(state_code) {
                     return Err(Rejection::new(
@@ -213,6 +209,40 @@ impl Normalizer {
         };
         Ok(Record { values, id, content_hash, created_on, state_code })
     }
+}
+
+/// What the create rules need of each layout position, worked out once from
+/// the table: per event they are then a few index reads instead of a scan of
+/// every column's definition (string compares included).
+struct CreatePlan {
+    /// Positions of the required columns, in layout order (the first missing
+    /// one is reported).
+    required: Vec<usize>,
+    /// Positions of option columns with a schema default, and the default.
+    defaults: Vec<(usize, i32)>,
+    /// Positions of status columns.
+    statuses: Vec<usize>,
+    /// The state of a new record: the state column's default.
+    default_state: i32,
+}
+
+fn create_plan() -> &'static CreatePlan {
+    static PLAN: std::sync::LazyLock<CreatePlan> = std::sync::LazyLock::new(|| {
+        let t = table();
+        let columns = || create_columns().iter().enumerate().map(|(pos, &index)| (pos, &t.columns[index]));
+        CreatePlan {
+            required: columns().filter(|(_, c)| c.is_required()).map(|(pos, _)| pos).collect(),
+            defaults: columns().filter_map(|(pos, c)| c.default_value.map(|d| (pos, d))).collect(),
+            statuses: columns().filter(|(_, c)| c.column_type == ColumnType::Status).map(|(pos, _)| pos).collect(),
+            default_state: t
+                .columns
+                .iter()
+                .find(|c| c.column_type == ColumnType::State)
+                .and_then(|c| c.default_value)
+                .unwrap_or(0),
+        }
+    });
+    &PLAN
 }
 
 /// Positions in the record layout of the columns the identity and creation
@@ -493,6 +523,15 @@ pub fn parse_datetime(s: &str) -> Option<DateTime<Utc>> {
 }
 
 fn truncate_to_millis(d: DateTime<Utc>) -> DateTime<Utc> {
+    let nanos = d.nanosecond();
+    // Dropping the sub-millisecond digits in place avoids rebuilding the
+    // date from a timestamp; a leap second (nanoseconds past 10⁹) still takes
+    // the timestamp round, which carries it into the next second.
+    if nanos < 1_000_000_000
+        && let Some(truncated) = d.with_nanosecond(nanos - nanos % 1_000_000)
+    {
+        return truncated;
+    }
     Utc.timestamp_millis_opt(d.timestamp_millis()).single().unwrap_or(d)
 }
 

@@ -482,6 +482,21 @@ proptest! {
         prop_assert_eq!(compact_json(&pretty).ok(), Some(serde_json::to_string(&value).unwrap()));
     }
 
+    /// Truncating to milliseconds in place gives what the timestamp round
+    /// gives, leap seconds included (they carry into the next second).
+    #[test]
+    fn truncation_to_milliseconds_matches_the_timestamp_round(
+        seconds in 0i64..4_102_444_800,
+        nanos in 0u32..1_000_000_000,
+        leap in any::<bool>(),
+    ) {
+        // A leap second is representable only at :59.
+        let (seconds, nanos) = if leap { (seconds - seconds % 60 + 59, nanos + 1_000_000_000) } else { (seconds, nanos) };
+        let d = DateTime::from_timestamp(seconds, nanos).unwrap();
+        let reference = Utc.timestamp_millis_opt(d.timestamp_millis()).single().unwrap();
+        prop_assert_eq!(truncate_to_millis(d), reference);
+    }
+
     /// Arbitrary bytes never panic and always give a record or a reason.
     #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
