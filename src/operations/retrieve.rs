@@ -42,12 +42,22 @@ pub fn entity(columns: &[usize], values: Vec<Json>) -> Map<String, Json> {
         if column.column_type.is_option_set()
             && let Some(label) = value.as_i64().and_then(|v| i32::try_from(v).ok()).and_then(|v| column.option(v))
         {
-            entity.insert(
-                format!("{}@OData.Community.Display.V1.FormattedValue", column.logical_name),
-                Json::String(label.label.clone()),
-            );
+            entity.insert(formatted_value_key(i).to_owned(), Json::String(label.label.clone()));
         }
         entity.insert(column.logical_name.clone(), value);
     }
     entity
+}
+
+/// `<column>@OData.Community.Display.V1.FormattedValue`, written once per
+/// column rather than once per row of every page.
+fn formatted_value_key(index: usize) -> &'static str {
+    static KEYS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        table()
+            .columns
+            .iter()
+            .map(|c| format!("{}@OData.Community.Display.V1.FormattedValue", c.logical_name))
+            .collect()
+    });
+    KEYS.get(index).map_or("", String::as_str)
 }

@@ -62,7 +62,7 @@ pub async fn retrieve_multiple(
             .map(|o| query.columns.iter().position(|&c| c == o.column).map_or(Json::Null, |k| row[k].clone()))
             .collect();
         let record = entity(&asked.columns, row.into_iter().take(asked.columns.len()).collect());
-        let size = serde_json::to_string(&record).map_or(0, |s| s.len()) + 1;
+        let size = serialized_size(&record) + 1;
         if bytes + size > request.max_response_bytes {
             if entities.is_empty() {
                 return Err(OperationError::failed(
@@ -82,4 +82,38 @@ pub async fn retrieve_multiple(
     Ok(RetrieveMultipleResponse {
         entity_collection: EntityCollection { entities, more_records, paging_cookie, total_record_count },
     })
+}
+
+/// Bytes of a record's JSON, counted as it is serialized (a page measures
+/// every record; none is kept as text).
+fn serialized_size(record: &Map<String, Json>) -> usize {
+    struct Counter(usize);
+    impl std::io::Write for Counter {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut counter = Counter(0);
+    // Serializing a map of JSON values into memory cannot fail.
+    let _ = serde_json::to_writer(&mut counter, record);
+    counter.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_records_size_is_the_length_of_its_json() {
+        let Json::Object(record) =
+            serde_json::json!({"msdyn_name": "é \"quoted\"\n", "n": 12, "x": null, "nested": {"a": [1, 2]}})
+        else {
+            unreachable!()
+        };
+        assert_eq!(serialized_size(&record), serde_json::to_string(&record).unwrap().len());
+    }
 }
