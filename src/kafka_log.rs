@@ -63,6 +63,16 @@ pub fn log(throttle: &Throttle, client: &str, level: RDKafkaLogLevel, facility: 
         tracing::debug!(client, facility, "librdkafka: {message}");
         return;
     }
+    if skips_events(facility, message) {
+        // Every one is said: each means events that will never be ingested.
+        tracing::warn!(
+            client,
+            facility,
+            "events were deleted by the broker before they were ingested (retention outran the consumer, or the \
+             partition was truncated); they are skipped and lost to this consumer group. librdkafka: {message}"
+        );
+        return;
+    }
     let Some(suppressed) = throttle.allow(&format!("log {facility} {}", kind(message))) else { return };
     let repeated = if suppressed > 0 { format!(" ({suppressed} repeats not shown)") } else { String::new() };
     match level {
@@ -74,6 +84,16 @@ pub fn log(throttle: &Throttle, client: &str, level: RDKafkaLogLevel, facility: 
         }
         _ => tracing::debug!(client, facility, "librdkafka: {message}{repeated}"),
     }
+}
+
+/// Whether a log line says the consumer's position was reset because the
+/// broker no longer holds the offset it had reached: the events in between
+/// are skipped. A first start without a committed offset also resets the
+/// position, but skips nothing.
+fn skips_events(facility: &str, message: &str) -> bool {
+    facility == "OFFSET"
+        && message.contains("offset reset")
+        && (message.contains("Offset out of range") || message.contains("offset not available on the broker"))
 }
 
 /// Logs a client error through `throttle`, in words an operator can act on.
@@ -152,6 +172,21 @@ mod tests {
         // Pretend the quiet period is over.
         t.seen.lock().unwrap().get_mut("a").unwrap().0 = Instant::now() - QUIET_FOR;
         assert_eq!(t.allow("a"), Some(2));
+    }
+
+    #[test]
+    fn a_reset_past_deleted_events_is_told_apart_from_a_first_start() {
+        // The first as a consumer logged it when the embedded broker had
+        // dropped a lagging partition's oldest events; the second in the
+        // format librdkafka debug-logs a first start with.
+        let deleted = "copilot.interactions [1]: offset reset (at offset 28497 (leader epoch 0), broker 1) to cached \
+                       BEGINNING offset offset 28711 (leader epoch -1): fetch failed due to requested offset not \
+                       available on the broker: Broker: Offset out of range";
+        let first_start = "copilot.interactions [0]: offset reset (at offset INVALID (leader epoch -1), broker -1) \
+                           to BEGINNING: no previously committed offset available: Local: No offset stored";
+        assert!(skips_events("OFFSET", deleted));
+        assert!(!skips_events("OFFSET", first_start));
+        assert!(!skips_events("FETCH", deleted));
     }
 
     #[test]
