@@ -76,8 +76,10 @@ impl Generator {
 
     pub fn valid_event(&mut self) -> serde_json::Value {
         let t = table();
-        let it = t.column("msdyn_interactiontype").map(|c| c.options.clone()).unwrap_or_default();
-        let st = t.column("msdyn_scenariotype").map(|c| c.options.clone()).unwrap_or_default();
+        // Borrowed from the table: a copy of every option per event cost the
+        // load generator more than the event's JSON.
+        let it = t.column("msdyn_interactiontype").map_or(&[][..], |c| c.options.as_slice());
+        let st = t.column("msdyn_scenariotype").map_or(&[][..], |c| c.options.as_slice());
         let interaction = &it[self.rng.below(it.len() as u64) as usize];
         let scenario = &st[self.rng.below(st.len() as u64) as usize];
         let (request, case) = self.requests[self.rng.below(self.requests.len() as u64) as usize].clone();
