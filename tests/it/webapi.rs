@@ -631,3 +631,47 @@ async fn keyset_pages_on_postgres_walk_the_primary_key_once_the_writer_has_analy
     let plan: Vec<String> = client.query(page, &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
     assert!(plan.iter().any(|l| l.contains("Index Scan using msdyn_copilotinteraction_pkey")), "{plan:#?}");
 }
+
+/// On PostgreSQL, the Web API's reads have connections of their own: with
+/// every writer connection stuck in a batch (the table locked against
+/// inserts by another session), a count is still answered, and the batch is
+/// written once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_reads_are_answered_while_every_writer_connection_waits() {
+    let Some(db) = PgDb::create().await else { return };
+    // One writer connection (`open_backend_at` gives two: both are held below).
+    let backend = open_backend_at(&db.url).await;
+    seed(&backend, 0, 0, 3).await;
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    // SHARE mode refuses inserts and lets reads through.
+    lock.batch_execute("LOCK TABLE msdyn_copilotinteraction IN SHARE MODE").await.unwrap();
+    let writers: Vec<_> = (0..2)
+        .map(|k| {
+            let backend = std::sync::Arc::clone(&backend);
+            tokio::spawn(async move { seed(&backend, 100 + k * 10, 0, 1).await })
+        })
+        .collect();
+    let waiting = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'msdyn_copilotinteraction'::regclass";
+    let client = db.client().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while client.query_one(waiting, &[]).await.unwrap().get::<_, i64>(0) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the writers never reached the lock");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let criteria = copilot_ingest::query::fetchxml::Criteria { filter: None, retained: false };
+    // A read that waited for a writer's connection, or for the lock (a new
+    // connection preparing the insert), would hang here: the timeout turns
+    // that into a failure.
+    let count = tokio::time::timeout(Duration::from_secs(30), backend.count(&criteria))
+        .await
+        .expect("a read waited for the writer connections")
+        .unwrap();
+    assert_eq!(count, 3);
+    assert!(writers.iter().all(|w| !w.is_finished()), "the writers are still held");
+    lock.rollback().await.unwrap();
+    for w in writers {
+        w.await.unwrap();
+    }
+    assert_eq!(db.row_counts().await, (5, 5));
+}

@@ -94,7 +94,13 @@ impl PostgresBackend {
     pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, BackendError> {
         let _permit = self.permits.acquire().await.map_err(|e| BackendError::Transient(e.to_string()))?;
         let mut pooled = self.client().await?;
-        let insert = pooled.insert.clone();
+        let insert = match pooled.insert(&self.insert_sql).await {
+            Ok(statement) => statement,
+            Err(e) => {
+                self.put_back(pooled);
+                return Err(e);
+            }
+        };
         let result = self.write_tx(&mut pooled.client, &insert, batch, indices).await;
         let client = pooled;
         self.put_back(client);

@@ -25,6 +25,10 @@ pub struct PostgresBackend {
     topic: String,
     idle: Mutex<Vec<Pooled>>,
     permits: Semaphore,
+    /// Connections of the reads that serve the Web API and the control
+    /// topic's Retrieve messages, apart from `permits`: a page never waits
+    /// behind the writer's batches, nor takes a connection from them.
+    read_permits: Semaphore,
     insert_sql: String,
     copy_cooldown: create::CopyCooldown,
     metrics: Arc<crate::metrics::Metrics>,
@@ -122,10 +126,27 @@ pub async fn migrate(client: &Client) -> Result<(), tokio_postgres::Error> {
 
 pub use connect::connect;
 
-/// A connection with its prepared insert.
+/// Connections kept for record reads beside the writer's (as SQLite keeps
+/// two read connections).
+const READ_CONNECTIONS: usize = 2;
+
+/// A connection with its prepared insert, prepared by the first write on it:
+/// preparing an INSERT takes a lock on the table, and a connection that only
+/// serves reads must not wait for it (behind a `LOCK TABLE`, say).
 struct Pooled {
     client: Client,
-    insert: Statement,
+    insert: Option<Statement>,
+}
+
+impl Pooled {
+    async fn insert(&mut self, sql: &str) -> Result<Statement, BackendError> {
+        if let Some(statement) = &self.insert {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare(sql).await?;
+        self.insert = Some(statement.clone());
+        Ok(statement)
+    }
 }
 
 /// A connection borrowed from the pool (see [`PostgresBackend::lease`]).
@@ -159,7 +180,9 @@ impl PostgresBackend {
         let client = connect(url).await?;
         migrate(&client).await.map_err(|e| BackendError::Transient(format!("migrating: {e}")))?;
         let insert_sql = create::insert_sql();
-        let insert = client.prepare(&insert_sql).await?;
+        // Prepared once here all the same: a table the insert does not fit
+        // (a column missing after a failed migration) fails at start.
+        let insert = Some(client.prepare(&insert_sql).await?);
         // No ANALYZE at start: statistics of a still-empty table made the
         // planner take it for empty after the first rows arrived (a retention
         // page over 6,000 rows ran for minutes); the first one waits for rows.
@@ -169,6 +192,7 @@ impl PostgresBackend {
             topic: topic.to_owned(),
             idle: Mutex::new(vec![Pooled { client, insert }]),
             permits: Semaphore::new(connections.max(1)),
+            read_permits: Semaphore::new(READ_CONNECTIONS),
             insert_sql,
             copy_cooldown: create::CopyCooldown::default(),
             metrics,
@@ -192,8 +216,7 @@ impl PostgresBackend {
             Some(c) => Ok(c),
             None => {
                 let client = connect(&self.url).await?;
-                let insert = client.prepare(&self.insert_sql).await?;
-                Ok(Pooled { client, insert })
+                Ok(Pooled { client, insert: None })
             }
         }
     }
@@ -234,7 +257,17 @@ impl PostgresBackend {
     }
 
     async fn lease(&self) -> Result<Lease<'_>, BackendError> {
-        let permit = self.permits.acquire().await.map_err(|e| BackendError::Transient(e.to_string()))?;
+        self.lease_within(&self.permits).await
+    }
+
+    /// A connection for a record read (Retrieve, a RetrieveMultiple page, a
+    /// count), within the read budget.
+    async fn read_lease(&self) -> Result<Lease<'_>, BackendError> {
+        self.lease_within(&self.read_permits).await
+    }
+
+    async fn lease_within<'a>(&'a self, budget: &'a Semaphore) -> Result<Lease<'a>, BackendError> {
+        let permit = budget.acquire().await.map_err(|e| BackendError::Transient(e.to_string()))?;
         let pooled = self.client().await?;
         Ok(Lease { backend: self, pooled: Some(pooled), _permit: permit })
     }

@@ -366,7 +366,7 @@ impl PostgresBackend {
         let mut params: Vec<BoxedParam> =
             vec![Box::new(i32::from(query.criteria.retained)), Box::new(limit), Box::new(query.offset())];
         params.extend(predicate.params.iter().chain(&keyset.params).map(param));
-        let mut lease = self.lease().await?;
+        let mut lease = self.read_lease().await?;
         let rows = lease.client()?.query(&sql, &refs(&params)).await?;
         rows.iter()
             .map(|row| {
@@ -387,14 +387,14 @@ impl PostgresBackend {
         let sql = format!("SELECT count(*) FROM {} WHERE msft_datastate = $1 AND ({})", t.logical_name, predicate.sql);
         let mut params: Vec<BoxedParam> = vec![Box::new(i32::from(criteria.retained))];
         params.extend(predicate.params.iter().map(param));
-        let mut lease = self.lease().await?;
+        let mut lease = self.read_lease().await?;
         Ok(lease.client()?.query_one(&sql, &refs(&params)).await?.get(0))
     }
 
     pub(crate) async fn record_state(&self, record: Uuid) -> Result<RecordState, BackendError> {
         let t = table();
         let (name, id) = (&t.logical_name, &t.primary_id_attribute);
-        let mut lease = self.lease().await?;
+        let mut lease = self.read_lease().await?;
         let client = lease.client()?;
         let state = client
             .query_opt(&format!("SELECT msft_datastate FROM {name} WHERE {id} = $1"), &[&record])
@@ -409,7 +409,7 @@ impl PostgresBackend {
         let t = table();
         let names: Vec<&str> = columns.iter().map(|&i| t.columns[i].logical_name.as_str()).collect();
         let sql = format!("SELECT {} FROM {} WHERE {} = $1", names.join(", "), t.logical_name, t.primary_id_attribute);
-        let mut lease = self.lease().await?;
+        let mut lease = self.read_lease().await?;
         let Some(row) = lease.client()?.query_opt(&sql, &[&record]).await? else { return Ok(None) };
         let values = columns
             .iter()
