@@ -259,6 +259,7 @@ pub async fn run(config: Config, args: BenchArgs, quiet: bool) -> anyhow::Result
             .collect();
         for (sink, half) in &loads {
             let (sink, half) = (sink, *half);
+            let mut database = None;
             let url = if sink == "sqlite" {
                 // A fresh file per load, as each PostgreSQL phase gets a fresh database.
                 format!("sqlite://{}", dir.join(format!("latency-{half}.db")).display())
@@ -268,12 +269,17 @@ pub async fn run(config: Config, args: BenchArgs, quiet: bool) -> anyhow::Result
                 let db = format!("copilot_bench_lat_{}", uuid::Uuid::new_v4().simple());
                 admin.batch_execute(&format!("CREATE DATABASE {db}")).await?;
                 let base = args.pg_admin_url.rsplit_once('/').map(|(b, _)| b.to_owned()).unwrap_or_default();
-                format!("{base}/{db}")
+                let url = format!("{base}/{db}");
+                database = Some((admin, db));
+                url
             };
             eprintln!("latency at {half} events/s into {sink} for {}s…", args.latency_seconds);
             let (p50, p99, written) = latency(&exe, &brokers, &topic, &url, half, args.latency_seconds).await?;
             if let Some(path) = url.strip_prefix("sqlite://") {
                 raw::remove_database(std::path::Path::new(path));
+            }
+            if let Some((admin, db)) = database {
+                let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)")).await;
             }
             latency_lines.push(format!(
                 "| {sink} | {half} | {:.0} ms | {:.0} ms | {} of {} |",
