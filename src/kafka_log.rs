@@ -90,7 +90,7 @@ pub fn log(throttle: &Throttle, client: &str, level: RDKafkaLogLevel, facility: 
 /// broker no longer holds the offset it had reached: the events in between
 /// are skipped. A first start without a committed offset also resets the
 /// position, but skips nothing.
-fn skips_events(facility: &str, message: &str) -> bool {
+pub fn skips_events(facility: &str, message: &str) -> bool {
     facility == "OFFSET"
         && message.contains("offset reset")
         && (message.contains("Offset out of range") || message.contains("offset not available on the broker"))

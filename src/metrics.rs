@@ -10,6 +10,8 @@ pub struct Metrics {
     pub events_rejected_total: IntCounterVec,
     pub records_written_total: IntCounterVec,
     pub records_skipped_total: IntCounterVec,
+    /// Consumer position resets past events the broker had already deleted.
+    pub offset_resets_total: IntCounterVec,
     pub dlq_events_total: IntCounterVec,
     pub batches_total: IntCounterVec,
     pub batch_records: Histogram,
@@ -169,6 +171,12 @@ impl Metrics {
                 "copilot_ingest_records_skipped_total",
                 "Records not written because they were already there (replay) or purged (purged_replay) or deleted (deleted_replay), and redelivered invalid events already dead-lettered (dead_letter_replay).",
                 &["reason"],
+            ),
+            offset_resets_total: counter(
+                &registry,
+                "copilot_ingest_offset_resets_total",
+                "Times the consumer's position was reset past events the broker had already deleted (retention, truncation): those events are lost to the consumer group.",
+                &["topic"],
             ),
             dlq_events_total: counter(
                 &registry,

@@ -220,14 +220,24 @@ impl TestKafka {
 
     /// Log end offsets of the event topic, per partition.
     pub fn log_end(&self) -> HashMap<i32, i64> {
+        self.watermarks().into_iter().map(|(p, (_, high))| (p, high)).collect()
+    }
+
+    /// Log start offsets of the event topic (the oldest offset the broker
+    /// still holds), per partition.
+    pub fn log_start(&self) -> HashMap<i32, i64> {
+        self.watermarks().into_iter().map(|(p, (low, _))| (p, low)).collect()
+    }
+
+    fn watermarks(&self) -> HashMap<i32, (i64, i64)> {
         let consumer: BaseConsumer =
             ClientConfig::new().set("bootstrap.servers", &self.bootstrap).create().expect("consumer");
         (0..self.partitions)
             .map(|p| {
-                let (_, high) = consumer
+                let marks = consumer
                     .fetch_watermarks(&self.config.kafka.topic, p, Duration::from_secs(10))
                     .expect("watermarks");
-                (p, high)
+                (p, marks)
             })
             .collect()
     }

@@ -235,3 +235,70 @@ async fn every_documented_metric_is_exported_from_the_start() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Events the broker deleted before the service read them are never silent:
+/// the service, stopped after ten events, comes back to a partition whose
+/// oldest events the embedded broker has dropped (it keeps 5 MB per
+/// partition), counts the reset in `copilot_ingest_offset_resets_total`, says
+/// so in a WARN, and ingests what is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_past_events_the_broker_deleted_is_counted_and_said() {
+    let kafka = TestKafka::new(1);
+    let (dir, url) = temp_sqlite();
+    let first = Workload::generate(31, 10, 0.0);
+    kafka.produce(&first.messages).await;
+    let service = Service::spawn(&mut kafka.run_binary(&url));
+    wait_for("the first ten events committed", Duration::from_secs(60), || {
+        kafka.committed().get(&0).copied().unwrap_or(0) >= 10
+    })
+    .await;
+    service.terminate();
+
+    // About 7 MB more: the broker drops its oldest message sets, the first
+    // ten events among them.
+    let flood = Workload::generate(32, 14_000, 0.0);
+    for chunk in flood.messages.chunks(1_000) {
+        kafka.produce(chunk).await;
+    }
+    let log_start = kafka.log_start().get(&0).copied().unwrap_or(0);
+    assert!(log_start > 10, "the broker still holds offset 10 (log start {log_start})");
+
+    let port = free_port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut command = kafka.run_binary(&url);
+    command.env("COPILOT_INGEST__METRICS__LISTEN", addr.to_string()).stderr(std::process::Stdio::piped());
+    let child = command.spawn().unwrap();
+    let mut service = Service::from_child(child);
+    let resets = |body: &str| {
+        body.lines()
+            .find(|l| l.starts_with("copilot_ingest_offset_resets_total{"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut body = String::new();
+    while resets(&body) < 1 {
+        assert!(std::time::Instant::now() < deadline, "no reset counted:\n{body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        body = http_get(addr, "/metrics").await.1;
+    }
+    // What the broker still holds is ingested: the log from its start.
+    let end = kafka.log_end().get(&0).copied().unwrap_or(0);
+    wait_for("the remaining events committed", Duration::from_secs(60), || {
+        kafka.committed().get(&0).copied().unwrap_or(0) >= end
+    })
+    .await;
+    assert_eq!(resets(&http_get(addr, "/metrics").await.1), 1, "one reset, once");
+    assert!(service.is_running());
+    std::process::Command::new("kill").args(["-TERM", &service.id().to_string()]).status().unwrap();
+    let (code, stderr) = service.exit_within(Duration::from_secs(30));
+    assert_eq!(code, Some(0));
+    assert!(stderr.contains("events were deleted by the broker before they were ingested"), "{stderr}");
+    let rows =
+        copilot_ingest::backend::sqlite::open_connection(std::path::Path::new(url.trim_start_matches("sqlite://")))
+            .unwrap()
+            .query_row("SELECT count(*) FROM msdyn_copilotinteraction", [], |r| r.get::<_, i64>(0))
+            .unwrap();
+    assert_eq!(rows, 10 + (end - log_start), "the first ten, then the log from its start");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -550,6 +550,7 @@ pub async fn run_on(
     tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "consuming");
 
     let received = metrics.events_received_total.with_label_values(&[&config.kafka.topic]);
+    metrics.offset_resets_total.with_label_values(&[&config.kafka.topic]);
     let written = metrics.records_written_total.with_label_values(&[sink.kind()]);
     let replays = metrics.records_skipped_total.with_label_values(&["replay"]);
     let purged_replays = metrics.records_skipped_total.with_label_values(&["purged_replay"]);

@@ -131,6 +131,9 @@ impl SourceContext {
 
 impl ClientContext for SourceContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if crate::kafka_log::skips_events(fac, log_message) {
+            self.metrics.offset_resets_total.with_label_values(&[&self.topic]).inc();
+        }
         crate::kafka_log::log(&self.throttle, "consumer", level, fac, log_message);
     }
 
