@@ -273,7 +273,7 @@ impl Metrics {
     /// Every metric name this process exports.
     pub fn names(&self) -> Vec<String> {
         use prometheus::core::Collector;
-        let collectors: [&dyn Collector; 21] = [
+        let collectors: [&dyn Collector; 22] = [
             &self.retention_records_total,
             &self.retention_runs_total,
             &self.retention_last_success_timestamp_seconds,
@@ -284,6 +284,7 @@ impl Metrics {
             &self.dataverse_concurrency_limit,
             &self.events_received_total,
             &self.events_rejected_total,
+            &self.offset_resets_total,
             &self.records_written_total,
             &self.records_skipped_total,
             &self.dlq_events_total,
