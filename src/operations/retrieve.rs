@@ -33,6 +33,9 @@ pub async fn retrieve(backend: &Backend, request: &Retrieve) -> Result<RetrieveR
     Ok(RetrieveResponse { entity: entity(&columns, values) })
 }
 
+/// The annotation of an option set's label beside its value (Dataverse's own).
+pub const FORMATTED_VALUE: &str = "OData.Community.Display.V1.FormattedValue";
+
 /// A row as Dataverse's entity JSON: logical names, option-set labels beside their values.
 pub fn entity(columns: &[usize], values: Vec<Json>) -> Map<String, Json> {
     let t = table();
@@ -53,11 +56,7 @@ pub fn entity(columns: &[usize], values: Vec<Json>) -> Map<String, Json> {
 /// column rather than once per row of every page.
 fn formatted_value_key(index: usize) -> &'static str {
     static KEYS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
-        table()
-            .columns
-            .iter()
-            .map(|c| format!("{}@OData.Community.Display.V1.FormattedValue", c.logical_name))
-            .collect()
+        table().columns.iter().map(|c| format!("{}@{FORMATTED_VALUE}", c.logical_name)).collect()
     });
     KEYS.get(index).map_or("", String::as_str)
 }

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use super::{Answer, ApiError, DataverseBackend};
 use crate::backend::BackendError;
+use crate::operations::retrieve::FORMATTED_VALUE as FORMATTED;
 use crate::operations::retrieve::RetrieveResponse;
 use crate::operations::retrieve_multiple::{EntityCollection, RetrieveMultipleResponse};
 use crate::operations::state::{IsValidStateTransitionResponse, status_for};
@@ -18,8 +19,6 @@ use crate::operations::update::{Empty, UpdateTarget};
 use crate::operations::{NOT_FOUND, OperationError, Request, not_found};
 use crate::query::odata::property_name;
 use crate::table::table;
-
-const FORMATTED: &str = "OData.Community.Display.V1.FormattedValue";
 
 /// Whether a message is executed by Dataverse when the sink is `dataverse://`.
 pub fn forwards(message: crate::operations::parameters::Message) -> bool {

@@ -94,16 +94,11 @@ impl PostgresBackend {
     pub async fn write(&self, batch: &Arc<Batch>, indices: &[usize]) -> Result<Vec<Outcome>, BackendError> {
         let _permit = self.permits.acquire().await.map_err(|e| BackendError::Transient(e.to_string()))?;
         let mut pooled = self.client().await?;
-        let insert = match pooled.insert(&self.insert_sql).await {
-            Ok(statement) => statement,
-            Err(e) => {
-                self.put_back(pooled);
-                return Err(e);
-            }
+        let result = match pooled.insert(&self.insert_sql).await {
+            Ok(insert) => self.write_tx(&mut pooled.client, &insert, batch, indices).await,
+            Err(e) => Err(e),
         };
-        let result = self.write_tx(&mut pooled.client, &insert, batch, indices).await;
-        let client = pooled;
-        self.put_back(client);
+        self.put_back(pooled);
         if let Ok(outcomes) = &result {
             let inserted = outcomes.iter().filter(|o| matches!(o, Outcome::Written)).count();
             self.statistics.inserted(&self.url, inserted as u64);

@@ -10,7 +10,7 @@ use crate::normalize::parse_datetime;
 use crate::query::odata::{property_column, property_name};
 use crate::table::{ColumnType, table};
 
-pub const FORMATTED_VALUE: &str = "OData.Community.Display.V1.FormattedValue";
+pub use crate::operations::retrieve::FORMATTED_VALUE;
 
 /// The ETag of a record version.
 pub fn etag(version: i64) -> String {
