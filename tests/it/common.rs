@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use copilot_ingest::backend::Backend;
-use copilot_ingest::config::{Config, SinkUrl};
+use copilot_ingest::config::Config;
 use copilot_ingest::embedded::EmbeddedBroker;
 use copilot_ingest::generator::Generator;
 use copilot_ingest::metrics::Metrics;
@@ -493,17 +493,12 @@ pub fn temp_sqlite() -> (std::path::PathBuf, String) {
     (dir, format!("sqlite://{}", path.display()))
 }
 
-/// A sink URL of a test (`sqlite://…` or `postgres://…`).
-fn sink_url_of(url: &str) -> SinkUrl {
-    match url.strip_prefix("sqlite://") {
-        Some(path) => SinkUrl::Sqlite(path.into()),
-        None => SinkUrl::Postgres(url.to_owned()),
-    }
-}
-
-/// The backend on a test sink URL, opened as the service opens it.
+/// The backend on a test sink URL, parsed and opened as the service does.
 pub async fn open_backend_at(url: &str) -> Arc<Backend> {
-    Arc::new(Backend::open(&sink_url_of(url), "t", 2, &Arc::new(Metrics::new())).await.expect("open the sink"))
+    let mut config = Config::default();
+    config.sink.url = copilot_ingest::config::Secret::new(url.to_owned());
+    let sink = config.sink_url().expect("a sink URL");
+    Arc::new(Backend::open(&sink, "t", 2, &Arc::new(Metrics::new())).await.expect("open the sink"))
 }
 
 /// `old` records created in 2020 (the criteria's) and `recent` ones created now.
