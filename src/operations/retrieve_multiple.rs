@@ -6,7 +6,7 @@ use serde::Serialize;
 use serde_json::{Map, Value as Json};
 
 use super::OperationError;
-use super::retrieve::entity;
+use super::retrieve::{EntityView, entity};
 use crate::backend::Backend;
 use crate::query::page::{PageQuery, paging_cookie};
 
@@ -38,10 +38,35 @@ pub struct EntityCollection {
     pub total_record_count: i64,
 }
 
+/// One page as read: each row holds the asked columns' values, in the
+/// order of `columns` (a transport that writes its own shape starts here).
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub columns: Vec<usize>,
+    pub rows: Vec<Vec<Json>>,
+    pub more_records: bool,
+    pub paging_cookie: Option<String>,
+    /// `-1` unless the query asked for `returntotalrecordcount`.
+    pub total_record_count: i64,
+}
+
 pub async fn retrieve_multiple(
     backend: &Backend,
     request: &RetrieveMultiple,
 ) -> Result<RetrieveMultipleResponse, OperationError> {
+    let page = retrieve_page(backend, request).await?;
+    let entities = page.rows.into_iter().map(|row| entity(&page.columns, row)).collect();
+    Ok(RetrieveMultipleResponse {
+        entity_collection: EntityCollection {
+            entities,
+            more_records: page.more_records,
+            paging_cookie: page.paging_cookie,
+            total_record_count: page.total_record_count,
+        },
+    })
+}
+
+pub async fn retrieve_page(backend: &Backend, request: &RetrieveMultiple) -> Result<Page, OperationError> {
     let asked = &request.query;
     // The order columns are read too, for the cookie, even when not asked for.
     let mut query = asked.clone();
@@ -50,21 +75,20 @@ pub async fn retrieve_multiple(
             query.columns.push(o.column);
         }
     }
-    let rows = backend.retrieve_page(&query, asked.count + 1).await?;
+    let order_positions: Vec<Option<usize>> =
+        query.order.iter().map(|o| query.columns.iter().position(|&c| c == o.column)).collect();
+    let mut rows = backend.retrieve_page(&query, asked.count + 1).await?;
     let mut more_records = rows.len() as i64 > asked.count;
-    let mut entities = Vec::new();
+    rows.truncate(usize::try_from(asked.count).unwrap_or(0));
     let mut bytes = 0usize;
-    let mut last_row: Option<Vec<Json>> = None;
-    for row in rows.into_iter().take(asked.count as usize) {
-        let order_values: Vec<Json> = query
-            .order
-            .iter()
-            .map(|o| query.columns.iter().position(|&c| c == o.column).map_or(Json::Null, |k| row[k].clone()))
-            .collect();
-        let record = entity(&asked.columns, row.into_iter().take(asked.columns.len()).collect());
-        let size = serialized_size(&record) + 1;
+    let mut kept = 0;
+    for row in &rows {
+        let size = serialized_size(&EntityView {
+            columns: &asked.columns,
+            values: &row[..asked.columns.len().min(row.len())],
+        }) + 1;
         if bytes + size > request.max_response_bytes {
-            if entities.is_empty() {
+            if kept == 0 {
                 return Err(OperationError::failed(
                     "ResponseTooLarge",
                     format!("one record is {size} bytes, more than a reply may carry; ask for fewer columns"),
@@ -74,19 +98,24 @@ pub async fn retrieve_multiple(
             break;
         }
         bytes += size;
-        entities.push(record);
-        last_row = Some(order_values);
+        kept += 1;
     }
-    let paging_cookie = last_row.filter(|_| more_records).map(|last| paging_cookie(asked.page, &asked.order, &last));
+    rows.truncate(kept);
+    let paging_cookie = rows.last().filter(|_| more_records).map(|last| {
+        let order_values: Vec<Json> =
+            order_positions.iter().map(|p| p.and_then(|k| last.get(k)).cloned().unwrap_or(Json::Null)).collect();
+        paging_cookie(asked.page, &asked.order, &order_values)
+    });
+    for row in &mut rows {
+        row.truncate(asked.columns.len());
+    }
     let total_record_count = if asked.total_record_count { backend.count(&asked.criteria).await? } else { -1 };
-    Ok(RetrieveMultipleResponse {
-        entity_collection: EntityCollection { entities, more_records, paging_cookie, total_record_count },
-    })
+    Ok(Page { columns: asked.columns.clone(), rows, more_records, paging_cookie, total_record_count })
 }
 
 /// Bytes of a record's JSON, counted as it is serialized (a page measures
 /// every record; none is kept as text).
-fn serialized_size(record: &Map<String, Json>) -> usize {
+fn serialized_size(record: &impl Serialize) -> usize {
     struct Counter(usize);
     impl std::io::Write for Counter {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -98,7 +127,7 @@ fn serialized_size(record: &Map<String, Json>) -> usize {
         }
     }
     let mut counter = Counter(0);
-    // Serializing a map of JSON values into memory cannot fail.
+    // Serializing JSON values into memory cannot fail.
     let _ = serde_json::to_writer(&mut counter, record);
     counter.0
 }
@@ -115,5 +144,33 @@ mod tests {
             unreachable!()
         };
         assert_eq!(serialized_size(&record), serde_json::to_string(&record).unwrap().len());
+    }
+
+    /// A page measures rows through the view; its JSON must be the entity's,
+    /// labels of option sets included.
+    #[test]
+    fn the_entity_view_writes_the_entity() {
+        let t = crate::table::table();
+        let column = |name: &str| t.index_of(name).unwrap();
+        let columns = [
+            column("msdyn_copilotinteractionid"),
+            column("msdyn_interactiontype"),
+            column("msdyn_name"),
+            column("statecode"),
+        ];
+        let values = vec![
+            Json::String("8d2b6f3e-3c9f-4b8e-9a36-0c4d9d8c0001".into()),
+            Json::from(100230301),
+            Json::String("é \"quoted\"\n\u{1}".into()),
+            Json::from(0),
+        ];
+        let view = serde_json::to_value(EntityView { columns: &columns, values: &values }).unwrap();
+        let map = entity(&columns, values.clone());
+        assert!(map.keys().any(|k| k.starts_with("msdyn_interactiontype@")), "{map:?}");
+        assert_eq!(view, Json::Object(map.clone()));
+        assert_eq!(
+            serialized_size(&EntityView { columns: &columns, values: &values }),
+            serde_json::to_string(&map).unwrap().len()
+        );
     }
 }

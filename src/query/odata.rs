@@ -35,9 +35,19 @@ pub fn property_column(name: &str) -> Option<usize> {
 }
 
 /// The OData property name of a column (lookups as `_<name>_value`).
-pub fn property_name(index: usize) -> String {
-    let c = &table().columns[index];
-    if c.column_type == ColumnType::Lookup { format!("_{}_value", c.logical_name) } else { c.logical_name.clone() }
+pub fn property_name(index: usize) -> &'static str {
+    // Worked out once per column: a page writes one per row and column.
+    static NAMES: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+        let names = table().columns.iter().map(|c| {
+            if c.column_type == ColumnType::Lookup {
+                format!("_{}_value", c.logical_name)
+            } else {
+                c.logical_name.clone()
+            }
+        });
+        names.collect()
+    });
+    NAMES.get(index).map_or("", String::as_str)
 }
 
 /// The query options of one GET on the entity set, already percent-decoded.

@@ -463,7 +463,7 @@ impl DataverseBackend {
     /// Stored rows among `ids`, by id, with the columns we write.
     async fn existing(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Map<String, Json>>, BackendError> {
         let t = table();
-        let select: Vec<String> =
+        let select: Vec<&str> =
             crate::record::create_columns().iter().map(|&i| crate::query::odata::property_name(i)).collect();
         let mut found = HashMap::new();
         for chunk in ids.chunks(LOOKUP_CHUNK) {

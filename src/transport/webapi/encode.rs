@@ -3,58 +3,130 @@
 //! turns into dates), `@odata.etag` = `W/"<versionnumber>"`, formatted
 //! values only when `Prefer: odata.include-annotations` asks for them.
 
+use serde::Serialize;
+use serde::ser::SerializeMap;
 use serde_json::{Map, Value as Json};
 
 use super::request::Prefer;
 use crate::normalize::parse_datetime;
+use crate::operations::retrieve::{FORMATTED_VALUE, formatted_value_key, option_label};
 use crate::query::odata::{property_column, property_name};
 use crate::table::{ColumnType, table};
-
-pub use crate::operations::retrieve::FORMATTED_VALUE;
 
 /// The ETag of a record version.
 pub fn etag(version: i64) -> String {
     format!("W/\"{version}\"")
 }
 
-/// An entity of the operations (logical names, formatted values beside
-/// option sets) in the Web API's shape. `versionnumber` gives the ETag and is
-/// dropped unless `keep_version` (it was selected).
-pub fn web_entity(entity: Map<String, Json>, prefer: &Prefer, keep_version: bool) -> Map<String, Json> {
-    let t = table();
-    let formatted = prefer.wants(FORMATTED_VALUE);
-    let mut out = Map::new();
-    if let Some(version) = entity.get("versionnumber").and_then(Json::as_i64) {
-        out.insert("@odata.etag".into(), Json::String(etag(version)));
-    }
-    for (key, value) in entity {
-        if let Some((column, _annotation)) = key.split_once('@') {
-            if formatted && let Some(index) = t.index_of(column) {
-                out.insert(format!("{}@{FORMATTED_VALUE}", property_name(index)), value);
-            }
-            continue;
-        }
-        if key == "versionnumber" && !keep_version {
-            continue;
-        }
-        let Some(index) = t.index_of(&key) else { continue };
-        let column_type = t.columns[index].column_type;
-        let value = match (column_type, value) {
-            (ColumnType::Datetime, Json::String(s)) => Json::String(to_the_second(&s)),
-            (_, v) => v,
-        };
-        // Only a lookup is renamed; every other key is kept as it is (a page
-        // of 5,000 rows would otherwise copy each of its keys once more).
-        let name = if column_type == ColumnType::Lookup { property_name(index) } else { key };
-        out.insert(name, value);
-    }
-    out
+/// An entity collection's body, written straight from the page as read:
+/// the annotations, `value`, then `@odata.nextLink` (Dataverse's order).
+pub struct Collection<'a> {
+    pub annotations: Vec<(&'static str, Json)>,
+    pub columns: &'a [usize],
+    pub rows: &'a [Vec<Json>],
+    pub shape: WebShape,
+    pub next_link: Option<String>,
 }
 
-fn to_the_second(text: &str) -> String {
-    // Both backends give datetimes in the stored form
-    // `YYYY-MM-DDTHH:MM:SS.mmmZ`, whose first 19 bytes are the second: a
-    // page of thousands of rows then skips a parse and a format per row.
+impl Serialize for Collection<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        struct Entities<'a>(&'a Collection<'a>);
+        impl Serialize for Entities<'_> {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                let Collection { columns, rows, shape, .. } = *self.0;
+                serializer.collect_seq(rows.iter().map(|values| WebEntity { columns, values, shape }))
+            }
+        }
+        let mut map = serializer.serialize_map(None)?;
+        for (key, value) in &self.annotations {
+            map.serialize_entry(key, value)?;
+        }
+        map.serialize_entry("value", &Entities(self))?;
+        if let Some(link) = &self.next_link {
+            map.serialize_entry("@odata.nextLink", link)?;
+        }
+        map.end()
+    }
+}
+
+/// A stored row in the Web API's shape, serialized straight from the row
+/// as read (a page of 5,000 rows builds no map per record).
+/// `versionnumber` gives the ETag and is written only when `keep_version`
+/// (it was selected); labels only when `formatted`.
+pub struct WebEntity<'a> {
+    pub columns: &'a [usize],
+    pub values: &'a [Json],
+    pub shape: WebShape,
+}
+
+/// What a request asked of every entity it gets back.
+#[derive(Debug, Clone, Copy)]
+pub struct WebShape {
+    pub formatted: bool,
+    pub keep_version: bool,
+}
+
+impl WebShape {
+    pub fn of(prefer: &Prefer, keep_version: bool) -> WebShape {
+        WebShape { formatted: prefer.wants(FORMATTED_VALUE), keep_version }
+    }
+}
+
+impl Serialize for WebEntity<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let t = table();
+        let version_index = t.index_of("versionnumber");
+        let mut map = serializer.serialize_map(None)?;
+        let rows = || self.columns.iter().copied().zip(self.values);
+        if let Some(version) = rows().find(|&(i, _)| Some(i) == version_index).and_then(|(_, v)| v.as_i64()) {
+            map.serialize_entry("@odata.etag", &etag(version))?;
+        }
+        for (index, value) in rows() {
+            if Some(index) == version_index && !self.shape.keep_version {
+                continue;
+            }
+            // Option sets are never lookups, so the logical name is the property.
+            if self.shape.formatted
+                && let Some(label) = option_label(index, value)
+            {
+                map.serialize_entry(formatted_value_key(index), label)?;
+            }
+            let name = property_name(index);
+            match (t.columns[index].column_type, value) {
+                (ColumnType::Datetime, Json::String(text)) => map.serialize_entry(name, &ToTheSecond(text))?,
+                _ => map.serialize_entry(name, value)?,
+            }
+        }
+        map.end()
+    }
+}
+
+/// A stored datetime written to the second, as the Web API gives it.
+struct ToTheSecond<'a>(&'a str);
+
+impl Serialize for ToTheSecond<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match stored_second(self.0) {
+            Some(second) => serializer.serialize_str(second.as_str()),
+            None => serializer.serialize_str(&reformatted_to_the_second(self.0)),
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` without an allocation.
+struct Second([u8; 20]);
+
+impl Second {
+    fn as_str(&self) -> &str {
+        // Built only from an ASCII prefix and `Z`.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+/// Both backends give datetimes in the stored form
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`, whose first 19 bytes are the second: a page
+/// of thousands of rows then skips a parse and a format per row.
+fn stored_second(text: &str) -> Option<Second> {
     let b = text.as_bytes();
     let stored_form = b.len() == 24
         && b.iter().enumerate().all(|(i, &c)| match i {
@@ -65,9 +137,15 @@ fn to_the_second(text: &str) -> String {
             23 => c == b'Z',
             _ => c.is_ascii_digit(),
         });
-    if stored_form {
-        return format!("{}Z", &text[..19]);
+    if !stored_form {
+        return None;
     }
+    let mut second = [b'Z'; 20];
+    second[..19].copy_from_slice(&b[..19]);
+    Some(Second(second))
+}
+
+fn reformatted_to_the_second(text: &str) -> String {
     parse_datetime(text).map_or_else(|| text.to_owned(), |d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string())
 }
 
@@ -114,22 +192,38 @@ mod tests {
 
     #[test]
     fn entities_get_etags_lookup_names_and_second_precision() {
-        let entity = json!({
-            "msdyn_copilotinteractionid": "8d2b6f3e-3c9f-4b8e-9a36-0c4d9d8c0001",
-            "versionnumber": 7,
-            "createdon": "2024-05-01T10:00:00.123Z",
-            "msdyn_interactiondataid": "8d2b6f3e-3c9f-4b8e-9a36-0c4d9d8c0002",
-            "msdyn_interactiontype": 100230301,
-            "msdyn_interactiontype@OData.Community.Display.V1.FormattedValue": "ThumbsUp",
-        });
-        let Json::Object(entity) = entity else { unreachable!() };
-        let plain = web_entity(entity.clone(), &Prefer::default(), false);
+        let t = table();
+        let column = |name: &str| t.index_of(name).unwrap();
+        let columns = [
+            column("msdyn_copilotinteractionid"),
+            column("versionnumber"),
+            column("createdon"),
+            column("modifiedon"),
+            column("msdyn_interactiondataid"),
+            column("msdyn_interactiontype"),
+        ];
+        let values = [
+            json!("8d2b6f3e-3c9f-4b8e-9a36-0c4d9d8c0001"),
+            json!(7),
+            json!("2024-05-01T10:00:00.123Z"),
+            // Not in the stored form: parsed and formatted instead.
+            json!("2024-05-01T10:00:00.9+02:00"),
+            json!("8d2b6f3e-3c9f-4b8e-9a36-0c4d9d8c0002"),
+            json!(100230301),
+        ];
+        let web = |prefer: &Prefer, keep_version| {
+            let entity = WebEntity { columns: &columns, values: &values, shape: WebShape::of(prefer, keep_version) };
+            serde_json::to_value(entity).unwrap()
+        };
+        let plain = web(&Prefer::default(), false);
         assert_eq!(plain["@odata.etag"], "W/\"7\"");
         assert_eq!(plain["createdon"], "2024-05-01T10:00:00Z");
-        assert!(plain.contains_key("_msdyn_interactiondataid_value") && !plain.contains_key("versionnumber"));
-        assert!(!plain.keys().any(|k| k.contains("FormattedValue")));
+        assert_eq!(plain["modifiedon"], "2024-05-01T08:00:00Z");
+        assert_eq!(plain["_msdyn_interactiondataid_value"], "8d2b6f3e-3c9f-4b8e-9a36-0c4d9d8c0002");
+        assert!(plain.get("msdyn_interactiondataid").is_none() && plain.get("versionnumber").is_none());
+        assert_eq!(plain.as_object().unwrap().len(), 6, "{plain}");
         let all = Prefer { annotations: vec!["*".into()], ..Prefer::default() };
-        let annotated = web_entity(entity, &all, true);
+        let annotated = web(&all, true);
         assert_eq!(annotated["msdyn_interactiontype@OData.Community.Display.V1.FormattedValue"], "ThumbsUp");
         assert_eq!(annotated["versionnumber"], 7);
     }
@@ -149,7 +243,7 @@ mod tests {
             let mut stored = String::new();
             crate::record::write_datetime(&mut stored, &d);
             let reference = parse_datetime(&stored).map(|d| d.format("%Y-%m-%dT%H:%M:%SZ").to_string());
-            proptest::prop_assert_eq!(Some(to_the_second(&stored)), reference, "{}", stored);
+            proptest::prop_assert_eq!(stored_second(&stored).map(|s| s.as_str().to_owned()), reference, "{}", stored);
         }
     }
 

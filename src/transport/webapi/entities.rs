@@ -10,14 +10,14 @@ use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value as Json, json};
 use uuid::Uuid;
 
-use super::encode::{event_fields, web_entity};
+use super::encode::{Collection, WebEntity, WebShape, event_fields};
 use super::error::{ApiError, DUPLICATE};
 use super::request::{Call, DEFAULT_PAGE_SIZE};
 use super::{WebApi, json_response};
 use crate::backend::{Outcome, RecordState};
 use crate::config::Role;
-use crate::operations::retrieve::{Retrieve, retrieve as retrieve_record};
-use crate::operations::retrieve_multiple::{RetrieveMultiple, retrieve_multiple as retrieve_page};
+use crate::operations::retrieve::{Retrieve, retrieve_row};
+use crate::operations::retrieve_multiple::{RetrieveMultiple, retrieve_page};
 use crate::operations::update::{UpdateTarget, update_multiple};
 use crate::operations::{create_multiple, delete as delete_op, state, update};
 use crate::query::fetchxml::Criteria;
@@ -80,8 +80,12 @@ async fn read_entity(api: &WebApi, call: &Call, id: Uuid) -> Result<Map<String, 
     if !keep_version {
         columns.push(version_index());
     }
-    let response = retrieve_record(&api.backend, &Retrieve { target: id, columns }).await?;
-    Ok(web_entity(response.entity, &call.prefer, keep_version))
+    let (columns, values) = retrieve_row(&api.backend, &Retrieve { target: id, columns }).await?;
+    let entity = WebEntity { columns: &columns, values: &values, shape: WebShape::of(&call.prefer, keep_version) };
+    match serde_json::to_value(entity) {
+        Ok(Json::Object(entity)) => Ok(entity),
+        _ => Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, super::error::UNEXPECTED, "a record did not encode")),
+    }
 }
 
 /// GET the entity set: OData query options, or `?fetchXml=`.
@@ -111,31 +115,30 @@ pub async fn retrieve_multiple(api: &WebApi, call: &Call) -> Result<Response, Ap
     let top = query.count;
     let asked_top = options.top.as_deref().and_then(|t| t.trim().parse::<i64>().ok());
     let request = RetrieveMultiple { query, fetch_xml: None, max_response_bytes: MAX_PAGE_BYTES };
-    let collection = retrieve_page(&api.backend, &request).await?.entity_collection;
-    let returned = collection.entities.len() as i64;
-    let mut body = Map::new();
-    body.insert("@odata.context".into(), Json::String(context(call, "")));
+    let page = retrieve_page(&api.backend, &request).await?;
+    let returned = page.rows.len() as i64;
+    let mut annotations = vec![("@odata.context", Json::String(context(call, "")))];
     if options.count.as_deref() == Some("true") {
-        body.insert("@odata.count".into(), json!(collection.total_record_count));
+        annotations.push(("@odata.count", json!(page.total_record_count)));
     }
-    let value: Vec<Json> =
-        collection.entities.into_iter().map(|e| Json::Object(web_entity(e, &call.prefer, keep_version))).collect();
-    body.insert("value".into(), Json::Array(value));
     // `$top` bounds the whole result: a next page only while some of it is left.
     let remaining_top = asked_top.map(|t| t - returned);
-    let more = collection.more_records && remaining_top.is_none_or(|r| r > 0) && returned <= top;
-    if more && let Some(cookie) = collection.paging_cookie {
+    let more = page.more_records && remaining_top.is_none_or(|r| r > 0) && returned <= top;
+    let mut next_link = None;
+    if more && let Some(cookie) = &page.paging_cookie {
         let mut pairs: Vec<(String, String)> =
             call.query.iter().filter(|(k, _)| k != "$skiptoken" && k != "$top").cloned().collect();
         if let Some(r) = remaining_top {
             pairs.push(("$top".into(), r.to_string()));
         }
-        pairs.push(("$skiptoken".into(), cookie));
+        pairs.push(("$skiptoken".into(), cookie.clone()));
         let query: Vec<String> =
             pairs.iter().map(|(k, v)| format!("{}={}", k, utf8_percent_encode(v, NON_ALPHANUMERIC))).collect();
-        body.insert("@odata.nextLink".into(), Json::String(format!("{}?{}", call.entity_set_url(), query.join("&"))));
+        next_link = Some(format!("{}?{}", call.entity_set_url(), query.join("&")));
     }
-    Ok(json_response(StatusCode::OK, &Json::Object(body)))
+    let shape = WebShape::of(&call.prefer, keep_version);
+    let body = Collection { annotations, columns: &page.columns, rows: &page.rows, shape, next_link };
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// `?fetchXml=`: one page, with Dataverse's paging cookie annotation while
@@ -147,30 +150,28 @@ async fn fetch(api: &WebApi, call: &Call, fetch_xml: &str) -> Result<Response, A
     if !keep_version {
         query.columns.push(version_index());
     }
-    let page = query.page;
+    let page_number = query.page;
     let total = query.total_record_count;
     let request = RetrieveMultiple { query, fetch_xml: Some(fetch_xml.to_owned()), max_response_bytes: MAX_PAGE_BYTES };
-    let collection = retrieve_page(&api.backend, &request).await?.entity_collection;
-    let mut body = Map::new();
-    body.insert("@odata.context".into(), Json::String(context(call, "")));
+    let page = retrieve_page(&api.backend, &request).await?;
+    let mut annotations = vec![("@odata.context", Json::String(context(call, "")))];
     if total {
-        body.insert("@Microsoft.Dynamics.CRM.totalrecordcount".into(), json!(collection.total_record_count));
-        body.insert("@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded".into(), json!(false));
+        annotations.push(("@Microsoft.Dynamics.CRM.totalrecordcount", json!(page.total_record_count)));
+        annotations.push(("@Microsoft.Dynamics.CRM.totalrecordcountlimitexceeded", json!(false)));
     }
-    if let Some(inner) = collection.paging_cookie.as_deref().filter(|_| collection.more_records) {
+    if let Some(inner) = page.paging_cookie.as_deref().filter(|_| page.more_records) {
         let twice = utf8_percent_encode(&utf8_percent_encode(inner, NON_ALPHANUMERIC).to_string(), NON_ALPHANUMERIC)
             .to_string();
         let outer = format!(
             "<cookie pagenumber=\"{}\" pagingcookie=\"{twice}\" istracking=\"False\" />",
-            page.saturating_add(1)
+            page_number.saturating_add(1)
         );
-        body.insert("@Microsoft.Dynamics.CRM.fetchxmlpagingcookie".into(), Json::String(outer));
+        annotations.push(("@Microsoft.Dynamics.CRM.fetchxmlpagingcookie", Json::String(outer)));
     }
-    body.insert("@Microsoft.Dynamics.CRM.morerecords".into(), json!(collection.more_records));
-    let value: Vec<Json> =
-        collection.entities.into_iter().map(|e| Json::Object(web_entity(e, &call.prefer, keep_version))).collect();
-    body.insert("value".into(), Json::Array(value));
-    Ok(json_response(StatusCode::OK, &Json::Object(body)))
+    annotations.push(("@Microsoft.Dynamics.CRM.morerecords", json!(page.more_records)));
+    let shape = WebShape::of(&call.prefer, keep_version);
+    let body = Collection { annotations, columns: &page.columns, rows: &page.rows, shape, next_link: None };
+    Ok(json_response(StatusCode::OK, &body))
 }
 
 /// `$count`: the number of live records (optionally filtered), as text.
@@ -425,9 +426,10 @@ pub async fn precheck(api: &WebApi, call: &Call) -> Result<(), ApiError> {
 /// The record exists, and its version is the `If-Match` one when given.
 async fn check_delete(api: &WebApi, call: &Call, id: Uuid) -> Result<(), ApiError> {
     let columns = vec![version_index()];
-    let current = retrieve_record(&api.backend, &Retrieve { target: id, columns }).await?;
+    let (columns, values) = retrieve_row(&api.backend, &Retrieve { target: id, columns }).await?;
+    let version = columns.iter().position(|&c| c == version_index()).and_then(|k| values.get(k));
     if let Some(Some(expected)) = call.header("If-Match").map(expected_version).transpose()?
-        && current.entity.get("versionnumber").and_then(Json::as_i64) != Some(expected)
+        && version.and_then(Json::as_i64) != Some(expected)
     {
         return Err(ApiError::precondition_failed(
             super::error::VERSION_MISMATCH,

@@ -215,7 +215,7 @@ pub fn csdl() -> Response {
         }
         properties.push_str(&format!(
             "<Property Name=\"{}\" Type=\"{}\"{facets}/>",
-            xml_escape(&property_name(i)),
+            xml_escape(property_name(i)),
             edm_type(c)
         ));
     }

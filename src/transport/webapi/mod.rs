@@ -230,8 +230,15 @@ async fn route(api: &WebApi, call: &Call, resource: Resource) -> Result<Response
 }
 
 /// A JSON answer with the OData headers the clients expect.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response {
-    let mut response = Response::new(Body::from(body.to_string()));
+pub fn json_response(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    let text = match serde_json::to_vec(body) {
+        Ok(text) => text,
+        // Only a defect in a body's own serializer gets here.
+        Err(e) => {
+            return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, error::UNEXPECTED, e.to_string()).into_response();
+        }
+    };
+    let mut response = Response::new(Body::from(text));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(
