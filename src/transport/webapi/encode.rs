@@ -64,18 +64,24 @@ pub struct WebEntity<'a> {
 pub struct WebShape {
     pub formatted: bool,
     pub keep_version: bool,
+    /// The column of `versionnumber`, looked up once per response.
+    version_index: Option<usize>,
 }
 
 impl WebShape {
     pub fn of(prefer: &Prefer, keep_version: bool) -> WebShape {
-        WebShape { formatted: prefer.wants(FORMATTED_VALUE), keep_version }
+        WebShape {
+            formatted: prefer.wants(FORMATTED_VALUE),
+            keep_version,
+            version_index: table().index_of("versionnumber"),
+        }
     }
 }
 
 impl Serialize for WebEntity<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let t = table();
-        let version_index = t.index_of("versionnumber");
+        let version_index = self.shape.version_index;
         let mut map = serializer.serialize_map(None)?;
         let rows = || self.columns.iter().copied().zip(self.values);
         if let Some(version) = rows().find(|&(i, _)| Some(i) == version_index).and_then(|(_, v)| v.as_i64()) {
