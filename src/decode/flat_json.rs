@@ -1,7 +1,9 @@
 //! A direct reader for the shape nearly every event has: one JSON object whose
 //! values are strings without escapes, integers, booleans, nulls, and (for
 //! memo columns) a nested object kept as text. It skips serde's visitor
-//! machinery, the largest cost of decoding after the content digest.
+//! machinery, the largest cost of decoding after the content digest. A
+//! context object that is itself flat and compact is recognized in the same
+//! pass, so it is neither validated nor compacted a second time.
 //!
 //! It never decides anything on its own: whatever falls outside that shape
 //! (escapes, fractions, exponents, nested values elsewhere, any syntax
@@ -35,7 +37,16 @@ pub(crate) fn read_flat_object<'a>(
             r.skip_ws();
             let value = match r.peek()? {
                 b'"' => FieldValue::Str(Cow::Borrowed(r.string()?)),
-                b'{' if is_memo(key) => FieldValue::RawObject(r.raw_object()?),
+                b'{' if is_memo(key) => {
+                    let start = r.pos;
+                    match r.compact_flat_object() {
+                        Some(text) => FieldValue::CompactObject(text),
+                        None => {
+                            r.pos = start;
+                            FieldValue::RawObject(r.raw_object()?)
+                        }
+                    }
+                }
                 b'-' | b'0'..=b'9' => FieldValue::Int(r.integer()?),
                 b't' => r.literal("true", FieldValue::Bool)?,
                 b'f' => r.literal("false", FieldValue::Bool)?,
@@ -54,6 +65,10 @@ pub(crate) fn read_flat_object<'a>(
     r.skip_ws();
     (r.pos == r.bytes.len()).then_some(fields)
 }
+
+/// Most keys of a context object read by [`Reader::compact_flat_object`]:
+/// past them a repeat is looked for by `compact_json`'s hash set instead.
+const COMPACT_OBJECT_KEYS: usize = 16;
 
 struct Reader<'a> {
     text: &'a str,
@@ -124,12 +139,86 @@ impl<'a> Reader<'a> {
         Some(if negative { -magnitude } else { magnitude })
     }
 
-    fn literal(&mut self, word: &str, value: FieldValue<'a>) -> Option<FieldValue<'a>> {
+    fn literal<T>(&mut self, word: &str, value: T) -> Option<T> {
         let end = self.pos + word.len();
         (self.bytes.get(self.pos..end)? == word.as_bytes()).then(|| {
             self.pos = end;
             value
         })
+    }
+
+    /// A nested object that is already compact, as its text: one level of
+    /// plain strings, numbers without exponents, booleans and nulls, no
+    /// whitespace, at most [`COMPACT_OBJECT_KEYS`] keys and none twice (the
+    /// usual context object). Such text is exactly what `compact_json` would
+    /// make of it, so it is stored as sent with no second scan. Anything
+    /// else answers `None` (the position is then the caller's to reset) and
+    /// goes through [`Reader::raw_object`] and `compact_json`.
+    fn compact_flat_object(&mut self) -> Option<&'a str> {
+        let start = self.pos;
+        self.expect(b'{')?;
+        if self.peek()? == b'}' {
+            self.pos += 1;
+            return self.text.get(start..self.pos);
+        }
+        let mut keys = [""; COMPACT_OBJECT_KEYS];
+        let mut count = 0;
+        loop {
+            let key = self.string()?;
+            if count == COMPACT_OBJECT_KEYS || keys[..count].contains(&key) {
+                return None;
+            }
+            keys[count] = key;
+            count += 1;
+            self.expect(b':')?;
+            match self.peek()? {
+                b'"' => {
+                    self.string()?;
+                }
+                b'-' | b'0'..=b'9' => self.plain_number()?,
+                b't' => self.literal("true", ())?,
+                b'f' => self.literal("false", ())?,
+                b'n' => self.literal("null", ())?,
+                _ => return None,
+            }
+            match self.next()? {
+                b',' => {}
+                b'}' => return self.text.get(start..self.pos),
+                _ => return None,
+            }
+        }
+    }
+
+    /// Steps over `-? (0 | [1-9][0-9]*) (. [0-9]+)?` of at most 18 digits on
+    /// each side: a JSON number whatever reads it. Exponents and longer
+    /// numbers are left to serde_json.
+    fn plain_number(&mut self) -> Option<()> {
+        if self.peek()? == b'-' {
+            self.pos += 1;
+        }
+        let digits = |r: &mut Self| {
+            let start = r.pos;
+            while let Some(b'0'..=b'9') = r.peek() {
+                r.pos += 1;
+            }
+            r.pos - start
+        };
+        let start = self.pos;
+        let whole = digits(self);
+        if whole == 0 || whole > 18 || (whole > 1 && self.bytes[start] == b'0') {
+            return None;
+        }
+        if self.peek() == Some(b'.') {
+            self.pos += 1;
+            let fraction = digits(self);
+            if fraction == 0 || fraction > 18 {
+                return None;
+            }
+        }
+        match self.peek()? {
+            b'e' | b'E' => None,
+            _ => Some(()),
+        }
     }
 
     /// A nested object as its text, validated by serde_json (which also

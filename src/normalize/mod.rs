@@ -53,6 +53,10 @@ pub enum FieldValue<'a> {
     /// A JSON object for a memo column, as its text in the payload
     /// (validated JSON, not yet compacted).
     RawObject(&'a str),
+    /// A JSON object for a memo column whose text in the payload is already
+    /// what [`compact_json`] would make of it: valid, without whitespace
+    /// between tokens, no key twice. It is stored as sent.
+    CompactObject(&'a str),
     Array,
     /// A value of a type no column can hold (Avro bytes, fixed, …).
     Unsupported(&'static str),
@@ -65,7 +69,7 @@ impl FieldValue<'_> {
             FieldValue::Bool => "a boolean",
             FieldValue::Int(_) | FieldValue::UInt(_) | FieldValue::Float(_) => "a number",
             FieldValue::Str(_) => "a string",
-            FieldValue::Object(_) | FieldValue::RawObject(_) => "an object",
+            FieldValue::Object(_) | FieldValue::RawObject(_) | FieldValue::CompactObject(_) => "an object",
             FieldValue::Array => "an array",
             FieldValue::Unsupported(kind) => kind,
         }
@@ -349,6 +353,7 @@ fn parse_value(column: &Column, raw: FieldValue<'_>, now: DateTime<Utc>) -> Resu
             let text = match raw {
                 FieldValue::Str(s) => s.into_owned(),
                 FieldValue::Object(v) => v.to_string(),
+                FieldValue::CompactObject(text) => text.to_owned(),
                 FieldValue::RawObject(raw) => compact_json(raw).map_err(|e| {
                     let problem = match e {
                         CompactError::TooDeep => format!("is nested deeper than {MAX_JSON_DEPTH} levels"),

@@ -370,6 +370,34 @@ fn json_values() -> impl Strategy<Value = serde_json::Value> {
     })
 }
 
+/// Objects of one level as context objects usually are, compact or not:
+/// few keys (sometimes repeated), plain or escaped strings, numbers of every
+/// JSON form, literals.
+fn flat_objects() -> impl Strategy<Value = String> {
+    let scalar = prop_oneof![
+        "\"[a-z ]{0,6}\"",
+        "\"[a-z\\\\\\x00-\\x1f\"]{0,3}\"",
+        any::<i64>().prop_map(|i| i.to_string()),
+        any::<f64>().prop_map(|f| serde_json::to_string(&f).unwrap()),
+        prop::sample::select(vec![
+            "-0",
+            "0.5",
+            "-1.25",
+            "1e3",
+            "1.",
+            ".5",
+            "01",
+            "-",
+            "1.5E-7",
+            "123456789012345678901"
+        ])
+        .prop_map(str::to_owned),
+        prop::sample::select(vec!["true", "false", "null", "nul"]).prop_map(str::to_owned),
+    ];
+    let member = ("[a-c]{1,2}", "[ ]{0,1}", scalar).prop_map(|(k, ws, v)| format!("\"{k}\":{ws}{v}"));
+    proptest::collection::vec(member, 0..20).prop_map(|members| format!("{{{}}}", members.join(",")))
+}
+
 /// Event-like JSON text: an object of column-like keys whose values
 /// cover the flat reader's shapes and everything it must decline, with
 /// random whitespace, sometimes cut short or followed by junk.
@@ -415,6 +443,8 @@ fn event_texts() -> impl Strategy<Value = String> {
         ])
         .prop_map(str::to_owned),
         json_values().prop_map(|v| serde_json::to_string_pretty(&v).unwrap()),
+        json_values().prop_map(|v| serde_json::to_string(&v).unwrap()),
+        flat_objects(),
     ];
     let ws = "[ \t\n\r]{0,2}";
     let field = (ws, key, ws, ws, value, ws).prop_map(|(a, k, b, c, v, d)| format!("{a}\"{k}\"{b}:{c}{v}{d}"));
@@ -453,6 +483,26 @@ fn typical_events_take_the_flat_reader() {
         assert_eq!(fields.len(), 6);
         assert!(matches!(fields[3].1, FieldValue::RawObject(raw) if raw.starts_with('{') && raw.ends_with('}')));
     }
+    // A flat, compact context is taken as it is; spaced out, repeating a key
+    // or with an exponent, it goes through serde_json and `compact_json`.
+    let flat_context = r#"{"client":"desktop","latencyMs":-812,"ratio":0.25,"beta":false,"tag":null}"#;
+    for (context, compact) in [
+        (flat_context, true),
+        ("{}", true),
+        (r#"{"a": 1}"#, false),
+        (r#"{"a":1,"a":2}"#, false),
+        (r#"{"a":1e3}"#, false),
+        (r#"{"a":[1]}"#, false),
+        (r#"{"a":"\n"}"#, false),
+    ] {
+        let text = format!(r#"{{"msdyn_name":"n","msdyn_interactioncontext":{context}}}"#);
+        let fields = crate::decode::flat_json::read_flat_object(&text, is_memo_column).expect("the flat shape");
+        match fields[1].1 {
+            FieldValue::CompactObject(raw) => assert!(compact && raw == context, "{context}"),
+            FieldValue::RawObject(raw) => assert!(!compact && raw == context, "{context}"),
+            ref other => panic!("{context}: {other:?}"),
+        }
+    }
     for declined in [r#"{"a":"\n"}"#, r#"{"a":1.5}"#, r#"{"a":[1]}"#, r#"{"a":{}}"#, r#"{"a":1,}"#, "[]", "{} x"] {
         assert!(crate::decode::flat_json::read_flat_object(declined, is_memo_column).is_none(), "{declined}");
     }
@@ -464,12 +514,42 @@ proptest! {
     /// fields; whatever it declines falls back to serde_json.
     #[test]
     fn flat_reader_agrees_with_serde(text in event_texts()) {
-        if let Some(fast) = crate::decode::flat_json::read_flat_object(&text, is_memo_column) {
+        if let Some(mut fast) = crate::decode::flat_json::read_flat_object(&text, is_memo_column) {
+            // An object taken as already compact must be what compact_json
+            // makes of it; it is then compared as the raw text serde reads.
+            for (_, value) in &mut fast {
+                if let FieldValue::CompactObject(raw) = *value {
+                    prop_assert_eq!(compact_json(raw), Ok(raw.to_owned()));
+                    *value = FieldValue::RawObject(raw);
+                }
+            }
             match fields_with_serde(&text) {
                 Ok(TopLevel::Object(reference)) => prop_assert_eq!(format!("{fast:?}"), format!("{reference:?}")),
                 Ok(TopLevel::Other(kind)) => prop_assert!(false, "flat reader accepted {}: {}", kind, text),
                 Err(e) => prop_assert!(false, "flat reader accepted invalid JSON ({}): {}", e, text),
             }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+    /// A context object the flat reader takes as already compact is valid
+    /// JSON and exactly what `compact_json` makes of it (no whitespace, no
+    /// key twice); one it does not take is left to serde_json as before.
+    #[test]
+    fn contexts_taken_as_compact_are_what_compact_json_makes(context in flat_objects()) {
+        let text = format!(r#"{{"msdyn_name":"n","msdyn_interactioncontext":{context}}}"#);
+        let serde_reads = serde_json::from_str::<&serde_json::value::RawValue>(&context).is_ok();
+        match crate::decode::flat_json::read_flat_object(&text, is_memo_column).map(|mut f| f.remove(1).1) {
+            Some(FieldValue::CompactObject(raw)) => {
+                prop_assert!(serde_reads, "taken as compact, refused by serde_json: {}", context);
+                prop_assert_eq!(raw, context.as_str());
+                prop_assert_eq!(compact_json(raw), Ok(context.clone()));
+            }
+            Some(FieldValue::RawObject(raw)) => prop_assert!(serde_reads && raw == context),
+            Some(other) => prop_assert!(false, "{:?}", other),
+            None => prop_assert!(!serde_reads, "declined valid JSON: {}", context),
         }
     }
 }
