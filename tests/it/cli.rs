@@ -598,6 +598,32 @@ fn the_demo_starts_fast_and_reads_well_off_a_terminal() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// `bench` at a small scale runs every phase it prints: the limits, the
+/// drain, the Web API's reads, and the latency phase, whose events go to the
+/// second broker's topic of `--live-partitions` and are all written.
+#[test]
+fn bench_runs_every_phase_and_writes_what_it_offers() {
+    let out = bin()
+        .args(["bench", "--events", "3000", "--partitions", "2", "--live-partitions", "3", "--sinks", "sqlite"])
+        .args(["--api-seconds", "1", "--api-rate", "20", "--latency-seconds", "2", "--latency-rate", "500", "--quiet"])
+        .env("COPILOT_INGEST__METRICS__LISTEN", "127.0.0.1:0")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    for needle in [
+        "3000 events of ~",
+        "2 partitions (3 in the fixed-rate phases)",
+        "| raw SQLite (prepared insert, one transaction) |",
+        "| copilot-ingest → sqlite |",
+        "| sqlite | 500 |",
+        "| 1000 of 1000 |",
+    ] {
+        assert!(stdout.contains(needle), "{needle} missing:\n{stdout}\n{stderr}");
+    }
+    assert!(stdout.lines().any(|l| l.starts_with("| sqlite |") && l.contains("rows/s")), "no Web API row:\n{stdout}");
+}
+
 /// `produce` off a terminal: plain, complete progress lines; `--quiet`: none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn produce_progress_is_plain_lines_off_a_terminal() {
