@@ -119,15 +119,7 @@ impl<'a> Reader<'a> {
         if negative {
             self.pos += 1;
         }
-        let start = self.pos;
-        while let Some(b'0'..=b'9') = self.peek() {
-            self.pos += 1;
-        }
-        let digits = &self.bytes[start..self.pos];
-        if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') || digits.len() > 18 {
-            // Empty, a leading zero, or possibly beyond i64: serde decides.
-            return None;
-        }
+        let digits = self.whole_digits()?;
         if negative && digits == b"0" {
             // serde_json reads `-0` as the float -0.0.
             return None;
@@ -137,6 +129,24 @@ impl<'a> Reader<'a> {
         }
         let magnitude = digits.iter().fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
         Some(if negative { -magnitude } else { magnitude })
+    }
+
+    /// The digits from here on.
+    fn digits(&mut self) -> &'a [u8] {
+        let start = self.pos;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.pos += 1;
+        }
+        &self.bytes[start..self.pos]
+    }
+
+    /// A number's whole part as JSON writes it, `0 | [1-9][0-9]*`, of at most
+    /// 18 digits (within i64 whatever they are); anything else (empty, a
+    /// leading zero, possibly beyond i64) is serde's to decide.
+    fn whole_digits(&mut self) -> Option<&'a [u8]> {
+        let digits = self.digits();
+        let valid = !digits.is_empty() && digits.len() <= 18 && (digits.len() == 1 || digits[0] != b'0');
+        valid.then_some(digits)
     }
 
     fn literal<T>(&mut self, word: &str, value: T) -> Option<T> {
@@ -196,21 +206,10 @@ impl<'a> Reader<'a> {
         if self.peek()? == b'-' {
             self.pos += 1;
         }
-        let digits = |r: &mut Self| {
-            let start = r.pos;
-            while let Some(b'0'..=b'9') = r.peek() {
-                r.pos += 1;
-            }
-            r.pos - start
-        };
-        let start = self.pos;
-        let whole = digits(self);
-        if whole == 0 || whole > 18 || (whole > 1 && self.bytes[start] == b'0') {
-            return None;
-        }
+        self.whole_digits()?;
         if self.peek() == Some(b'.') {
             self.pos += 1;
-            let fraction = digits(self);
+            let fraction = self.digits().len();
             if fraction == 0 || fraction > 18 {
                 return None;
             }
