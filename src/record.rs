@@ -55,6 +55,17 @@ pub fn create_columns() -> &'static [usize] {
     &COLUMNS
 }
 
+/// Position of the primary id in [`create_columns`], found once: the content
+/// digest leaves it out of every event.
+fn primary_id_position() -> usize {
+    use std::sync::LazyLock;
+    static POSITION: LazyLock<usize> = LazyLock::new(|| {
+        let t = table();
+        create_columns().iter().position(|&i| t.columns[i].logical_name == t.primary_id_attribute).unwrap_or(usize::MAX)
+    });
+    *POSITION
+}
+
 impl Record {
     pub fn id(&self) -> Uuid {
         self.id
@@ -163,15 +174,13 @@ const CONTENT_NAMESPACE: Uuid = Uuid::from_u128(0x6f0b_4c1e_2a57_4d0e_9b1c_0c0b_
 /// out so that a column added later does not change older events' identity.
 pub(crate) fn canonical_content(values: &[Value], out: &mut Vec<u8>) {
     let t = table();
+    let id_position = primary_id_position();
     for (pos, &index) in create_columns().iter().enumerate() {
-        let column = &t.columns[index];
-        if column.logical_name == t.primary_id_attribute {
-            continue;
-        }
         let value = &values[pos];
-        if matches!(value, Value::Null) {
+        if pos == id_position || matches!(value, Value::Null) {
             continue;
         }
+        let column = &t.columns[index];
         out.extend_from_slice(column.logical_name.as_bytes());
         out.push(0);
         match value {

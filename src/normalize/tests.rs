@@ -308,6 +308,17 @@ fn a_nul_character_in_a_string_is_refused_with_a_reason() {
         assert_eq!((e.reason, e.field.as_deref()), (Reason::InvalidType, Some(column)), "{column}");
         assert!(e.message.contains("NUL"), "{}", e.message);
     }
+    // A raw NUL byte inside a JSON string is not JSON: both readers refuse it.
+    let raw = with("msdyn_name", json!("aXb")).to_string().replace("aXb", "a\u{0}b");
+    let e = Normalizer::default().normalize_json(raw.as_bytes(), None, now()).unwrap_err();
+    assert_eq!(e.reason, Reason::MalformedJson, "{}", e.message);
+    // Owned text without escapes (what Avro gives) is scanned too.
+    let payload = base().to_string();
+    let mut fields = crate::decode::json::event_fields(payload.as_bytes(), 1 << 20).unwrap();
+    let name = fields.iter_mut().find(|(k, _)| k == "msdyn_name").unwrap();
+    name.1 = FieldValue::Str(Cow::Owned("a\u{0}b".to_owned()));
+    let e = Normalizer::default().normalize_fields(fields, None, now()).unwrap_err();
+    assert_eq!((e.reason, e.field.as_deref()), (Reason::InvalidType, Some("msdyn_name")));
 }
 
 #[test]
@@ -631,4 +642,40 @@ proptest! {
         let b = n.normalize_json(e.to_string().as_bytes(), Some(&o2), now()).unwrap();
         prop_assert_eq!(a.id(), b.id());
     }
+}
+
+/// Derived ids are what a redelivered event is matched by, and content
+/// digests what tells its replay from a conflict; both are stored. A release
+/// that changed either would write a second row (or dead-letter a conflict)
+/// for every event redelivered across the upgrade, so they are pinned here.
+#[test]
+fn derived_ids_and_content_digests_stay_what_earlier_releases_stored() {
+    let event = json!({
+        "msdyn_name": "SendToCustomer - Live conversation response",
+        "msdyn_scenariorequestid": "3f0b6e5c-2b7e-4a61-9a4e-0d8c1c1f7a10",
+        "msdyn_interactiontype": "SendToCustomer",
+        "msdyn_scenariotype": "Live conversation response",
+        "msdyn_clienttimestamp": "2024-06-01T12:30:00.123+02:00",
+        "msdyn_interactioncontext": {"client": "agent-desktop", "locale": "en-US", "latencyMs": 812},
+        "msdyn_interactiondataid": "{8A3C9D5E-1F2A-4B3C-8D4E-5F6A7B8C9D0E}",
+        "msdyn_interactionforid": "CAS-01234-X7Y8Z9",
+        "msdyn_interactionforlogicalname": "incident"
+    });
+    let origin = Origin { topic: "copilot.interactions", partition: 3, offset: 41 };
+    let normalizer = Normalizer::default();
+    let pinned = |event: &serde_json::Value| {
+        let r = normalizer.normalize_json(event.to_string().as_bytes(), Some(&origin), now()).unwrap();
+        (r.id().to_string(), r.content_hash().to_string())
+    };
+    assert_eq!(
+        pinned(&event),
+        ("4d805e5f-a490-5460-a963-b3459e30a894".to_owned(), "1af04e13-a101-59dc-8ce1-3fe18dfffa2c".to_owned())
+    );
+    // Without a client timestamp the Kafka position is part of the id.
+    let mut without_timestamp = event.clone();
+    without_timestamp.as_object_mut().unwrap().remove("msdyn_clienttimestamp");
+    assert_eq!(
+        pinned(&without_timestamp),
+        ("ad4e8a63-71ad-5378-aec6-8299f32b6946".to_owned(), "90b4cc9b-8b4c-520f-86c5-5acfd71160c7".to_owned())
+    );
 }
