@@ -3,8 +3,7 @@
 //! column names, types, length limits, integer ranges and option sets. The
 //! validator and the SQL DDL are derived from it; nothing here re-types a limit.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::collections::HashSet;
 use std::sync::LazyLock;
 
 use chrono::{DateTime, Utc};
@@ -167,7 +166,7 @@ pub struct Table {
     pub max_datetime: DateTime<Utc>,
     pub columns: Vec<Column>,
     #[serde(skip)]
-    by_name: HashMap<String, usize, BuildHasherDefault<NameHasher>>,
+    by_name: NameIndex,
     /// `<logical_name>_tombstone`: ids purged or deleted, never re-created.
     #[serde(skip)]
     tombstone_table: String,
@@ -182,9 +181,10 @@ impl Table {
 
     fn parse(text: &str) -> Result<Table, String> {
         let mut table: Table = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        for (i, col) in table.columns.iter_mut().enumerate() {
+        let mut names = HashSet::new();
+        for col in table.columns.iter_mut() {
             col.folded_labels = col.options.iter().map(|o| (fold_label(&o.label), o.value)).collect();
-            if table.by_name.insert(col.logical_name.clone(), i).is_some() {
+            if !names.insert(col.logical_name.clone()) {
                 return Err(format!("column {} defined twice", col.logical_name));
             }
             if col.column_type.is_text() && col.max_length.is_none() {
@@ -194,7 +194,8 @@ impl Table {
                 return Err(format!("option set {} has no options", col.logical_name));
             }
         }
-        if !table.by_name.contains_key(&table.primary_id_attribute) {
+        table.by_name = NameIndex::build(table.columns.iter().map(|c| c.logical_name.as_str()));
+        if table.index_of(&table.primary_id_attribute).is_none() {
             return Err("primary id attribute is not a column".into());
         }
         table.tombstone_table = format!("{}_tombstone", table.logical_name);
@@ -203,7 +204,7 @@ impl Table {
 
     /// Index of a column by logical name (exact, lowercase).
     pub fn index_of(&self, logical_name: &str) -> Option<usize> {
-        self.by_name.get(logical_name).copied()
+        self.by_name.get(logical_name, self.columns.len(), |i| &self.columns[i].logical_name)
     }
 
     pub fn column(&self, logical_name: &str) -> Option<&Column> {
@@ -226,29 +227,76 @@ fn is_label_separator(c: char) -> bool {
     c.is_whitespace() || c == '_' || c == '-'
 }
 
-/// Hasher of the column-name map: every field of every event is looked up by
-/// name. The map is never filled from input, so SipHash's flooding
-/// resistance buys nothing here; the length and the first and last eight
-/// bytes tell the column names apart (a collision only costs a probe).
-#[derive(Default)]
-struct NameHasher(u64);
+/// Column lookup by exact name in one probe. Every field of every event is
+/// looked up, so instead of a general map the index is an array of slots in
+/// which no two columns share one: the name's length and first and last
+/// eight bytes are mixed by a multiplier searched for when the table is
+/// loaded. Any other name lands on an empty slot or fails the one compare.
+/// Names the mix cannot tell apart (same length and same first and last
+/// eight bytes) leave the index empty, and lookup scans the columns instead.
+#[derive(Debug, Default)]
+struct NameIndex {
+    multiplier: u64,
+    shift: u32,
+    slots: Vec<Option<u16>>,
+}
 
-impl Hasher for NameHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let word = |part: &[u8]| {
-            let mut w = [0u8; 8];
-            w[..part.len()].copy_from_slice(part);
-            u64::from_le_bytes(w)
-        };
-        let (head, tail) =
-            if bytes.len() >= 8 { (word(&bytes[..8]), word(&bytes[bytes.len() - 8..])) } else { (word(bytes), 0) };
-        let mixed = (head.rotate_left(29) ^ tail ^ bytes.len() as u64 ^ self.0).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = mixed ^ (mixed >> 32);
+impl NameIndex {
+    /// Multipliers tried per slot count before the array is doubled; with
+    /// four slots or more per name a few dozen tries usually do.
+    const ATTEMPTS: u64 = 4096;
+
+    fn build<'n>(names: impl Iterator<Item = &'n str>) -> NameIndex {
+        let keys: Vec<u64> = names.map(|name| name_key(name.as_bytes())).collect();
+        if keys.len() >= usize::from(u16::MAX) {
+            return NameIndex::default();
+        }
+        let mut bits = (keys.len() * 4).next_power_of_two().trailing_zeros().max(4);
+        while bits <= 16 {
+            for attempt in 0..Self::ATTEMPTS {
+                let multiplier = 0x9e37_79b9_7f4a_7c15u64.wrapping_add(attempt.wrapping_mul(0x6a09_e667_f3bc_c90a)) | 1;
+                let mut index = NameIndex { multiplier, shift: 64 - bits, slots: vec![None; 1 << bits] };
+                let placed = keys.iter().enumerate().all(|(column, &key)| {
+                    let slot = index.slot(key);
+                    let free = index.slots[slot].is_none();
+                    // `column` fits in a u16: the count was checked above.
+                    index.slots[slot] = Some(column as u16);
+                    free
+                });
+                if placed {
+                    return index;
+                }
+            }
+            bits += 1;
+        }
+        NameIndex::default()
     }
 
-    fn finish(&self) -> u64 {
-        self.0
+    fn slot(&self, key: u64) -> usize {
+        (key.wrapping_mul(self.multiplier) >> self.shift) as usize
     }
+
+    /// The index of `name` among the names the index was built from, which
+    /// `name_of` gives back by index.
+    fn get<'n>(&self, name: &str, count: usize, name_of: impl Fn(usize) -> &'n str) -> Option<usize> {
+        if self.slots.is_empty() {
+            return (0..count).find(|&i| name_of(i) == name);
+        }
+        let column = usize::from(self.slots[self.slot(name_key(name.as_bytes()))]?);
+        (name_of(column) == name).then_some(column)
+    }
+}
+
+/// The length and the first and last eight bytes of a name, in one word.
+fn name_key(bytes: &[u8]) -> u64 {
+    let word = |part: &[u8]| {
+        let mut w = [0u8; 8];
+        w[..part.len()].copy_from_slice(part);
+        u64::from_le_bytes(w)
+    };
+    let (head, tail) =
+        if bytes.len() >= 8 { (word(&bytes[..8]), word(&bytes[bytes.len() - 8..])) } else { (word(bytes), 0) };
+    head.rotate_left(29) ^ tail ^ (bytes.len() as u64).rotate_left(47)
 }
 
 #[cfg(test)]
@@ -265,6 +313,42 @@ mod tests {
         assert!(!t.column("statecode").map(|c| c.valid_for_create).unwrap_or(true));
         let required: Vec<_> = t.columns.iter().filter(|c| c.is_required()).map(|c| c.logical_name.as_str()).collect();
         assert_eq!(required, ["msdyn_name", "msdyn_scenariorequestid", "msdyn_interactiontype", "msdyn_scenariotype"]);
+    }
+
+    #[test]
+    fn every_column_is_found_by_its_exact_name_and_nothing_else_is() {
+        let t = table();
+        assert!(!t.by_name.slots.is_empty(), "the shipped table's names get a slot each");
+        for (i, column) in t.columns.iter().enumerate() {
+            let name = column.logical_name.as_str();
+            assert_eq!(t.index_of(name), Some(i), "{name}");
+            for other in
+                [name.to_uppercase(), format!("{name}x"), name[..name.len() - 1].to_owned(), format!(" {name}")]
+            {
+                assert_eq!(t.index_of(&other), None, "{other}");
+            }
+        }
+        for other in ["", "x", "msdyn_", "msdyn_copilotinteractionid\0"] {
+            assert_eq!(t.index_of(other), None, "{other:?}");
+        }
+    }
+
+    #[test]
+    fn names_the_slot_index_cannot_tell_apart_are_scanned_for() {
+        // Same length, same first and last eight bytes: one key.
+        let names = ["prefix__A__suffix", "prefix__B__suffix", "short"];
+        assert_eq!(name_key(names[0].as_bytes()), name_key(names[1].as_bytes()));
+        let index = NameIndex::build(names.iter().copied());
+        assert!(index.slots.is_empty());
+        for (i, name) in names.iter().enumerate() {
+            assert_eq!(index.get(name, names.len(), |i| names[i]), Some(i));
+        }
+        assert_eq!(index.get("prefix__C__suffix", names.len(), |i| names[i]), None);
+        // Names it can tell apart get a slot each.
+        let index = NameIndex::build(names[1..].iter().copied());
+        assert!(!index.slots.is_empty());
+        assert_eq!(index.get("short", 2, |i| names[1 + i]), Some(1));
+        assert_eq!(index.get("prefix__A__suffix", 2, |i| names[1 + i]), None);
     }
 
     #[test]
