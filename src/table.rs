@@ -248,7 +248,10 @@ impl NameIndex {
 
     fn build<'n>(names: impl Iterator<Item = &'n str>) -> NameIndex {
         let keys: Vec<u64> = names.map(|name| name_key(name.as_bytes())).collect();
-        if keys.len() >= usize::from(u16::MAX) {
+        let mut sorted = keys.clone();
+        sorted.sort_unstable();
+        // Equal keys no multiplier can separate; nor can u16 slots hold more names.
+        if sorted.windows(2).any(|pair| pair[0] == pair[1]) || keys.len() >= usize::from(u16::MAX) {
             return NameIndex::default();
         }
         let mut bits = (keys.len() * 4).next_power_of_two().trailing_zeros().max(4);
